@@ -1,0 +1,46 @@
+"""The model zoo. Every module in this package registers its family on import.
+
+Zoo models declare where their features live, so feature taps need no dry run:
+  * ``stage_names``: names (as in ``named_modules()``) of the modules whose outputs are the
+    stage feature maps, shallow to deep;
+  * ``classifier_name``: the module whose *input* is the pooled embedding.
+"""
+
+import importlib
+import pkgutil
+
+from compressor.models.registry import (
+    ModelEntry,
+    add_model,
+    aliases_of,
+    canonical_name,
+    create,
+    families,
+    list_models,
+    model_family,
+    register_alias,
+    register_model,
+    register_pattern,
+    register_prefix,
+    resolve,
+)
+
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name != "registry" and not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+__all__ = [
+    "ModelEntry",
+    "add_model",
+    "aliases_of",
+    "canonical_name",
+    "create",
+    "families",
+    "list_models",
+    "model_family",
+    "register_alias",
+    "register_model",
+    "register_pattern",
+    "register_prefix",
+    "resolve",
+]
