@@ -1,0 +1,50 @@
+"""The contract between a scheme (how models learn together) and the one trainer.
+
+A scheme is an ``nn.Module`` that owns every model and loss part of a training run, so the
+trainer can checkpoint it with ``state_dict()``, move it with ``.to()``, wrap it in DDP and
+optimise ``trainable_parameters()``. Its ``forward(batch)`` returns named loss terms; the
+trainer sums them, back-propagates and steps. Frozen teachers are held without gradients and
+kept in eval mode whatever ``train()`` is called with.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch.nn as nn
+from torch import Tensor
+
+from compressor.batch import Batch
+
+
+class Scheme(nn.Module):
+    # True when some parameters may receive no gradient in a step (DDP must then search for them)
+    has_unused_parameters: bool = False
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        """Named loss terms for one batch; their sum is what the trainer minimises."""
+        raise NotImplementedError
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        """Models whose accuracy the trainer reports each epoch; the first is the primary one."""
+        raise NotImplementedError
+
+    def deployable(self) -> nn.Module:
+        """The single plain model that is saved, exported and measured."""
+        raise NotImplementedError
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Modules that never train (teachers): kept in eval mode, excluded from optimisation."""
+        return []
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def after_step(self) -> None:
+        """Called after each optimiser step (EMA teachers, memory banks)."""
+
+    def train(self, mode: bool = True) -> "Scheme":
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
