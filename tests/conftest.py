@@ -1,0 +1,45 @@
+"""Shared test helpers: the repository on sys.path, quiet warnings, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def run_module_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m recipes.cli ARGS`` in a child process (for kill/resume and exit codes)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(
+        [sys.executable, "-m", "recipes.cli", *args],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli():
+    """Invoke the click CLI in-process; returns click's Result (exit_code, output)."""
+    from click.testing import CliRunner
+
+    from recipes.cli import cli as root
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(root, list(args), catch_exceptions=False)
+
+    return invoke
