@@ -39,6 +39,8 @@ class KnowledgeLoss(nn.Module):
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
     needs_models: ClassVar[bool] = False  # True: the scheme calls bind_models() (e.g. BSS attacks)
+    # weight of this term in `--method a+b` when none is given: the paper's (or RepDistiller's) setting
+    default_weight: ClassVar[float] = 1.0
 
     def __init__(self, ctx: LossContext) -> None:
         super().__init__()
