@@ -79,9 +79,21 @@ def test_cost_convention_and_uncounted_ops_reported():
 
 
 def test_measure_arch_disk_cache(tmp_path, monkeypatch):
+    import json
+
+    from compressor import cost as cost_module
+
     monkeypatch.setenv("KDCOMPRESS_CACHE", str(tmp_path))
+    monkeypatch.setattr(cost_module._DiskCache, "_instances", {})
     measure_arch.cache_clear()
     first = measure_arch("resnet8", 10, (1, 8, 8))
-    assert (tmp_path / "cost-cache.json").exists()
+    path = tmp_path / "cost-cache.json"
+    data = json.loads(path.read_text())
+    assert len(data) == 1
+    (key,) = data
+    data[key]["flops"] = 123  # a second process must read the figure from disk, not re-measure
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(cost_module._DiskCache, "_instances", {})
     measure_arch.cache_clear()
-    assert measure_arch("resnet8", 10, (1, 8, 8)) == first
+    assert measure_arch("resnet8", 10, (1, 8, 8)).flops == 123 != first.flops
+    measure_arch.cache_clear()
