@@ -3,11 +3,12 @@ embedded default that needs no files.
 
 Pixels 0..16 are scaled to uint8 as ``round(v * 255 / 16)``; images are 1x8x8.
 
-Splits (documented sizes, asserted by the tests):
-  * test: a stratified 20% hold-out with a FIXED seed, independent of ``seed`` (per class
-    ``round_half_up(0.2 * n_c)``): 359 images; the remaining 1438 form the training pool.
-  * val: a stratified ``val_fraction`` hold-out of the pool seeded by ``seed`` (per class
-    ``round_half_up(val_fraction * n_c)``): 145 images at the default 0.1, leaving 1293 for train.
+Splits (documented sizes, asserted by the tests; per-class shares by the largest-remainder rule
+of :func:`compressor.data.splits.stratified_counts`, members picked at random):
+  * test: a stratified hold-out of ``round_half_up(0.2 * 1797) = 359`` images with a FIXED seed,
+    independent of ``seed``; the remaining 1438 form the training pool.
+  * val: a stratified hold-out of ``round_half_up(val_fraction * 1438)`` images of the pool,
+    seeded by ``seed``: 144 at the default 0.1, leaving 1294 for train (before corruptions).
 Mean/std are computed over the whole training pool (train + val, before the seeded hold-out and
 any corruption), so every seed and val_fraction shares one normalisation and a teacher and its
 student see the same inputs. Augmentation: a random +-1 pixel shift (zero pad 1 + 8x8 crop), no

@@ -14,20 +14,32 @@ def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
+def stratified_counts(class_sizes: list[int], fraction: float) -> list[int]:
+    """How many samples of each class to hold out: ``k = round_half_up(fraction * n)`` in total,
+    shared out by the largest-remainder method (``floor(fraction * n_c)`` each, then one more to
+    the classes with the largest fractional parts, ties to the lower class index). Exact total,
+    proportional per class, and never a whole class since ``fraction < 1``."""
+    total = round_half_up(fraction * sum(class_sizes))
+    exact = [fraction * n for n in class_sizes]
+    counts = [int(math.floor(e)) for e in exact]
+    order = sorted(range(len(class_sizes)), key=lambda c: (-(exact[c] - counts[c]), c))
+    for c in order[: max(0, total - sum(counts))]:
+        counts[c] += 1
+    return counts
+
+
 def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int, stream: int = SPLIT_STREAM) -> tuple[torch.Tensor, torch.Tensor]:
     """Split positions ``0..len(labels)-1`` into (kept, held_out), both sorted ascending.
 
-    Per class ``c`` with ``n_c`` samples, ``round_half_up(fraction * n_c)`` randomly chosen samples
-    are held out (seeded, one generator over the classes in ascending order), so both parts keep
-    the class proportions and the sizes are a fixed, documented function of the class counts.
+    Per-class sizes come from :func:`stratified_counts` over the classes present (ascending); the
+    held-out members of each class are a seeded uniform random subset (one generator, classes in
+    ascending order), so both parts keep the class proportions.
     """
     gen = generator(stream, seed)
-    held = []
-    for c in torch.unique(labels).tolist():
-        members = torch.nonzero(labels == c).flatten()
-        k = round_half_up(fraction * members.numel())
-        perm = torch.randperm(members.numel(), generator=gen)
-        held.append(members[perm[:k]])
+    classes = torch.unique(labels).tolist()
+    members = [torch.nonzero(labels == c).flatten() for c in classes]
+    counts = stratified_counts([m.numel() for m in members], fraction)
+    held = [m[torch.randperm(m.numel(), generator=gen)[:k]] for m, k in zip(members, counts)]
     held_out = torch.sort(torch.cat(held)).values if held else torch.zeros(0, dtype=torch.int64)
     mask = torch.ones(labels.numel(), dtype=torch.bool)
     mask[held_out] = False
