@@ -58,7 +58,8 @@ def spec_forms() -> str:
 
 def _ensure_builtin() -> None:
     # Import for the registration side effect; kept lazy so `compressor.data` imports cheaply.
-    from compressor.data import cifar, digits, imagefolder  # noqa: F401
+    from compressor.data import digits  # noqa: F401  (first: the default source)
+    from compressor.data import cifar, imagefolder  # noqa: F401
 
 
 def parse_spec(spec: str) -> tuple[SourceEntry, Path | None]:
