@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -140,6 +139,8 @@ def test_cifar100_loads_flat_dir_and_protocol5(tmp_path):
     desc = src.describe()
     assert desc["name"] == "cifar100" and desc["input_shape"] == [3, 32, 32] and len(desc["class_names"]) == 100
     json.dumps(desc)
+    torch.save(desc, tmp_path / "desc.pt")
+    assert torch.load(tmp_path / "desc.pt", weights_only=True) == desc  # what a checkpoint records
 
 
 def test_cifar_rejects_code_in_pickle(tmp_path):

@@ -40,6 +40,7 @@ from compressor.batch import Batch
 from compressor.data.base import DataSource, SplitOptions, check_batch_size, check_nonempty, check_split, split_training_pool
 from compressor.data.order import AUGMENT_STREAM, SAMPLE_STREAM, epoch_order, generator, num_batches
 from compressor.data.spec import register_source
+from compressor.data.splits import channel_stats
 from compressor.errors import UserError
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
@@ -166,9 +167,9 @@ class FolderDataset(Dataset):
 
 
 class FolderSource(DataSource):
-    def __init__(self, *, spec: str, splits: dict[str, tuple[list[Path], list[int]]], clean_train_labels: list[int],
-                 class_names: list[str], input_size: int, crop_fraction: float, num_workers: int,
-                 options: SplitOptions, device: str | torch.device) -> None:
+    def __init__(self, *, spec: str, splits: dict[str, tuple[list[Path], list[int]]], stats_paths: list[Path],
+                 clean_train_labels: list[int], class_names: list[str], input_size: int, crop_fraction: float,
+                 num_workers: int, options: SplitOptions, device: str | torch.device) -> None:
         super().__init__()
         self.spec, self.name = spec, "imagefolder"
         self.class_names = list(class_names)
@@ -180,12 +181,9 @@ class FolderSource(DataSource):
         self.datasets = {s: FolderDataset(p, y, self.transform) for s, (p, y) in splits.items()}
         self.clean_train_labels = torch.tensor(clean_train_labels, dtype=torch.int64)
         self.device = torch.device(device)
-        self.mean, self.std = self._stats(splits["_pool"][0] if "_pool" in splits else splits["train"][0])
-        self.datasets.pop("_pool", None)
+        self.mean, self.std = self._stats(stats_paths)
 
     def _stats(self, pool: list[Path]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        from compressor.data.splits import channel_stats
-
         step = max(1, len(pool) // MAX_STATS_IMAGES)
         picked = pool[::step][:MAX_STATS_IMAGES]
         images = torch.stack([self.transform(load_image(p), -1) for p in picked])
@@ -280,7 +278,6 @@ def build_imagefolder(directory: Path, *, spec: str, options: SplitOptions, devi
     pool_labels = torch.tensor(train_labels, dtype=torch.int64)
     split = split_training_pool(pool_labels, len(class_names), options, hold_out_val=not has_test)
     splits = {
-        "_pool": (train_paths, train_labels),
         "train": ([train_paths[i] for i in split.train_positions.tolist()], split.train_labels.tolist()),
     }
     if has_test:
@@ -294,6 +291,7 @@ def build_imagefolder(directory: Path, *, spec: str, options: SplitOptions, devi
     return FolderSource(
         spec=spec,
         splits=splits,
+        stats_paths=train_paths,
         clean_train_labels=split.clean_train_labels.tolist(),
         class_names=class_names,
         input_size=size,

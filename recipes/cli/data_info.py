@@ -6,7 +6,7 @@ import json
 
 import click
 
-from compressor.data import SPLITS, load_source, spec_forms
+from compressor.data import SPLITS, load_source
 
 
 @click.command("data-info")
@@ -46,5 +46,3 @@ def command(spec: str, val_fraction: float, seed: int, label_noise: float, imbal
         click.echo(f"corruptions   label noise {opts['label_noise']}, imbalance {opts['imbalance']}"
                    + (f" (power law, gamma {opts['imbalance_gamma']})" if opts["imbalance_gamma"] else " (exponential)"))
 
-
-command.help = (command.help or "") + f"\n\nKnown forms: {spec_forms()}."
