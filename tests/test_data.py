@@ -116,6 +116,16 @@ def test_cifar_augmentation_keeps_shape_and_label_alignment(cifar10_dir):
 
 
 # --- CIFAR on disk ---------------------------------------------------------------------------
+def test_fake_cifar_is_in_the_published_pickle_format(cifar10_dir):
+    path = cifar10_dir / "cifar-10-batches-py" / "data_batch_1"
+    with open(path, "rb") as fh:
+        as_torchvision = pickle.load(fh, encoding="latin1")  # how torchvision reads it
+    with open(path, "rb") as fh:
+        as_bytes = pickle.load(fh, encoding="bytes")
+    assert {"data", "labels"} <= set(as_torchvision) and {b"data", b"labels"} <= set(as_bytes)
+    assert as_torchvision["data"].dtype == "uint8" and as_torchvision["data"].shape[1] == 3072
+
+
 def test_cifar10_loads(cifar10_dir):
     for spec_dir in (cifar10_dir, cifar10_dir / "cifar-10-batches-py"):
         src = load_source(f"cifar10:{spec_dir}")
