@@ -340,3 +340,13 @@ def test_data_info_cli_missing_dir_exits_2(tmp_path):
     proc = run_module_cli("data-info", f"cifar10:{tmp_path / 'absent'}")
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_imbalance_gamma_alone_uses_the_papers_ratio():
+    from compressor.data import load_source
+
+    balanced = load_source("digits")
+    skewed = load_source("digits", imbalance_gamma=0.2)
+    counts = skewed.class_counts("train")
+    assert skewed.num_train < balanced.num_train
+    assert max(counts) / min(counts) >= 19  # rho = 20, up to flooring
