@@ -294,7 +294,6 @@ def test_sample_is_seeded_and_unaugmented(digits):
         ("digits", {"label_noise": 1.0}, r"label noise rate 1.0 is outside \[0, 1\)"),
         ("digits", {"label_noise": -0.1}, "label noise rate"),
         ("digits", {"imbalance": 0.5}, "imbalance 0.5 is invalid"),
-        ("digits", {"imbalance_gamma": 0.2}, "imbalance_gamma needs imbalance > 1"),
         ("digits", {"input_size": 32}, "does not take option"),
     ],
 )
