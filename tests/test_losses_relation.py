@@ -259,6 +259,17 @@ def test_autocast_does_not_lower_precision(name):
     assert mixed.item() == pytest.approx(full.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("name", RELATION)
+@pytest.mark.parametrize("b", [1, 2])
+def test_tiny_last_batches_stay_finite(name, b):
+    # an epoch's last batch may hold one or two samples: no NaN in the loss or its gradients
+    s, t = outputs(STUDENT, b, requires_grad=True, seed=24), outputs(TEACHER, b, seed=25)
+    value = build_loss(name, context())(s, t, batch_of(range(b)))
+    value.backward()
+    assert torch.isfinite(value)
+    assert all(torch.isfinite(x.grad).all() for x in (*s.features, s.embedding) if x.grad is not None)
+
+
 # ---------------------------------------------------------------- gradients and training
 
 
