@@ -8,6 +8,7 @@ from torch import Tensor
 
 from compressor.batch import Batch
 from compressor.schemes.base import Scheme
+from compressor.schemes.registry import SchemeRequest, register_scheme
 
 
 class Vanilla(Scheme):
@@ -27,3 +28,12 @@ class Vanilla(Scheme):
 
     def deployable(self) -> nn.Module:
         return self.model
+
+
+@register_scheme("vanilla")
+def build_vanilla(request: SchemeRequest) -> Vanilla:
+    """A model trained on its labels alone (a teacher, or the baseline a distilled student must beat)."""
+    from compressor.models import create
+
+    model = create(request.student_arch, num_classes=request.num_classes, in_chans=request.input_shape[0])
+    return Vanilla(model, label_smoothing=float(request.options.get("label_smoothing", 0.0)))
