@@ -48,7 +48,9 @@ class Counts:
         self.class_correct = torch.zeros(num_classes, dtype=torch.float64, device=device)
         self.class_total = torch.zeros(num_classes, dtype=torch.float64, device=device)
 
-    def add(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+    def add(self, logits: torch.Tensor, y: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        if keep is not None:
+            logits, y = logits[keep], y[keep]
         logits = logits.float()
         topk = logits.topk(self.k, dim=1).indices
         hit = topk == y[:, None]
@@ -86,9 +88,11 @@ def evaluate(
     *,
     precision: Precision | None = None,
     ctx: DistContext | None = None,
+    num_samples: int | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` (put in eval mode, restored after) under ``torch.inference_mode``."""
-    return evaluate_many({"model": model}, batches, num_classes, precision=precision, ctx=ctx)["model"]
+    return evaluate_many({"model": model}, batches, num_classes, precision=precision, ctx=ctx,
+                         num_samples=num_samples)["model"]
 
 
 def evaluate_many(
@@ -98,8 +102,14 @@ def evaluate_many(
     *,
     precision: Precision | None = None,
     ctx: DistContext | None = None,
+    num_samples: int | None = None,
 ) -> dict[str, EvalResult]:
-    """Several models on one pass over the data (a cohort's peers share each batch)."""
+    """Several models on one pass over the data (a cohort's peers share each batch).
+
+    Under DDP each rank sees a shard of an unshuffled split padded (like DistributedSampler) by
+    repeating its head; with ``num_samples`` (the split's size) those repeats are not counted:
+    the k-th sample of rank r sits at padded position ``r + k * world_size``, a repeat iff >= n.
+    """
     counters = {}
     states = {}
     for name, model in models.items():
@@ -107,17 +117,23 @@ def evaluate_many(
         counters[name] = Counts(num_classes, device)
         states[name] = model.training
         model.eval()
+    seen = 0
     try:
         with torch.inference_mode():
             for batch in batches:
                 x = precision.prepare_input(batch.x) if precision else batch.x
+                keep = None
+                if ctx is not None and ctx.enabled and num_samples is not None:
+                    k = torch.arange(seen, seen + batch.y.shape[0], device=batch.y.device)
+                    keep = ctx.rank + k * ctx.world_size < num_samples
+                seen += batch.y.shape[0]
                 for name, model in models.items():
                     if precision:
                         with precision.autocast():
                             logits = model(x)
                     else:
                         logits = model(x)
-                    counters[name].add(logits, batch.y)
+                    counters[name].add(logits, batch.y, keep)
     finally:
         for name, model in models.items():
             model.train(states[name])

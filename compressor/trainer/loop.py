@@ -254,6 +254,7 @@ def fit(
     try:
         for epoch in range(start_epoch, config.epochs):
             seed_epoch(config.seed, epoch, ctx.rank)
+            scheme.start_epoch(epoch, config.epochs)
             scheme.train()
             loader = source.loader("train", per_rank_batch, shuffle=True, augment=config.augment,
                                    drop_last=drop_last, seed=config.seed, epoch=epoch, rank=ctx.rank,
@@ -315,7 +316,7 @@ def fit(
                 val_loader = source.loader("val", eval_batch, shuffle=False, augment=False,
                                            rank=ctx.rank, world_size=ctx.world_size)
                 vals = evaluate_many(scheme.eval_models(), val_loader, source.num_classes,
-                                     precision=precision, ctx=ctx)
+                                     precision=precision, ctx=ctx, num_samples=source.split_size("val"))
                 primary_val = vals[primary_name]
                 record.update(val_top1=primary_val.top1, val_top5=primary_val.top5, val_loss=primary_val.loss)
                 if len(vals) > 1:
@@ -358,7 +359,8 @@ def fit(
     if source.split_size("test") > 0:
         test_loader = source.loader("test", eval_batch, shuffle=False, augment=False,
                                     rank=ctx.rank, world_size=ctx.world_size)
-        test = evaluate(deployable, test_loader, source.num_classes, precision=precision, ctx=ctx)
+        test = evaluate(deployable, test_loader, source.num_classes, precision=precision, ctx=ctx,
+                        num_samples=source.split_size("test"))
     return TrainResult(history=history, best_epoch=best_epoch, select=select, best_value=best_value,
                        test=test, deployable=deployable, config=config, rank=ctx.rank,
                        world_size=ctx.world_size)
@@ -418,10 +420,10 @@ def _restore(state: dict[str, Any], scheme: Scheme, optimizer: torch.optim.Optim
 
 
 def _lone_last_sample(num_train: int, world_size: int, batch: int) -> bool:
-    """Drop the last training batch when some rank's would hold one sample (BatchNorm cannot
-    train on one)."""
-    per_rank = {num_train // world_size, -(-num_train // world_size)}
-    return any(n % batch == 1 and n > 1 for n in per_rank)
+    """Drop the last training batch when it would hold one sample (BatchNorm cannot train on
+    one); every rank gets ceil(n / world_size) samples (the data sources pad like DistributedSampler)."""
+    per_rank = -(-num_train // world_size)
+    return per_rank > 1 and per_rank % batch == 1
 
 
 def _running_acc(stats: _EpochStats) -> str:
