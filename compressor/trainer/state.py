@@ -11,12 +11,12 @@ epoch re-seeds from (seed, epoch, rank), see :mod:`compressor.trainer.seeding`.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from compressor.checkpoint import atomic_torch_save
 from compressor.errors import UserError
 
 STATE_FORMAT = "kdcompress-train-state"
@@ -26,23 +26,6 @@ STATE_VERSION = 1
 def default_state_path(output: str | os.PathLike[str]) -> Path:
     """Where ``train -o X.pt`` keeps its resumable state: ``X.pt.state``."""
     return Path(str(output) + ".state")
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
