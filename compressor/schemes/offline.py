@@ -32,6 +32,32 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def knowledge_losses(
+    terms: Sequence[tuple[str, float]],
+    student_taps: FeatureTaps,
+    teacher_taps: FeatureTaps,
+    *,
+    num_classes: int,
+    num_train: int,
+    loss_options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> nn.ModuleDict:
+    """One loss module per method term, sized from this student/teacher pair's tap layouts.
+
+    Schemes with several teachers (DGKD) call it once per teacher: each gets its own learnable
+    parts (a FitNet regressor fits one teacher's channels, CRD keeps one memory per teacher).
+    """
+    ctx = LossContext(
+        student=student_taps.layout(), teacher=teacher_taps.layout(),
+        num_classes=num_classes, num_train_samples=num_train,
+    )
+    options = loss_options or {}
+    losses = nn.ModuleDict({name: build_loss(name, ctx, **options.get(name, {})) for name, _ in terms})
+    for loss in losses.values():
+        if loss.needs_models:
+            loss.bind_models(student_taps, teacher_taps)
+    return losses
+
+
 class Offline(Scheme):
     def __init__(
         self,
@@ -51,16 +77,11 @@ class Offline(Scheme):
         self.ce_weight = float(ce_weight)
         self.teacher_taps = FeatureTaps(teacher, input_shape)
         self.student_taps = FeatureTaps(student, input_shape)
-        ctx = LossContext(
-            student=self.student_taps.layout(), teacher=self.teacher_taps.layout(),
-            num_classes=num_classes, num_train_samples=num_train,
+        self.losses = knowledge_losses(
+            terms, self.student_taps, self.teacher_taps, num_classes=num_classes, num_train=num_train,
+            loss_options=loss_options,
         )
-        options = loss_options or {}
-        self.losses = nn.ModuleDict({name: build_loss(name, ctx, **options.get(name, {})) for name, _ in terms})
         self.weights = {name: float(w) for name, w in terms}
-        for loss in self.losses.values():
-            if loss.needs_models:
-                loss.bind_models(self.student_taps, self.teacher_taps)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         with torch.no_grad():
