@@ -21,7 +21,7 @@ def run_dir_for(output: str | Path) -> Path:
 def distill(
     *,
     teacher: str | None,
-    student: str,
+    student: str | None,
     output: str | Path,
     data: str | None = None,
     teacher_arch: str | None = None,
@@ -39,6 +39,8 @@ def distill(
     echo: Callable[[str], None] = print,
 ) -> list[str]:
     """Run one distillation and return the summary lines the CLI prints."""
+    if not student and not preset:
+        raise UserError("give the student architecture with --student (or a --preset that names one)")
     output = Path(output)
     run_dir = run_dir_for(output)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:

@@ -16,7 +16,7 @@ def _csv(value: str | None) -> list[str] | None:
 @click.command("distill")
 @click.option("--teacher", default=None, help="the trained teacher (.pt); omit for online schemes (cohort, osakd)")
 @click.option("--teacher-arch", default=None, help="architecture of a teacher file that does not record it")
-@click.option("--student", required=True, help="student architecture (see `kdcompress zoo`)")
+@click.option("--student", default=None, help="student architecture (see `kdcompress zoo`); a --preset names its own")
 @click.option("--method", default=None,
               help="knowledge terms with optional weights: hinton, hinton+crd, hinton:0.9,crd:0.8,ce:1.0 (default hinton)")
 @click.option("--data", default=None, help="digits | cifar10:DIR | cifar100:DIR | imagefolder:DIR (default: the teacher's dataset)")
