@@ -392,6 +392,19 @@ def test_heterogeneous_layouts(name, case):
     assert any(f.grad is not None for f in [s_out.logits, *s_out.features])
 
 
+def test_gram_sums_stay_in_float32_under_autocast():
+    """FSP matrices and SemCKD similarities overflow half precision on real maps: autocast is off."""
+    s_out, t_out, batch = all_outputs(SAME, SAME, seed=13)
+    s_out.features[2] = s_out.features[2] * 300  # entries whose products leave bfloat16's precision
+    fsp = build("fsp", SAME, SAME)
+    semckd = build("semckd", SAME, SAME)
+    plain = fsp(s_out, t_out, batch), semckd.attention(s_out.features, t_out.features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = fsp(s_out, t_out, batch), semckd.attention(s_out.features, t_out.features)
+    assert mixed[0].dtype == torch.float32 and mixed[0].item() == pytest.approx(plain[0].item(), rel=1e-6)
+    assert torch.allclose(mixed[1], plain[1], atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- bss with tiny models
 
 
