@@ -513,3 +513,14 @@ def test_bss_schedule_and_attack_switch_off():
     got = loss(s_out, t_out, batch)
     assert not calls  # the teacher was not run again
     assert got.item() == pytest.approx((loss.kd_ratio * soft_kl(s_out.logits, t_out.logits, 3.0)).item(), rel=1e-6)
+
+
+def test_bss_runs_the_teacher_in_eval_mode_whatever_mode_it_is_in():
+    loss, student, teacher, s_taps, t_taps, batch = bss_setup(seed=4)
+    with torch.no_grad():
+        t_out = t_taps(batch.x)
+    teacher.train()  # a scheme that forgot to freeze it: the attack must still not touch BN statistics
+    snapshot = {k: v.clone() for k, v in teacher.state_dict().items()}
+    loss(s_taps(batch.x), t_out, batch)
+    assert all(torch.equal(v, snapshot[k]) for k, v in teacher.state_dict().items())
+    assert teacher.training  # its mode is given back as it was
