@@ -77,7 +77,8 @@ class SemCKDLoss(KnowledgeLoss):
 
     The query/key MLPs read similarity rows, whose length is the batch size, so that size is
     fixed at construction (``batch_size``, 64 as in the paper's CIFAR runs). A smaller batch
-    (the last one of an epoch) is zero-padded to it; a larger batch is a user error.
+    (the last one of an epoch) is zero-padded to it; a larger batch is a user error. Under DDP
+    it is the per-process batch.
     """
 
     default_weight = 400.0
