@@ -28,8 +28,7 @@ def probe_search(plan: Plan, inputs: RunInputs, *, k: int = 4, device: str = "au
         raise UserError("--search probe distils from a teacher: give --teacher")
     fitting = sorted((c for c in plan.candidates if c.get("fits")), key=lambda c: -c["flops"])[:max(1, k)]
     field = [c["name"] for c in fitting]
-    source = inputs.source.subset_train(PROBE_FRACTION, seed=plan.seed) if hasattr(inputs.source, "subset_train") \
-        else inputs.source
+    source = ProbeView(inputs.source, PROBE_FRACTION)
     final = plan.final
     rows: list[dict[str, Any]] = []
     rounds = max(1, math.ceil(math.log2(len(field)))) if len(field) > 1 else 1
@@ -55,6 +54,42 @@ def probe_search(plan: Plan, inputs: RunInputs, *, k: int = 4, device: str = "au
         if len(field) == 1:
             break
     return field[0], rows
+
+
+class ProbeView:
+    """The data as a probe sees it: each epoch's shuffled training batches cut to a fraction, and
+    no test split, so probing never touches the test data (the trainer skips an empty split)."""
+
+    def __init__(self, source: Any, fraction: float) -> None:
+        self._source, self._fraction = source, fraction
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+    def split_size(self, split: str) -> int:
+        return 0 if split == "test" else self._source.split_size(split)
+
+    def to(self, device: Any) -> "ProbeView":
+        self._source.to(device)
+        return self
+
+    def loader(self, split: str, batch_size: int, **kwargs: Any):
+        inner = self._source.loader(split, batch_size, **kwargs)
+        return _Truncated(inner, math.ceil(len(inner) * self._fraction)) if split == "train" else inner
+
+
+class _Truncated:
+    def __init__(self, inner: Any, count: int) -> None:
+        self._inner, self._count = inner, max(1, count)
+
+    def __len__(self) -> int:
+        return min(self._count, len(self._inner))
+
+    def __iter__(self):
+        for i, batch in enumerate(self._inner):
+            if i >= self._count:
+                break
+            yield batch
 
 
 def _frozen_copy(inputs: RunInputs):
