@@ -22,6 +22,7 @@ from recipes.search import (
     LatencyFn,
     apply_budgets,
     check_budget_range,
+    display_name,
     measure_candidates,
     pick,
     teacher_family_of,
@@ -134,7 +135,7 @@ def _stages(request: PlanRequest, student: Candidate, candidates: list[Candidate
     if not assistants:
         return [Stage("student", "offline", student.name, [TEACHER], method, opts, final_train, reasons[-1])], "single"
     recipe = forced or ("dgkd" if len(assistants) >= 2 else "takd")
-    steps = " -> ".join(["teacher", *(a.name for a in assistants), student.name])
+    steps = " -> ".join(["teacher", *(display_name(a.name) for a in assistants), display_name(student.name)])
     reasons.append(
         f"capacity gap {gap:.1f}x exceeds {request.gap_threshold:g}x: {len(assistants)} teacher assistant(s) at "
         f"geometric FLOPs steps ({steps}); "
