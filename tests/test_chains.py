@@ -184,6 +184,9 @@ def test_tcn_builder_refuses_more_students_than_embedding_dimensions():
         build_scheme("tcn", request)
     with pytest.raises(UserError, match="teacher"):
         build_scheme("tcn", SchemeRequest(TINY, 10, SHAPE, 100, options={"students": 2}))
+    with pytest.raises(UserError, match="one tcn stage per level"):
+        build_scheme("tcn", SchemeRequest(TINY, 10, SHAPE, 100, teacher=tiny("resnet8"),
+                                          options={"students": 4, "hierarchical": True}))
 
 
 # ---------------------------------------------------------------- TCN: the deployable

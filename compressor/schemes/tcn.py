@@ -161,13 +161,21 @@ def build_tcn(request: SchemeRequest) -> TeacherClass:
     ``students`` (n, default 2), ``finetune_epochs`` (default round(E/7)), ``finetune_output``
     (default True), ``finetune_students`` (default False), ``label_smoothing`` (default 0).
     ``request.method`` is not used: the objective is the paper's (MSE on chunks, then CE).
+    ``hierarchical`` is refused: each level is its own stage (see :func:`tcn_levels`).
     """
     from compressor.models import create
 
     if request.teacher is None:
         raise UserError("the teacher-class network needs a teacher (--teacher T.pt)")
     options = request.options
-    students = options.get("students", 2)
+    if options.get("hierarchical"):
+        raise UserError(
+            "a tcn stage trains one level of a teacher-class network; the hierarchical variant is one tcn stage "
+            "per level (tcn1 from the teacher, tcn2 from tcn1, ...): `kdcompress distill --scheme tcn "
+            "--hierarchical` writes them, or write them in the plan"
+        )
+    students = options.get("students")
+    students = 2 if students is None else students
     if isinstance(students, bool) or not isinstance(students, int):
         raise UserError(f"the number of students must be a whole number (got {students!r})")
     dim = embedding_dim(request.teacher, request.input_shape)
