@@ -299,6 +299,9 @@ def test_phases_switch_objective_and_what_trains():
 
 def test_finetune_settings_are_checked():
     assert tcn_scheme(2).phase_of(6, 7) == "finetune" and tcn_scheme(2).phase_of(5, 7) == "regress"  # round(7/7)=1
+    for bad in (-1, 1.5, "two", True):
+        with pytest.raises(UserError, match="finetune_epochs must be a whole number"):
+            tcn_scheme(2, finetune_epochs=bad)
     with pytest.raises(UserError, match="at least one epoch"):
         tcn_scheme(2, finetune_epochs=3).start_epoch(0, 3)
     with pytest.raises(UserError, match="neither the output layer nor the students"):

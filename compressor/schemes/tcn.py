@@ -55,6 +55,12 @@ TCN_TRAIN_DEFAULTS: dict[str, Any] = {"optimizer": "adam", "lr": 2e-4, "schedule
 SEED_PAPER_FINETUNE_SHARE = 10 / 70  # 60 epochs of regression, 10 of fine-tuning
 
 
+def _whole(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"{name} must be a whole number >= 0 (got {value!r})")
+    return value
+
+
 def default_finetune_epochs(num_epochs: int) -> int:
     if num_epochs < 2:
         return 0
@@ -90,9 +96,7 @@ class TeacherClass(Scheme):
         if init_output:
             classifier = dict(teacher.named_modules())[self.teacher_taps.classifier_name]
             ensemble.init_output_from(classifier)
-        if finetune_epochs is not None and (isinstance(finetune_epochs, bool) or int(finetune_epochs) < 0):
-            raise UserError(f"finetune_epochs must be a whole number >= 0 (got {finetune_epochs!r})")
-        self.finetune_epochs = None if finetune_epochs is None else int(finetune_epochs)
+        self.finetune_epochs = None if finetune_epochs is None else _whole(finetune_epochs, "finetune_epochs")
         self.finetune_output = bool(finetune_output)
         self.finetune_students = bool(finetune_students)
         self.label_smoothing = float(label_smoothing)
