@@ -1,0 +1,344 @@
+"""Latency of an ONNX file in onnxruntime, and of the PyTorch eager model for comparison.
+
+Method (the same for both back ends, so their ratio means something):
+  * one fixed, seeded N(0, 1) input batch, created once, outside the timed region;
+  * ``warmup`` untimed runs (allocations, kernel selection, caches);
+  * then timed runs, one ``perf_counter_ns`` interval per forward, until BOTH ``min_runs`` runs
+    and ``min_time`` seconds are reached (``max_runs`` caps a very fast model);
+  * reported: mean, p50, p90, p99 (linear interpolation), min, max, std in milliseconds per
+    batch, and throughput = batch / mean, in images per second;
+  * onnxruntime: ``ORT_ENABLE_ALL`` graph optimisation, sequential execution, one inter-op
+    thread, ``intra_op_num_threads`` = the thread count; the provider actually used is recorded;
+  * PyTorch: eval mode, ``torch.inference_mode()``, ``torch.set_num_threads`` = the same count
+    (restored afterwards); on CUDA every run is synchronised before the clock stops.
+Thread counts: all cores of this process (its CPU affinity) and 1 (a phone app's usual setting).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+
+from compressor.errors import UserError
+from export.runtime import all_cores, available_providers, make_session
+
+DEFAULT_WARMUP = 10
+DEFAULT_MIN_RUNS = 50
+DEFAULT_MIN_TIME = 1.0
+DEFAULT_MAX_RUNS = 100_000
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long to measure (shared by every back end in one benchmark)."""
+
+    warmup: int = DEFAULT_WARMUP
+    min_runs: int = DEFAULT_MIN_RUNS
+    min_time: float = DEFAULT_MIN_TIME
+    max_runs: int = DEFAULT_MAX_RUNS
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0 or self.min_runs < 1 or self.min_time < 0 or self.max_runs < self.min_runs:
+            raise UserError("timing needs warmup >= 0, runs >= 1, min time >= 0 and max runs >= runs")
+
+
+@dataclass
+class LatencyStats:
+    label: str  # what was timed, e.g. "fp32", "int8", "eager"
+    backend: str  # "onnxruntime" or "pytorch"
+    provider: str  # CPUExecutionProvider / CUDAExecutionProvider, or the torch device
+    batch: int
+    threads: int
+    warmup: int
+    runs: int
+    total_s: float
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    min_ms: float
+    max_ms: float
+    std_ms: float
+    throughput: float  # images per second
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure(fn: Callable[[], object], timing: Timing = Timing()) -> list[float]:
+    """Seconds per call of ``fn``: warm-up, then timed calls until both minimums are reached."""
+    for _ in range(timing.warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter_ns()
+    while True:
+        t0 = time.perf_counter_ns()
+        fn()
+        t1 = time.perf_counter_ns()
+        times.append((t1 - t0) * 1e-9)
+        done_runs = len(times) >= timing.min_runs
+        done_time = (t1 - start) * 1e-9 >= timing.min_time
+        if (done_runs and done_time) or len(times) >= timing.max_runs:
+            return times
+
+
+def summarize(
+    times: Sequence[float], *, label: str, backend: str, provider: str, batch: int, threads: int, warmup: int
+) -> LatencyStats:
+    """Statistics of per-run seconds; percentiles are ordered by construction (one sorted sample)."""
+    ms = np.sort(np.asarray(times, dtype=np.float64) * 1e3)
+    if ms.size == 0:
+        raise ValueError("no timed runs")
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    mean = float(ms.mean())
+    return LatencyStats(
+        label=label,
+        backend=backend,
+        provider=provider,
+        batch=batch,
+        threads=threads,
+        warmup=warmup,
+        runs=int(ms.size),
+        total_s=float(ms.sum() / 1e3),
+        mean_ms=mean,
+        p50_ms=float(p50),
+        p90_ms=float(p90),
+        p99_ms=float(p99),
+        min_ms=float(ms[0]),
+        max_ms=float(ms[-1]),
+        std_ms=float(ms.std()),
+        throughput=batch / (mean / 1e3),
+    )
+
+
+def fixed_input(input_shape: Sequence[int], batch: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *input_shape, generator=generator)
+
+
+def onnx_input_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    """(C, H, W) of an ONNX file's first input; a dynamic spatial size is taken from its metadata."""
+    from export.metadata import read_metadata
+
+    proto = onnx.load(str(path), load_external_data=False)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") else None for d in dims][1:]
+    if any(d is None for d in shape):
+        meta = read_metadata(proto)
+        if meta.in_chans and meta.input_size:
+            return (int(meta.in_chans), *map(int, meta.input_size))
+        raise UserError(f"{path} has a dynamic input size and no input_size metadata: cannot pick an input")
+    return tuple(int(d) for d in shape)
+
+
+def bench_onnx(
+    path: str | os.PathLike,
+    *,
+    batch: int = 1,
+    threads: int | None = None,
+    provider: str | None = None,
+    timing: Timing = Timing(),
+    label: str = "onnx",
+    input_shape: Sequence[int] | None = None,
+) -> LatencyStats:
+    """Time one ONNX file at one batch size and thread count (None: all cores)."""
+    threads = threads or all_cores()
+    providers = [provider] if provider else available_providers()
+    if "CPUExecutionProvider" not in providers:
+        providers.append("CPUExecutionProvider")
+    session = make_session(path, threads=threads, providers=providers)
+    shape = tuple(input_shape) if input_shape else onnx_input_shape(path)
+    x = fixed_input(shape, batch).numpy()
+    feed = {session.get_inputs()[0].name: x}
+    if session.get_providers()[0] == "CUDAExecutionProvider":
+        # keep the input on the GPU so the figure is the model's time, not a copy per run
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(session.get_inputs()[0].name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+        binding.bind_output(session.get_outputs()[0].name, "cuda")
+
+        def run() -> object:
+            session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+            return None
+
+    else:
+
+        def run() -> object:
+            return session.run(None, feed)
+
+    times = measure(run, timing)
+    return summarize(
+        times, label=label, backend="onnxruntime", provider=session.get_providers()[0],
+        batch=batch, threads=threads, warmup=timing.warmup,
+    )
+
+
+def bench_torch(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    batch: int = 1,
+    threads: int | None = None,
+    device: str | torch.device | None = None,
+    timing: Timing = Timing(),
+    label: str = "eager",
+) -> LatencyStats:
+    """Time the eager PyTorch model (eval, inference_mode) on ``device`` (default: the model's)."""
+    threads = threads or all_cores()
+    param = next(model.parameters(), None)
+    device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+    model_device = param.device if param is not None else device
+    x = fixed_input(input_shape, batch).to(device)
+    cuda = device.type == "cuda"
+    was_training = model.training
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    model.eval()
+    model.to(device)
+    try:
+        with torch.inference_mode():
+
+            def run() -> object:
+                out = model(x)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                return out
+
+            times = measure(run, timing)
+    finally:
+        torch.set_num_threads(saved_threads)
+        model.to(model_device)
+        model.train(was_training)
+    return summarize(
+        times, label=label, backend="pytorch", provider=str(device),
+        batch=batch, threads=threads, warmup=timing.warmup,
+    )
+
+
+def thread_counts(spec: str | Sequence[int] | None) -> list[int]:
+    """``"all,1"`` -> [cores, 1]; ``None`` -> the default (all cores, then 1); duplicates removed."""
+    if spec is None:
+        spec = "all,1"
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    counts: list[int] = []
+    for item in items:
+        text = str(item).strip().lower()
+        if text in ("all", "0", ""):
+            value = all_cores()
+        elif text.isdigit() and int(text) > 0:
+            value = int(text)
+        else:
+            raise UserError(f"bad thread count {item!r}: give positive integers or 'all', e.g. --threads all,1")
+        if value not in counts:
+            counts.append(value)
+    return counts
+
+
+def machine_info() -> dict:
+    """What the figures were measured on (they mean nothing without it)."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": all_cores(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "providers": available_providers(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+@dataclass
+class BenchmarkReport:
+    results: list[LatencyStats] = field(default_factory=list)
+    timing: Timing = Timing()
+    machine: dict = field(default_factory=machine_info)
+    notes: list[str] = field(default_factory=list)
+
+    def baseline(self, stats: LatencyStats) -> LatencyStats | None:
+        """The eager run at the same batch and thread count, if there is one."""
+        return next(
+            (r for r in self.results if r.backend == "pytorch" and r.batch == stats.batch and r.threads == stats.threads),
+            None,
+        )
+
+    def to_dict(self) -> dict:
+        rows = []
+        for r in self.results:
+            base = self.baseline(r)
+            rows.append({**r.to_dict(), "speedup_vs_eager": (base.mean_ms / r.mean_ms) if base else None})
+        return {"machine": self.machine, "timing": asdict(self.timing), "method": __doc__.strip(),
+                "notes": self.notes, "results": rows}
+
+    def table(self) -> str:
+        header = ("model", "backend", "provider", "batch", "thr", "runs", "mean ms", "p50", "p90", "p99", "min",
+                  "img/s", "vs eager")
+        rows = [header]
+        for r in self.results:
+            base = self.baseline(r)
+            rows.append((
+                r.label, r.backend, r.provider.replace("ExecutionProvider", ""), str(r.batch), str(r.threads),
+                str(r.runs), f"{r.mean_ms:.3f}", f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}",
+                f"{r.min_ms:.3f}", f"{r.throughput:,.0f}", f"{base.mean_ms / r.mean_ms:.2f}x" if base else "-",
+            ))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        return "\n".join(lines)
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        from export.io import atomic_output
+
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def benchmark(
+    onnx_models: dict[str, str | os.PathLike],
+    *,
+    torch_model: nn.Module | None = None,
+    input_shape: Sequence[int] | None = None,
+    batches: Sequence[int] = (1,),
+    threads: Sequence[int] | None = None,
+    timing: Timing = Timing(),
+    provider: str | None = None,
+    torch_device: str | torch.device | None = None,
+) -> BenchmarkReport:
+    """Every (batch, threads) pair for the eager model (if given) and each labelled ONNX file."""
+    if not onnx_models and torch_model is None:
+        raise UserError("nothing to benchmark")
+    if input_shape is None:
+        if not onnx_models:
+            raise UserError("benchmarking a PyTorch model alone needs its input shape")
+        input_shape = onnx_input_shape(next(iter(onnx_models.values())))
+    report = BenchmarkReport(timing=timing)
+    for batch in dict.fromkeys(int(b) for b in batches):
+        if batch < 1:
+            raise UserError(f"batch size must be positive, got {batch}")
+        for n in threads or thread_counts(None):
+            if torch_model is not None:
+                report.results.append(
+                    bench_torch(torch_model, input_shape, batch=batch, threads=n, device=torch_device, timing=timing)
+                )
+            for label, path in onnx_models.items():
+                report.results.append(
+                    bench_onnx(path, batch=batch, threads=n, provider=provider, timing=timing, label=label,
+                               input_shape=input_shape)
+                )
+    return report
