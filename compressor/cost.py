@@ -9,10 +9,16 @@ With this convention CIFAR ResNet-20 (3x32x32, 100 classes) is 41.2 MFLOPs, ResN
 from __future__ import annotations
 
 import functools
+import hashlib
+import inspect
+import json
 import logging
+import os
+import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -65,12 +71,80 @@ def measure(model: nn.Module, input_shape: Sequence[int] = (3, 32, 32)) -> Cost:
 
 @functools.lru_cache(maxsize=4096)
 def measure_arch(name: str, num_classes: int, input_shape: tuple[int, ...]) -> Cost:
-    """Cost of a zoo architecture by name (cached: the budget search asks for many)."""
-    from compressor.models import create
+    """Cost of a zoo architecture by name, cached in memory and on disk (the search asks for many).
 
-    model = create(name, num_classes=num_classes, in_chans=input_shape[0])
-    return measure(model, input_shape)
+    The disk cache key includes a digest of the source file that defines the architecture, so
+    editing a model family invalidates its figures.
+    """
+    from compressor.models import create, resolve
 
+    shape = tuple(int(s) for s in input_shape)
+    key = f"{name}|{num_classes}|{'x'.join(map(str, shape))}|{_source_digest(resolve(name).factory)}"
+    cache = _DiskCache.default()
+    hit = cache.get(key)
+    if hit is not None:
+        return Cost(int(hit["flops"]), int(hit["params"]), shape, dict(hit["uncounted"]))
+    cost = measure(create(name, num_classes=num_classes, in_chans=shape[0]), shape)
+    cache.put(key, {"flops": cost.flops, "params": cost.params, "uncounted": cost.uncounted})
+    return cost
+
+
+def _source_digest(obj: object) -> str:
+    try:
+        source = Path(inspect.getsourcefile(obj) or "").read_bytes()
+    except (TypeError, OSError):
+        return "nosource"
+    return hashlib.sha1(source).hexdigest()[:12]
+
+
+class _DiskCache:
+    """A JSON file of measured costs; ``KDCOMPRESS_CACHE`` moves it, ``off`` disables it."""
+
+    _instances: dict[str, "_DiskCache"] = {}
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.data: dict[str, dict] | None = None
+
+    @classmethod
+    def default(cls) -> "_DiskCache":
+        where = os.environ.get("KDCOMPRESS_CACHE")
+        if where == "off":
+            path = None
+        else:
+            base = Path(where) if where else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kdcompress"
+            path = base / "cost-cache.json"
+        key = str(path)
+        if key not in cls._instances:
+            cls._instances[key] = cls(path)
+        return cls._instances[key]
+
+    def _load(self) -> dict[str, dict]:
+        if self.data is None:
+            self.data = {}
+            if self.path is not None and self.path.exists():
+                try:
+                    self.data = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    self.data = {}  # a damaged cache is only a slower search
+        return self.data
+
+    def get(self, key: str) -> dict | None:
+        return self._load().get(key)
+
+    def put(self, key: str, value: dict) -> None:
+        data = self._load()
+        data[key] = value
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".cost-cache.", suffix=".tmp")
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # read-only home: the in-memory cache still serves this process
 
 
 class _quiet_fvcore:

@@ -1,5 +1,16 @@
-"""Schemes: how models learn together (vanilla, offline, online cohorts, self, chains)."""
+"""Schemes: how models learn together (vanilla, offline, online cohorts, self, chains).
+
+Every module in this package registers its builders on import (``@register_scheme``).
+"""
+
+import importlib
+import pkgutil
 
 from compressor.schemes.base import Scheme
+from compressor.schemes.registry import SchemeRequest, build_scheme, list_schemes, register_scheme
 
-__all__ = ["Scheme"]
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name not in ("base", "registry") and not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+__all__ = ["Scheme", "SchemeRequest", "build_scheme", "list_schemes", "register_scheme"]

@@ -43,6 +43,12 @@ class Scheme(nn.Module):
     def after_step(self) -> None:
         """Called after each optimiser step (EMA teachers, memory banks)."""
 
+    def start_epoch(self, epoch: int, num_epochs: int) -> None:
+        """Called by the trainer before each epoch (0-based): loss warm-ups and schedules (DKD)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "set_epoch"):
+                module.set_epoch(epoch, num_epochs)
+
     def train(self, mode: bool = True) -> "Scheme":
         super().train(mode)
         for module in self.frozen_modules():

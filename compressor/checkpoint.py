@@ -1,0 +1,344 @@
+"""Model checkpoints: our own format, plus the foreign ones users already have.
+
+Our file is a plain dict readable with ``torch.load(weights_only=True)``: the architecture and
+its kwargs, classes, input shape, normalisation, dataset, ``state_dict``, metrics and the plan
+that made it, so any later command can rebuild the model and check it against data.
+
+Foreign files are read, never required: RepDistiller/mdistiller ``{'model': state_dict, ...}``
+(arch from ``arch=`` or from their folder naming, e.g. ``resnet110_vanilla/ckpt_epoch_240.pth``)
+and a bare ``state_dict`` with ``arch=``. A whole pickled module runs code when unpickled, so it
+is refused unless the caller passes ``trust=True`` (``--trust-checkpoint`` on the CLI).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from compressor.errors import UserError
+
+FORMAT = "kdcompress"
+FORMAT_VERSION = 1
+TRUST_FLAG = "--trust-checkpoint"
+
+
+@dataclass
+class ModelMeta:
+    """Everything needed to rebuild a model and feed it correctly."""
+
+    arch: str
+    num_classes: int
+    in_chans: int = 3
+    input_size: tuple[int, int] | None = None  # (H, W) the model was trained at
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    dataset: str | None = None  # the data spec it was trained on, e.g. "digits"
+    class_names: list[str] | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int] | None:
+        return None if self.input_size is None else (self.in_chans, *self.input_size)
+
+    @classmethod
+    def from_source(cls, arch: str, source: Any, **arch_kwargs: Any) -> "ModelMeta":
+        """Meta for a model trained on a ``compressor.data`` source."""
+        c, h, w = source.input_shape
+        return cls(
+            arch=arch,
+            num_classes=source.num_classes,
+            in_chans=c,
+            input_size=(h, w),
+            mean=tuple(float(m) for m in source.mean),
+            std=tuple(float(s) for s in source.std),
+            dataset=source.spec,
+            class_names=list(source.class_names),
+            arch_kwargs=dict(arch_kwargs),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("input_size", "mean", "std"):
+            if d[key] is not None:
+                d[key] = list(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelMeta":
+        return cls(
+            arch=d["arch"],
+            num_classes=int(d["num_classes"]),
+            in_chans=int(d.get("in_chans", 3)),
+            input_size=tuple(d["input_size"]) if d.get("input_size") is not None else None,
+            mean=tuple(d["mean"]) if d.get("mean") is not None else None,
+            std=tuple(d["std"]) if d.get("std") is not None else None,
+            dataset=d.get("dataset"),
+            class_names=list(d["class_names"]) if d.get("class_names") is not None else None,
+            arch_kwargs=dict(d.get("arch_kwargs") or {}),
+        )
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # in eval mode, on the CPU
+    meta: ModelMeta
+    metrics: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    source_format: str = FORMAT  # "kdcompress" | "repdistiller" | "state_dict" | "module"
+    path: str | None = None
+
+
+def save_model(
+    path: str | os.PathLike,
+    model: nn.Module,
+    meta: ModelMeta,
+    metrics: dict[str, Any] | None = None,
+    plan: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write our format atomically (temporary file in the same folder, then rename)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "meta": meta.to_dict(),
+        "state_dict": state,
+        "metrics": dict(metrics or {}),
+        "plan": plan,
+        "extra": dict(extra or {}),
+    }
+    atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary name beside ``path``, then rename: never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_checkpoint_dict(path: str | os.PathLike, trust: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True``; the refusals become one-line UserErrors."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a directory, not a file")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+            if not trust:
+                what = _unsafe_global(text)
+                raise UserError(
+                    f"{path} holds pickled Python objects{what}, which run code when loaded; "
+                    f"load it only if you trust its source, with {TRUST_FLAG}"
+                ) from None
+            return _load_trusted(path)
+        raise UserError(f"{path} is not a PyTorch checkpoint ({_short(text)})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise UserError(f"{path} is not a PyTorch checkpoint or is truncated ({_short(str(err))})") from None
+
+
+def _load_trusted(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a trusted file can still be broken or need missing classes
+        raise UserError(f"{path} could not be unpickled even with {TRUST_FLAG} ({_short(str(err))})") from None
+
+
+def _unsafe_global(text: str) -> str:
+    for marker in ("Unsupported global: GLOBAL ", "GLOBAL "):
+        if marker in text:
+            name = text.split(marker, 1)[1].split()[0].rstrip(".,:")
+            return f" ({name})"
+    return ""
+
+
+def _short(text: str, limit: int = 160) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def load_model(
+    path: str | os.PathLike,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    trust: bool = False,
+) -> LoadedModel:
+    """Rebuild a model from any supported file; every way it can fail is a UserError."""
+    obj = read_checkpoint_dict(path, trust=trust)
+    path_str = str(path)
+    if isinstance(obj, nn.Module):
+        return _from_module(obj, path_str, num_classes)
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a model checkpoint")
+    if obj.get("format") == FORMAT:
+        return _from_ours(obj, path_str, arch, num_classes)
+    if "model" in obj and isinstance(obj["model"], nn.Module):
+        return _from_module(obj["model"], path_str, num_classes)
+    for key in ("model", "state_dict", "net"):
+        if key in obj and _is_state_dict(obj[key]):
+            metrics = {k: _plain(v) for k, v in obj.items() if k in ("epoch", "best_acc", "accuracy")}
+            return _from_state_dict(obj[key], path_str, arch, num_classes, "repdistiller", metrics)
+    if _is_state_dict(obj):
+        return _from_state_dict(obj, path_str, arch, num_classes, "state_dict", {})
+    raise UserError(
+        f"{path} is a dict with keys {sorted(map(str, obj))[:6]} but holds no state_dict "
+        "(expected a kdcompress file, {'model': state_dict} or a bare state_dict)"
+    )
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+
+
+def _from_ours(obj: dict, path: str, arch: str | None, num_classes: int | None) -> LoadedModel:
+    meta = ModelMeta.from_dict(obj["meta"])
+    if arch is not None and arch != meta.arch:
+        raise UserError(f"{path} holds a {meta.arch}, not a {arch}; drop --arch or pick the right file")
+    _check_classes(path, meta.num_classes, num_classes)
+    model = _build(meta.arch, meta.num_classes, meta.in_chans, meta.arch_kwargs)
+    _load_weights(model, obj["state_dict"], path, meta.arch)
+    return LoadedModel(model.eval(), meta, dict(obj.get("metrics") or {}), obj.get("plan"),
+                       dict(obj.get("extra") or {}), FORMAT, path)
+
+
+def _from_state_dict(
+    state: dict, path: str, arch: str | None, num_classes: int | None, fmt: str, metrics: dict
+) -> LoadedModel:
+    state = _strip_prefix(state, "module.")
+    arch = arch or arch_from_path(path)
+    if arch is None:
+        raise UserError(
+            f"{path} holds bare weights without an architecture name; give it with --arch "
+            "(see `kdcompress zoo`)"
+        )
+    found_classes, in_chans = _shape_from_state(arch, state)
+    _check_classes(path, found_classes, num_classes)
+    model = _build(arch, found_classes, in_chans, {})
+    _load_weights(model, state, path, arch)
+    meta = ModelMeta(arch=arch, num_classes=found_classes, in_chans=in_chans)
+    return LoadedModel(model.eval(), meta, metrics, None, {}, fmt, path)
+
+
+def _from_module(module: nn.Module, path: str, num_classes: int | None) -> LoadedModel:
+    arch = getattr(module, "kd_arch", None) or f"module:{type(module).__name__}"
+    found = _classes_of(module)
+    if found is not None:
+        _check_classes(path, found, num_classes)
+    first = next((p for p in module.parameters() if p.dim() == 4), None)
+    meta = ModelMeta(arch=arch, num_classes=found or num_classes or 0,
+                     in_chans=int(first.shape[1]) if first is not None else 3)
+    return LoadedModel(module.cpu().eval(), meta, {}, None, {}, "module", path)
+
+
+def _strip_prefix(state: dict, prefix: str) -> dict:
+    if all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def arch_from_path(path: str) -> str | None:
+    """RepDistiller/mdistiller name folders and files after the model: take the longest known prefix.
+
+    ``save/models/resnet110_vanilla/ckpt_epoch_240.pth`` -> resnet110;
+    ``wrn_40_2_cifar100_lr_0.05/wrn_40_2_best.pth`` -> wrn_40_2.
+    """
+    from compressor.models import list_models
+
+    known = set(list_models())
+    p = Path(path)
+    for text in (p.stem, p.parent.name):
+        parts = text.split("_")
+        for n in range(len(parts), 0, -1):
+            candidate = "_".join(parts[:n])
+            if candidate in known:
+                return candidate
+    return None
+
+
+def _build(arch: str, num_classes: int, in_chans: int, kwargs: dict) -> nn.Module:
+    from compressor.models import create
+
+    return create(arch, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def _classes_of(model: nn.Module) -> int | None:
+    name = getattr(model, "classifier_name", None)
+    modules = dict(model.named_modules())
+    layer = modules.get(name) if name else None
+    if layer is None:
+        linears = [m for m in modules.values() if isinstance(m, nn.Linear)]
+        layer = linears[-1] if linears else None
+    return getattr(layer, "out_features", None)
+
+
+def _shape_from_state(arch: str, state: dict) -> tuple[int, int]:
+    """(num_classes, in_chans) read off the weights: the classifier's rows, the first conv's inputs."""
+    probe = _build(arch, 10, 3, {})
+    classifier = getattr(probe, "classifier_name", None)
+    if classifier is None:
+        linears = [n for n, m in probe.named_modules() if isinstance(m, nn.Linear)]
+        classifier = linears[-1] if linears else None
+    weight = state.get(f"{classifier}.weight") if classifier else None
+    if weight is None:
+        raise UserError(f"the weights do not fit {arch}: no '{classifier}.weight' classifier entry")
+    first_conv = next((n for n, p in probe.named_parameters() if p.dim() == 4), None)
+    in_chans = int(state[first_conv].shape[1]) if first_conv in state else 3
+    return int(weight.shape[0]), in_chans
+
+
+def _check_classes(path: str, found: int, wanted: int | None) -> None:
+    if wanted is not None and int(wanted) != int(found):
+        raise UserError(f"{path} predicts {found} classes but {wanted} were expected")
+
+
+def _load_weights(model: nn.Module, state: dict, path: str, arch: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_few(unexpected)}")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"wrong shape {k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+                         + (f" (+{len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+        raise UserError(f"the weights in {path} do not fit {arch}: " + "; ".join(parts))
+    model.load_state_dict(state)
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
