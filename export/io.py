@@ -33,10 +33,18 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; a result file gets the usual mode
         os.replace(tmp_path, dest)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def is_onnx_file(path: str | os.PathLike) -> bool:
@@ -76,3 +84,29 @@ def kind_of(path: str | os.PathLike) -> str:
         if check(p):
             return kind
     raise UserError(f"{p} is neither an ONNX model nor a PyTorch checkpoint: give a .onnx file or a .pt checkpoint")
+
+
+def load_for_export(
+    path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None, trust: bool = False
+):
+    """(model in eval mode, ExportMetadata from what the checkpoint records) for a checkpoint file."""
+    from compressor.checkpoint import load_model
+
+    from export.metadata import ExportMetadata
+
+    if kind_of(path) == "onnx":
+        raise UserError(f"{path} is already an ONNX model: export takes a checkpoint (.pt); time it with `kdcompress bench`")
+    loaded = load_model(path, arch=arch, num_classes=num_classes, trust=trust)
+    meta = loaded.meta
+    export_meta = ExportMetadata(
+        in_chans=meta.in_chans,
+        input_size=list(meta.input_size) if meta.input_size is not None else None,
+        mean=list(meta.mean) if meta.mean is not None else None,
+        std=list(meta.std) if meta.std is not None else None,
+        class_names=list(meta.class_names) if meta.class_names is not None else None,
+        num_classes=meta.num_classes,
+        arch=meta.arch,
+        dataset=meta.dataset,
+        source_checkpoint=str(Path(path).resolve()),
+    )
+    return loaded.model.eval(), export_meta

@@ -16,6 +16,7 @@ margin is kept but flagged (``Int8Comparison.flagged``), loudly, in the summary 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -111,7 +112,9 @@ def _fill_cost(model: nn.Module, meta: ExportMetadata, input_shape: tuple[int, .
         return
     from compressor.cost import FLOP_CONVENTION, measure
 
-    cost = measure(model, input_shape)
+    with warnings.catch_warnings():  # importing fvcore warns that torch.jit.script is deprecated
+        warnings.simplefilter("ignore")
+        cost = measure(model, input_shape)
     meta.flops, meta.params, meta.flops_convention = cost.flops, cost.params, FLOP_CONVENTION
 
 
