@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
+import torch
 
 # Preference order; providers that are installed but not for local inference (Azure) are skipped.
 _PROVIDER_ORDER = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -32,13 +33,17 @@ def all_cores() -> int:
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """ORT_ENABLE_ALL, sequential, ``threads`` intra-op threads (None: onnxruntime's default)."""
+    """ORT_ENABLE_ALL, sequential, ``threads`` intra-op threads.
+
+    None follows ``torch.get_num_threads()``: onnxruntime then uses what the process already
+    allows PyTorch (all cores by default; one per worker in a parallel test run), instead of a
+    second full-size spinning thread pool competing with it.
+    """
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.inter_op_num_threads = 1
-    if threads is not None:
-        so.intra_op_num_threads = int(threads)
+    so.intra_op_num_threads = int(threads) if threads is not None else torch.get_num_threads()
     so.log_severity_level = 3  # errors only: a warning per missing CUDA kernel is noise here
     return so
 
