@@ -17,12 +17,13 @@ Thread counts: all cores of this process (its CPU affinity) and 1 (a phone app's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -142,17 +143,15 @@ def onnx_input_shape(path: str | os.PathLike) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def bench_onnx(
+def onnx_runner(
     path: str | os.PathLike,
     *,
     batch: int = 1,
     threads: int | None = None,
     provider: str | None = None,
-    timing: Timing = Timing(),
-    label: str = "onnx",
     input_shape: Sequence[int] | None = None,
-) -> LatencyStats:
-    """Time one ONNX file at one batch size and thread count (None: all cores)."""
+) -> tuple[Callable[[], object], str]:
+    """(one forward of a fixed batch, the provider actually used) for an ONNX file."""
     threads = threads or all_cores()
     providers = [provider] if provider else available_providers()
     if "CPUExecutionProvider" not in providers:
@@ -160,45 +159,41 @@ def bench_onnx(
     session = make_session(path, threads=threads, providers=providers)
     shape = tuple(input_shape) if input_shape else onnx_input_shape(path)
     x = fixed_input(shape, batch).numpy()
-    feed = {session.get_inputs()[0].name: x}
-    if session.get_providers()[0] == "CUDAExecutionProvider":
+    name = session.get_inputs()[0].name
+    used = session.get_providers()[0]
+    if used == "CUDAExecutionProvider":
         # keep the input on the GPU so the figure is the model's time, not a copy per run
         binding = session.io_binding()
-        binding.bind_ortvalue_input(session.get_inputs()[0].name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
         binding.bind_output(session.get_outputs()[0].name, "cuda")
 
-        def run() -> object:
+        def run_cuda() -> object:
             session.run_with_iobinding(binding)
             binding.synchronize_outputs()
             return None
 
-    else:
-
-        def run() -> object:
-            return session.run(None, feed)
-
-    times = measure(run, timing)
-    return summarize(
-        times, label=label, backend="onnxruntime", provider=session.get_providers()[0],
-        batch=batch, threads=threads, warmup=timing.warmup,
-    )
+        return run_cuda, used
+    feed = {name: x}
+    return (lambda: session.run(None, feed)), used
 
 
-def bench_torch(
+@contextlib.contextmanager
+def torch_runner(
     model: nn.Module,
     input_shape: Sequence[int],
     *,
     batch: int = 1,
     threads: int | None = None,
     device: str | torch.device | None = None,
-    timing: Timing = Timing(),
-    label: str = "eager",
-) -> LatencyStats:
-    """Time the eager PyTorch model (eval, inference_mode) on ``device`` (default: the model's)."""
+) -> Iterator[tuple[Callable[[], object], str]]:
+    """(one eager forward of a fixed batch, device) inside eval, inference_mode and ``threads`` threads.
+
+    The model's mode and device and torch's thread count are restored on exit.
+    """
     threads = threads or all_cores()
     param = next(model.parameters(), None)
-    device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
-    model_device = param.device if param is not None else device
+    model_device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device) if device is not None else model_device
     x = fixed_input(input_shape, batch).to(device)
     cuda = device.type == "cuda"
     was_training = model.training
@@ -215,15 +210,46 @@ def bench_torch(
                     torch.cuda.synchronize(device)
                 return out
 
-            times = measure(run, timing)
+            yield run, str(device)
     finally:
         torch.set_num_threads(saved_threads)
         model.to(model_device)
         model.train(was_training)
-    return summarize(
-        times, label=label, backend="pytorch", provider=str(device),
-        batch=batch, threads=threads, warmup=timing.warmup,
-    )
+
+
+def bench_onnx(
+    path: str | os.PathLike,
+    *,
+    batch: int = 1,
+    threads: int | None = None,
+    provider: str | None = None,
+    timing: Timing = Timing(),
+    label: str = "onnx",
+    input_shape: Sequence[int] | None = None,
+) -> LatencyStats:
+    """Time one ONNX file at one batch size and thread count (None: all cores)."""
+    threads = threads or all_cores()
+    run, used = onnx_runner(path, batch=batch, threads=threads, provider=provider, input_shape=input_shape)
+    return summarize(measure(run, timing), label=label, backend="onnxruntime", provider=used, batch=batch,
+                     threads=threads, warmup=timing.warmup)
+
+
+def bench_torch(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    batch: int = 1,
+    threads: int | None = None,
+    device: str | torch.device | None = None,
+    timing: Timing = Timing(),
+    label: str = "eager",
+) -> LatencyStats:
+    """Time the eager PyTorch model (eval, inference_mode) on ``device`` (default: the model's)."""
+    threads = threads or all_cores()
+    with torch_runner(model, input_shape, batch=batch, threads=threads, device=device) as (run, used):
+        times = measure(run, timing)
+    return summarize(times, label=label, backend="pytorch", provider=used, batch=batch, threads=threads,
+                     warmup=timing.warmup)
 
 
 def thread_counts(spec: str | Sequence[int] | None) -> list[int]:

@@ -53,6 +53,9 @@ def command(checkpoint: str, output: str, data: str | None, opset: int, exporter
     int8_out = Path(int8_output) if int8_output else _int8_path(out)
     if int8 and int8_out.resolve() == out.resolve():
         raise UserError("--int8-output must differ from --output")
+    for path in [out] + ([int8_out] if int8 else []):
+        if not path.resolve().parent.is_dir():
+            raise UserError(f"folder {path.parent} does not exist: create it first")
     model, meta = load_for_export(checkpoint, arch=arch, trust=trust)
 
     source, inputs = None, None
