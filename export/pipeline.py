@@ -15,6 +15,7 @@ margin is kept but flagged (``Int8Comparison.flagged``), loudly, in the summary 
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class ExportReport:
     simplified_parity: ParityResult | None = None
     simplify_kept: bool | None = None
     notes: list[str] = field(default_factory=list)
+    nodes: int = 0  # in the kept file
 
     @property
     def exporter(self) -> str:
@@ -61,8 +63,9 @@ class ExportReport:
     def summary_lines(self) -> list[str]:
         lines = [
             f"exported {self.path} ({self.bytes / 1e6:.2f} MB, opset {self.graph.opset}, "
-            f"{self.graph.exporter} exporter, {len_nodes(self.path)} nodes)",
+            f"{self.graph.exporter} exporter, {self.nodes} nodes)",
             f"  {self.parity.summary()}",
+            f"  metadata: {_describe_metadata(self.metadata)}",
         ]
         if self.simplified is not None:
             verdict = "kept" if self.simplify_kept else "NOT kept (parity failed; the plain export is kept)"
@@ -72,13 +75,13 @@ class ExportReport:
             )
             if self.simplified_parity is not None:
                 lines.append(f"    {self.simplified_parity.summary()}")
-        lines += [f"  note: {n}" for n in self.notes]
-        return lines
+        return lines  # the notes were logged as they happened, and are in to_dict()
 
     def to_dict(self) -> dict:
         return {
             "path": self.path,
             "bytes": self.bytes,
+            "nodes": self.nodes,
             "export": self.graph.to_dict(),
             "parity": self.parity.to_dict(),
             "simplify": None
@@ -93,8 +96,21 @@ class ExportReport:
         }
 
 
-def len_nodes(path: str | os.PathLike) -> int:
-    return len(onnx.load(str(path), load_external_data=False).graph.node)
+def _describe_metadata(meta: ExportMetadata) -> str:
+    from compressor.cost import format_flops
+
+    parts = []
+    if meta.in_chans and meta.input_size:
+        parts.append(f"input {meta.in_chans}x{meta.input_size[0]}x{meta.input_size[1]}")
+    if meta.mean is not None:
+        parts.append(f"mean {[round(m, 4) for m in meta.mean]} std {[round(s, 4) for s in (meta.std or [])]}")
+    else:
+        parts.append("no normalisation recorded")
+    if meta.class_names:
+        parts.append(f"{len(meta.class_names)} class names")
+    if meta.flops is not None:
+        parts.append(f"{format_flops(meta.flops)} (1 FLOP = 1 multiply-add)")
+    return ", ".join(parts)
 
 
 def _input_shape(model: nn.Module, meta: ExportMetadata, inputs: torch.Tensor | None, shape) -> tuple[int, ...]:
@@ -139,9 +155,13 @@ def export_model(
     random batch of the model's input shape is used. Raises ParityError (a UserError) with the
     figures when the check fails; ``out_path`` is then left as it was.
     """
-    meta = ExportMetadata(**{**(metadata or ExportMetadata()).__dict__})  # a copy: the caller's is not changed
-    meta.extra = dict(meta.extra)
+    dest = Path(out_path)
+    if not dest.resolve().parent.is_dir():  # before minutes of work, not after
+        raise UserError(f"folder {dest.parent} does not exist: create it first")
+    meta = copy.deepcopy(metadata) if metadata is not None else ExportMetadata()  # the caller's is not changed
     shape = _input_shape(model, meta, inputs, input_shape)
+    if inputs is not None and len(inputs) == 0:
+        raise UserError("the parity inputs are empty: give at least one sample")
     if inputs is None:
         inputs, inputs_from_data = random_inputs(shape, PARITY_SAMPLES), False
     if tuple(inputs.shape[1:]) != shape:
@@ -158,7 +178,6 @@ def export_model(
     meta.exporter, meta.opset = graph.exporter, graph.opset
     write_metadata(graph.proto, meta)
 
-    dest = Path(out_path)
     with atomic_output(dest) as tmp:
         onnx.save(graph.proto, str(tmp))
         parity = check_parity(tmp, model, inputs, atol=atol, from_data=inputs_from_data)
@@ -166,6 +185,7 @@ def export_model(
         if simplify:
             _simplify_verified(report, graph.proto, tmp, model, inputs, atol, inputs_from_data, log)
     report.bytes = dest.stat().st_size
+    report.nodes = len(onnx.load(str(dest), load_external_data=False).graph.node)
     return report
 
 

@@ -102,7 +102,7 @@ class QuantizeSettings:
         return (
             f"int8 static QDQ, {'per-channel' if self.per_channel else 'per-tensor'} weights, "
             f"{a}8{w}8, {self.calibration_method} calibration"
-            + (", reduced range" if self.reduce_range else "")
+            + (", 7-bit weights (reduce_range)" if self.reduce_range else "")
         )
 
 
