@@ -11,7 +11,10 @@ batch size and one intra-op thread (a phone's usual setting) in interleaved roun
 int8, eager, ...) so that a load change on this shared machine hits all three alike; each round
 is a warm-up then >= runs/rounds timed forwards and >= min-time/rounds seconds. Reported: p50 and
 mean of all timed forwards per back end, and the ratios of the medians:
-eager/fp32 (what exporting buys) and fp32/int8 (what quantizing buys).
+eager/fp32 (what exporting buys) and fp32/int8 (what quantizing buys), on the wall clock and
+on the calling thread's CPU time (at one thread all work runs on it; CPU time leaves out the
+time the thread sat descheduled, which on a loaded shared machine stretches long forwards more
+than short ones and so distorts wall-clock ratios).
 Writes benchmarks/results/export_latency.json.
 """
 
@@ -28,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor.models import create  # noqa: E402
-from export.latency import Timing, machine_info, measure, onnx_runner, summarize, torch_runner  # noqa: E402
+from export.latency import Samples, Timing, machine_info, measure, onnx_runner, sample, summarize, torch_runner  # noqa: E402
 from export.parity import random_inputs  # noqa: E402
 from export.pipeline import export_model  # noqa: E402
 from export.quantize import quantize_int8  # noqa: E402
@@ -52,7 +55,7 @@ def bench_student(name: str, folder: Path, calibration: torch.Tensor, args) -> d
     quantize_int8(fp32, int8, [calibration])
     timing = Timing(warmup=0, min_runs=max(1, args.runs // args.rounds), min_time=args.min_time / args.rounds)
     warm = Timing(warmup=args.warmup, min_runs=1, min_time=0.0)
-    times: dict[str, list[float]] = {"eager": [], "fp32": [], "int8": []}
+    times: dict[str, Samples] = {"eager": Samples(), "fp32": Samples(), "int8": Samples()}
     providers: dict[str, str] = {}
     with torch_runner(model, SHAPE, batch=args.batch, threads=args.threads, device="cpu") as (eager, device):
         runners = {
@@ -67,13 +70,17 @@ def bench_student(name: str, folder: Path, calibration: torch.Tensor, args) -> d
             providers[label] = provider
         for _ in range(args.rounds):
             for label, (run, _) in runners.items():
-                times[label] += measure(run, timing)
+                got = sample(run, timing)
+                times[label].wall += got.wall
+                times[label].cpu += got.cpu
     stats = {
-        label: summarize(t, label=label, backend="pytorch" if label == "eager" else "onnxruntime",
-                         provider=providers[label], batch=args.batch, threads=args.threads, warmup=args.warmup)
+        label: summarize(t.wall, label=label, backend="pytorch" if label == "eager" else "onnxruntime",
+                         provider=providers[label], batch=args.batch, threads=args.threads, warmup=args.warmup,
+                         cpu_times=t.cpu)
         for label, t in times.items()
     }
     e, f, q = (stats[k].p50_ms for k in ("eager", "fp32", "int8"))
+    ec, fc, qc = (stats[k].cpu_p50_ms for k in ("eager", "fp32", "int8"))
     return {
         "model": name,
         "exporter": report.exporter,
@@ -84,6 +91,9 @@ def bench_student(name: str, folder: Path, calibration: torch.Tensor, args) -> d
         "eager_over_fp32": e / f,
         "fp32_over_int8": f / q,
         "eager_over_int8": e / q,
+        "cpu_eager_over_fp32": ec / fc,
+        "cpu_fp32_over_int8": fc / qc,
+        "cpu_eager_over_int8": ec / qc,
     }
 
 
@@ -102,8 +112,10 @@ def main() -> None:
     calibration = calibration_images(args.data)
     rows = []
     header = (f"{'model':<12} {'eager p50':>10} {'fp32 p50':>9} {'int8 p50':>9} {'eager mean':>11} {'fp32 mean':>10} "
-              f"{'int8 mean':>10} {'eager/fp32':>11} {'fp32/int8':>10} {'eager/int8':>11}")
-    print(f"batch {args.batch}, {args.threads} intra-op thread(s), 3x32x32, times in ms; ratios of medians")
+              f"{'int8 mean':>10} {'eager/fp32':>11} {'fp32/int8':>10} {'eager/int8':>11} {'cpu: e/fp32':>12} "
+              f"{'fp32/int8':>10}")
+    print(f"batch {args.batch}, {args.threads} intra-op thread(s), 3x32x32, wall times in ms; ratios of medians "
+          "(wall clock, then calling-thread CPU time)")
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory(prefix="kdcompress-bench-") as tmp:
@@ -113,8 +125,8 @@ def main() -> None:
             s = row["stats"]
             print(f"{name:<12} {s['eager']['p50_ms']:>10.3f} {s['fp32']['p50_ms']:>9.3f} {s['int8']['p50_ms']:>9.3f} "
                   f"{s['eager']['mean_ms']:>11.3f} {s['fp32']['mean_ms']:>10.3f} {s['int8']['mean_ms']:>10.3f} "
-                  f"{row['eager_over_fp32']:>10.2f}x {row['fp32_over_int8']:>9.2f}x {row['eager_over_int8']:>10.2f}x",
-                  flush=True)
+                  f"{row['eager_over_fp32']:>10.2f}x {row['fp32_over_int8']:>9.2f}x {row['eager_over_int8']:>10.2f}x "
+                  f"{row['cpu_eager_over_fp32']:>11.2f}x {row['cpu_fp32_over_int8']:>9.2f}x", flush=True)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine_info(), "args": vars(args), "method": __doc__.strip(),

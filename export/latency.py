@@ -8,6 +8,11 @@ Method (the same for both back ends, so their ratio means something):
   * reported: mean, p50, p90, p99 (linear interpolation), min, max, std in milliseconds per
     batch, and throughput = batch / mean, in images per second; speed-ups against eager PyTorch
     are ratios of medians (p50), which a busy shared machine disturbs far less than the mean;
+  * also recorded: the median CPU time of the calling thread per forward (``cpu_p50_ms``). At
+    one intra-op thread both back ends compute on the calling thread, so this is the forward's
+    cost without the time the thread sat descheduled: on an overloaded machine a forward longer
+    than a scheduler slice is stretched by the other processes while a short one often is not,
+    which distorts wall-clock ratios; CPU-time ratios are not distorted that way;
   * onnxruntime: ``ORT_ENABLE_ALL`` graph optimisation, sequential execution, one inter-op
     thread, ``intra_op_num_threads`` = the thread count; the provider actually used is recorded;
   * PyTorch: eval mode, ``torch.inference_mode()``, ``torch.set_num_threads`` = the same count
@@ -72,32 +77,48 @@ class LatencyStats:
     max_ms: float
     std_ms: float
     throughput: float  # images per second
+    cpu_p50_ms: float | None = None  # median CPU time of the calling thread (meaningful at 1 thread)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def measure(fn: Callable[[], object], timing: Timing = Timing()) -> list[float]:
-    """Seconds per call of ``fn``: warm-up, then timed calls until both minimums are reached."""
+@dataclass
+class Samples:
+    """Per-call seconds of one timing loop, on two clocks."""
+
+    wall: list[float] = field(default_factory=list)  # perf_counter: what a user waits
+    cpu: list[float] = field(default_factory=list)  # CPU time of the calling thread (see module doc)
+
+
+def sample(fn: Callable[[], object], timing: Timing = Timing()) -> Samples:
+    """Warm-up, then timed calls of ``fn`` until both minimums (runs and seconds) are reached."""
     for _ in range(timing.warmup):
         fn()
-    times: list[float] = []
+    samples = Samples()
     start = time.perf_counter_ns()
     while True:
-        t0 = time.perf_counter_ns()
+        c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
         fn()
-        t1 = time.perf_counter_ns()
-        times.append((t1 - t0) * 1e-9)
-        done_runs = len(times) >= timing.min_runs
+        t1, c1 = time.perf_counter_ns(), time.thread_time_ns()
+        samples.wall.append((t1 - t0) * 1e-9)
+        samples.cpu.append((c1 - c0) * 1e-9)
+        done_runs = len(samples.wall) >= timing.min_runs
         done_time = (t1 - start) * 1e-9 >= timing.min_time
-        if (done_runs and done_time) or len(times) >= timing.max_runs:
-            return times
+        if (done_runs and done_time) or len(samples.wall) >= timing.max_runs:
+            return samples
+
+
+def measure(fn: Callable[[], object], timing: Timing = Timing()) -> list[float]:
+    """Wall-clock seconds per call of ``fn`` (see :func:`sample`)."""
+    return sample(fn, timing).wall
 
 
 def summarize(
-    times: Sequence[float], *, label: str, backend: str, provider: str, batch: int, threads: int, warmup: int
+    times: Sequence[float], *, label: str, backend: str, provider: str, batch: int, threads: int, warmup: int,
+    cpu_times: Sequence[float] | None = None,
 ) -> LatencyStats:
-    """Statistics of per-run seconds; percentiles are ordered by construction (one sorted sample)."""
+    """Statistics of per-run wall seconds; percentiles are ordered by construction (one sorted sample)."""
     ms = np.sort(np.asarray(times, dtype=np.float64) * 1e3)
     if ms.size == 0:
         raise ValueError("no timed runs")
@@ -120,6 +141,7 @@ def summarize(
         max_ms=float(ms[-1]),
         std_ms=float(ms.std()),
         throughput=batch / (mean / 1e3),
+        cpu_p50_ms=float(np.median(cpu_times) * 1e3) if cpu_times else None,
     )
 
 
@@ -230,8 +252,9 @@ def bench_onnx(
     """Time one ONNX file at one batch size and thread count (None: all cores)."""
     threads = threads or all_cores()
     run, used = onnx_runner(path, batch=batch, threads=threads, provider=provider, input_shape=input_shape)
-    return summarize(measure(run, timing), label=label, backend="onnxruntime", provider=used, batch=batch,
-                     threads=threads, warmup=timing.warmup)
+    got = sample(run, timing)
+    return summarize(got.wall, label=label, backend="onnxruntime", provider=used, batch=batch,
+                     threads=threads, warmup=timing.warmup, cpu_times=got.cpu)
 
 
 def bench_torch(
@@ -247,9 +270,9 @@ def bench_torch(
     """Time the eager PyTorch model (eval, inference_mode) on ``device`` (default: the model's)."""
     threads = threads or all_cores()
     with torch_runner(model, input_shape, batch=batch, threads=threads, device=device) as (run, used):
-        times = measure(run, timing)
-    return summarize(times, label=label, backend="pytorch", provider=used, batch=batch, threads=threads,
-                     warmup=timing.warmup)
+        got = sample(run, timing)
+    return summarize(got.wall, label=label, backend="pytorch", provider=used, batch=batch, threads=threads,
+                     warmup=timing.warmup, cpu_times=got.cpu)
 
 
 def thread_counts(spec: str | Sequence[int] | None) -> list[int]:

@@ -52,6 +52,8 @@ def test_bench_onnx_and_torch_report_ordered_positive_percentiles(tmp_path):
             assert 0 < stats.min_ms <= stats.p50_ms <= stats.p90_ms <= stats.p99_ms <= stats.max_ms
             assert stats.min_ms <= stats.mean_ms <= stats.max_ms
             assert stats.throughput == pytest.approx(batch * 1000 / stats.mean_ms)
+            if threads == 1:  # all work on the calling thread: its CPU time is positive and within the wall time
+                assert 0 < stats.cpu_p50_ms <= stats.p50_ms * 1.01 + 0.01
         assert stats.provider == "cpu"
     assert torch.get_num_threads() == threads_before  # restored after timing
 
