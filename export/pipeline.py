@@ -30,7 +30,7 @@ from compressor.errors import UserError
 from export.io import atomic_output
 from export.metadata import ExportMetadata, write_metadata
 from export.onnx_export import DEFAULT_OPSET, ExportedGraph, Log, export_graph, stderr_log
-from export.parity import DEFAULT_ATOL, ParityError, ParityResult, check_parity, random_inputs, run_checker
+from export.parity import DEFAULT_ATOL, ParityResult, check_parity, random_inputs, run_checker
 from export.quantize import (
     DEFAULT_MARGIN_POINTS,
     Int8Comparison,
