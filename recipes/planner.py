@@ -22,6 +22,7 @@ from recipes.search import (
     LatencyFn,
     apply_budgets,
     check_budget_range,
+    display_name,
     measure_candidates,
     pick,
     teacher_family_of,
@@ -49,6 +50,7 @@ class PlanRequest:
     epochs: int | None = None
     seed: int = 0
     options: dict = field(default_factory=dict)  # scheme options passed through (cohort size, k, drop...)
+    student: str | None = None  # force this candidate (the probe search's winner)
 
 
 def make_plan(request: PlanRequest, latency: LatencyFn | None = None) -> Plan:
@@ -67,7 +69,13 @@ def make_plan(request: PlanRequest, latency: LatencyFn | None = None) -> Plan:
                 c.rejected_by.append("not smaller than the teacher")
         check_budget_range(candidates, request.budgets, None, None)
     family = teacher_family_of(request.teacher_arch)
-    student, why = pick(candidates, family, request.family)
+    if request.student is not None:
+        student = next((c for c in candidates if c.name == request.student and c.fits), None)
+        if student is None:
+            raise UserError(f"{request.student} is not a fitting candidate for this budget")
+        why = f"student {student.name} ({student.flops / 1e6:.2f} MFLOPs, {student.params / 1e6:.3f} M params)"
+    else:
+        student, why = pick(candidates, family, request.family)
     reasons.append(
         f"{len([c for c in candidates if c.fits])} of {len(candidates)} zoo candidates meet "
         + ", ".join(b.describe() for b in request.budgets)
@@ -127,7 +135,7 @@ def _stages(request: PlanRequest, student: Candidate, candidates: list[Candidate
     if not assistants:
         return [Stage("student", "offline", student.name, [TEACHER], method, opts, final_train, reasons[-1])], "single"
     recipe = forced or ("dgkd" if len(assistants) >= 2 else "takd")
-    steps = " -> ".join(["teacher", *(a.name for a in assistants), student.name])
+    steps = " -> ".join(["teacher", *(display_name(a.name) for a in assistants), display_name(student.name)])
     reasons.append(
         f"capacity gap {gap:.1f}x exceeds {request.gap_threshold:g}x: {len(assistants)} teacher assistant(s) at "
         f"geometric FLOPs steps ({steps}); "

@@ -141,7 +141,15 @@ def pick(candidates: list[Candidate], teacher_family: str | None, family: str | 
     detail = f"{best.flops / 1e6:.2f} MFLOPs, {best.params / 1e6:.3f} M params"
     if best.latency_ms is not None:
         detail += f", {best.latency_ms:.2f} ms"
-    return best, f"student {best.name} ({detail}): {why}; the largest of {len(pool)} fitting members"
+    return best, f"student {display_name(best.name)}, {detail}: {why}; the largest of {len(pool)} fitting members"
+
+
+def display_name(name: str) -> str:
+    """``resnet_d20_w1 (resnet20)``: the systematic name with the benchmark alias people know."""
+    from compressor.models import aliases_of
+
+    aliases = [a for a in aliases_of(name) if a != name]
+    return f"{name} ({', '.join(aliases)})" if aliases else name
 
 
 def teacher_family_of(arch: str | None) -> str | None:

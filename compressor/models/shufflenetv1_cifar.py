@@ -38,12 +38,12 @@ class ShuffleBlock(nn.Module):
 class Bottleneck(nn.Module):
     """Grouped 1x1 -> shuffle -> depthwise 3x3 -> grouped 1x1; stride 2 concatenates a pooled shortcut."""
 
-    def __init__(self, in_planes: int, out_planes: int, stride: int, groups: int, first_group: bool) -> None:
+    def __init__(self, in_planes: int, out_planes: int, stride: int, groups: int, after_stem: bool) -> None:
         super().__init__()
         self.stride = stride
         mid = out_planes // 4
         # the block fed by the 24-channel stem uses an ungrouped first 1x1 (RepDistiller: in_planes == 24)
-        g = 1 if first_group else groups
+        g = 1 if after_stem else groups
         self.conv1 = nn.Conv2d(in_planes, mid, 1, groups=g, bias=False)
         self.bn1 = nn.BatchNorm2d(mid)
         self.shuffle1 = ShuffleBlock(g)
@@ -92,8 +92,8 @@ class ShuffleNetV1(nn.Module):
         for i in range(num_blocks):
             # the strided first unit concatenates its input, so its branch makes the difference
             branch = out_planes - self._in_planes if i == 0 else out_planes
-            first = self._in_planes == STEM_CHANNELS
-            blocks.append(Bottleneck(self._in_planes, branch, 2 if i == 0 else 1, groups, first))
+            after_stem = self._in_planes == STEM_CHANNELS
+            blocks.append(Bottleneck(self._in_planes, branch, 2 if i == 0 else 1, groups, after_stem))
             self._in_planes = out_planes
         return nn.Sequential(*blocks)
 
