@@ -5,7 +5,7 @@ FLOPs). Library calls take an ``nn.Module`` (or a path) and return result datacl
 ``to_dict()``; the CLI (``kdcompress export`` / ``kdcompress bench``) is a thin shell over them.
 """
 
-from export.io import atomic_output, kind_of
+from export.io import atomic_output, kind_of, load_for_export, metadata_from_model_meta
 from export.latency import BenchmarkReport, LatencyStats, Timing, bench_onnx, bench_torch, benchmark, thread_counts
 from export.metadata import ExportMetadata, read_metadata, write_metadata
 from export.onnx_export import DEFAULT_OPSET, ExportedGraph, export_graph
@@ -37,6 +37,8 @@ __all__ = [
     "export_graph",
     "export_model",
     "kind_of",
+    "load_for_export",
+    "metadata_from_model_meta",
     "quantize_int8",
     "quantize_model",
     "read_metadata",

@@ -86,19 +86,11 @@ def kind_of(path: str | os.PathLike) -> str:
     raise UserError(f"{p} is neither an ONNX model nor a PyTorch checkpoint: give a .onnx file or a .pt checkpoint")
 
 
-def load_for_export(
-    path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None, trust: bool = False
-):
-    """(model in eval mode, ExportMetadata from what the checkpoint records) for a checkpoint file."""
-    from compressor.checkpoint import load_model
-
+def metadata_from_model_meta(meta, source_checkpoint: str | None = None):
+    """ExportMetadata from a checkpoint's ``compressor.checkpoint.ModelMeta`` (what an app needs to feed it)."""
     from export.metadata import ExportMetadata
 
-    if kind_of(path) == "onnx":
-        raise UserError(f"{path} is already an ONNX model: export takes a checkpoint (.pt); time it with `kdcompress bench`")
-    loaded = load_model(path, arch=arch, num_classes=num_classes, trust=trust)
-    meta = loaded.meta
-    export_meta = ExportMetadata(
+    return ExportMetadata(
         in_chans=meta.in_chans,
         input_size=list(meta.input_size) if meta.input_size is not None else None,
         mean=list(meta.mean) if meta.mean is not None else None,
@@ -107,6 +99,17 @@ def load_for_export(
         num_classes=meta.num_classes,
         arch=meta.arch,
         dataset=meta.dataset,
-        source_checkpoint=str(Path(path).resolve()),
+        source_checkpoint=source_checkpoint,
     )
-    return loaded.model.eval(), export_meta
+
+
+def load_for_export(
+    path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None, trust: bool = False
+):
+    """(model in eval mode, ExportMetadata from what the checkpoint records) for a checkpoint file."""
+    from compressor.checkpoint import load_model
+
+    if kind_of(path) == "onnx":
+        raise UserError(f"{path} is already an ONNX model: export takes a checkpoint (.pt); time it with `kdcompress bench`")
+    loaded = load_model(path, arch=arch, num_classes=num_classes, trust=trust)
+    return loaded.model.eval(), metadata_from_model_meta(loaded.meta, str(Path(path).resolve()))

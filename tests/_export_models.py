@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 import torch.nn as nn
@@ -110,3 +111,40 @@ def make_checkpoint(folder: Path, name: str, model: nn.Module, *, shape=(3, 16, 
 def leftovers(folder: Path) -> list[str]:
     """Temporary files an interrupted write would leave (atomic_output names them .NAME.XXXX.tmp)."""
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and ".tmp" in p.name)
+
+
+def unfolded_batch_norms(proto: onnx.ModelProto) -> list[str]:
+    """BatchNormalization nodes fed by a Conv that feeds nothing else (those could have been folded).
+
+    Pre-activation blocks (WRN: BN -> ReLU -> Conv) keep BNs that no convolution precedes.
+    """
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    consumers: dict[str, int] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    return [
+        node.name for node in proto.graph.node
+        if node.op_type == "BatchNormalization"
+        and getattr(producer.get(node.input[0]), "op_type", None) == "Conv"
+        and consumers.get(node.input[0]) == 1
+    ]
+
+
+def check_family_export(arch: str, folder: Path) -> None:
+    """A zoo model exports with the default (dynamo) exporter, passes parity and has its BNs folded."""
+    from compressor.models import create
+    from export.metadata import read_metadata
+    from export.pipeline import export_model
+
+    torch.manual_seed(0)
+    model = create(arch, num_classes=100).eval()
+    out = folder / "m.onnx"
+    report = export_model(model, out, input_shape=(3, 32, 32), measure_cost=False, log=None)
+    assert report.exporter == "dynamo" and report.graph.notes == []  # no fallback was needed
+    assert report.parity.passed and report.parity.max_abs_diff <= 1e-4 and report.parity.top1_agreement == 1.0
+    proto = onnx.load(str(out))
+    assert proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 100
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    assert unfolded_batch_norms(proto) == []  # every BN right after a convolution is folded into it
+    assert read_metadata(out).input_size == [32, 32]
