@@ -1,4 +1,4 @@
-"""Zoo families (CIFAR ResNet, WRN, ResNet8x4 and a torchvision ResNet) export with the default (dynamo) exporter and pass parity.
+"""Zoo families (CIFAR ResNet, WRN, ResNet8x4, a torchvision ResNet) export with dynamo and pass parity.
 
 The families are split over test_export_families.py and test_export_families_mobile.py so that
 each file stays under a minute: a dynamo export takes several seconds per model.
