@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterator
 
+from compressor.atomic import atomic_output as _atomic_output
 from compressor.errors import UserError
 
 ONNX_SUFFIXES = (".onnx", ".ort")
@@ -22,29 +22,9 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar", ".bin")
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
-    dest = Path(path)
-    if dest.is_dir():
-        raise UserError(f"{dest} is a directory: give a file name such as {dest / 'student.onnx'}")
-    if not dest.parent.exists():
-        raise UserError(f"folder {dest.parent} does not exist: create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        if tmp_path.exists():
-            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; a result file gets the usual mode
-        os.replace(tmp_path, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """:func:`compressor.atomic.atomic_output` for a user-named file: its folder must already exist."""
+    with _atomic_output(path, make_parents=False) as tmp:
+        yield tmp
 
 
 def is_onnx_file(path: str | os.PathLike) -> bool:
