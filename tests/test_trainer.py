@@ -18,13 +18,12 @@ import torch.nn.functional as F
 
 from compressor.batch import Batch
 from compressor.errors import UserError
-from compressor.schemes import Scheme, Vanilla
+from compressor.schemes import Vanilla
 from compressor.trainer import (
     LrSchedule,
     TrainConfig,
     TrainingDiverged,
     build_optimizer,
-    evaluate,
     fit,
     load_state,
     seed_everything,
@@ -363,9 +362,9 @@ with session("cpu") as ctx:
         json.dump({"world": ctx.world_size, "seen": scheme.seen, "metrics": result.metrics(),
                    "history": result.history, "weights": weights}, fh)
 
-from recipes.cli import cli
-cli.main(["train", "--arch", "resnet_d8_w0.5", "--epochs", "2", "--batch-size", "128", "--device", "cpu",
-          "--quiet", "-o", os.path.join(out, "ddp.pt")], standalone_mode=False)
+from recipes.training import train_vanilla  # what `kdcompress train` runs
+train_vanilla("resnet_d8_w0.5", "digits", os.path.join(out, "ddp.pt"), epochs=2, batch_size=128, device="cpu",
+              progress="off")
 '''
 
 

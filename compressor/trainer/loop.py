@@ -27,7 +27,7 @@ from compressor.trainer.config import TrainConfig
 from compressor.trainer.distributed import DistContext
 from compressor.trainer.evaluate import EvalResult, evaluate, evaluate_many
 from compressor.trainer.optim import build_optimizer, param_groups_of
-from compressor.trainer.precision import Precision, resolve_precision
+from compressor.trainer.precision import resolve_precision
 from compressor.trainer.progress import JsonlLog, epoch_bar, show_bar
 from compressor.trainer.schedule import LrSchedule
 from compressor.trainer.seeding import configure_determinism, seed_epoch
@@ -283,7 +283,9 @@ class _Run:
         self.log = JsonlLog(log_path if ctx.is_main else None)
         self.primary_name, primary = next(iter(scheme.eval_models().items()))
         self.tap = _LogitsTap(primary)
-        self.sync_every = 1 if device.type == "cpu" else 25
+        # how often the host looks at the loss (NaN guard, progress): every step costs nothing on
+        # one CPU process; on an accelerator or across ranks it would stall the pipeline
+        self.sync_every = 1 if device.type == "cpu" and not ctx.enabled else 25
         self.bar_on = show_bar(config.progress, ctx.is_main)
 
     def start(self, resume: bool) -> None:
