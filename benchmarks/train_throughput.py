@@ -1,9 +1,9 @@
 """Training throughput of the trainer's step against a bare hand-written PyTorch loop, same run.
 
-    python benchmarks/train_throughput.py [--arch resnet8] [--batch 64] [--repeats 5] [--device auto]
+    python benchmarks/train_throughput.py [--arch resnet8] [--batch 64] [--repeats 5] [--epochs 2] [--device auto]
 
 Both arms train the same model (same initial weights), on the same data source and loader (same
-batches, same on-device augmentation), with the same SGD settings, for one epoch per repeat:
+batches, same on-device augmentation), with the same SGD settings, for ``--epochs`` epochs per repeat:
   * trainer: ``compressor.trainer.fit`` with the vanilla scheme; images/s of its training phase
     as it logs it (per-epoch validation and the final test pass are not part of the step);
   * bare:    ``for batch in loader: loss = CE(model(x), y); zero_grad; backward; step``.
@@ -55,13 +55,14 @@ def cifar_sized(n_train: int, device: torch.device) -> InMemorySource:
 
 
 def config_for(args: argparse.Namespace, epoch_seed: int) -> TrainConfig:
-    return TrainConfig(epochs=1, batch_size=args.batch, lr=0.01, schedule="constant", nesterov=True,
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch, lr=0.01, schedule="constant", nesterov=True,
                        weight_decay=5e-4, seed=epoch_seed, device=args.device, progress="off")
 
 
 def trainer_arm(model, source, args, seed) -> float:
     result = fit(Vanilla(copy.deepcopy(model)), source, config_for(args, seed))
-    return result.history[-1]["images_per_s"]
+    images = sum(r["images_per_s"] * r["train_time_s"] for r in result.history)
+    return images / sum(r["train_time_s"] for r in result.history)
 
 
 def bare_arm(model, source, args, seed) -> float:
@@ -74,20 +75,22 @@ def bare_arm(model, source, args, seed) -> float:
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                           weight_decay=cfg.weight_decay)
     net.train()
-    images = 0
-    start = time.perf_counter()
-    for batch in source.loader("train", cfg.batch_size, shuffle=True, augment=True, seed=seed):
-        x = precision.prepare_input(batch.x)
-        with precision.autocast():
-            loss = F.cross_entropy(net(x), batch.y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        images += batch.y.shape[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return images / (time.perf_counter() - start)
+    images, elapsed = 0, 0.0
+    for epoch in range(cfg.epochs):
+        start = time.perf_counter()
+        for batch in source.loader("train", cfg.batch_size, shuffle=True, augment=True, seed=seed, epoch=epoch):
+            x = precision.prepare_input(batch.x)
+            with precision.autocast():
+                loss = F.cross_entropy(net(x), batch.y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            images += batch.y.shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed += time.perf_counter() - start
+    return images / elapsed
 
 
 def bench(case: str, source, args) -> dict:
@@ -107,7 +110,7 @@ def bench(case: str, source, args) -> dict:
         ratios.append(got["trainer"] / got["bare"])
     return {
         "case": case, "input": f"{c}x{h}x{w}", "arch": args.arch, "batch": args.batch,
-        "train_images": source.split_size("train"), "repeats": args.repeats,
+        "train_images": source.split_size("train"), "repeats": args.repeats, "epochs": args.epochs,
         "trainer_ips": statistics.median(t_ips), "bare_ips": statistics.median(b_ips),
         "ratio": statistics.median(ratios), "ratios": ratios,
     }
@@ -118,6 +121,7 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet8")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per arm and repeat")
     parser.add_argument("--samples", type=int, default=2048, help="training images of the 3x32x32 case")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")

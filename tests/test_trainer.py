@@ -18,13 +18,12 @@ import torch.nn.functional as F
 
 from compressor.batch import Batch
 from compressor.errors import UserError
-from compressor.schemes import Scheme, Vanilla
+from compressor.schemes import Vanilla
 from compressor.trainer import (
     LrSchedule,
     TrainConfig,
     TrainingDiverged,
     build_optimizer,
-    evaluate,
     fit,
     load_state,
     seed_everything,
@@ -363,9 +362,9 @@ with session("cpu") as ctx:
         json.dump({"world": ctx.world_size, "seen": scheme.seen, "metrics": result.metrics(),
                    "history": result.history, "weights": weights}, fh)
 
-from recipes.cli import cli
-cli.main(["train", "--arch", "resnet_d8_w0.5", "--epochs", "2", "--batch-size", "128", "--device", "cpu",
-          "--quiet", "-o", os.path.join(out, "ddp.pt")], standalone_mode=False)
+from recipes.training import train_vanilla  # what `kdcompress train` runs
+train_vanilla("resnet_d8_w0.5", "digits", os.path.join(out, "ddp.pt"), epochs=2, batch_size=128, device="cpu",
+              progress="off")
 '''
 
 
@@ -390,3 +389,16 @@ def test_ddp_two_cpu_processes_split_the_data_and_agree(tmp_path):
     assert (tmp_path / "ddp.pt").exists() and len(read_jsonl(tmp_path / "ddp.pt.jsonl")) == 2
     saved = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert saved["extra"]["world_size"] == 2 and saved["metrics"]["test_count"] == 359
+
+
+def test_nonfinite_watch_finds_the_first_bad_step_in_a_deferred_window():
+    from compressor.trainer.loop import _NonFiniteWatch
+
+    watch = _NonFiniteWatch(torch.device("cpu"), every=4)  # the accelerator path, on the CPU
+    found = []
+    losses = [1.0, 2.0, 3.0, 4.0, 5.0, float("inf"), float("nan"), 8.0, 9.0]
+    for step, value in enumerate(losses):
+        watch.record(step, torch.tensor(value))
+        if watch.due(step, len(losses)):
+            found.append((step, watch.first_bad(step)))
+    assert found == [(3, None), (7, 5), (8, None)]

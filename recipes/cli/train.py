@@ -35,6 +35,7 @@ def _milestones(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=None)
 @click.option("--warmup-epochs", type=click.IntRange(min=0), default=None)
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=None)
+@click.option("--grad-clip", type=click.FloatRange(min=0), default=None, help="clip the global gradient norm (0: off)")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="training data held out to pick the best epoch")
 @click.option("--seed", type=int, default=0, show_default=True, help="fixes init, data order, augmentation and the val split")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
@@ -43,7 +44,7 @@ def _milestones(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--resume", is_flag=True, help="continue from OUTPUT.state (after the last finished epoch)")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar and no per-epoch lines")
 def command(arch, data, output, epochs, lr, batch_size, optimizer, schedule, milestones, gamma, momentum, nesterov,
-            weight_decay, warmup_epochs, label_smoothing, val_fraction, seed, device, amp, deterministic, resume,
+            weight_decay, warmup_epochs, label_smoothing, grad_clip, val_fraction, seed, device, amp, deterministic, resume,
             quiet) -> None:
     """Train ARCH on DATA with cross-entropy; the file written is a teacher for every later command.
 
@@ -57,7 +58,7 @@ def command(arch, data, output, epochs, lr, batch_size, optimizer, schedule, mil
         arch, data, output, val_fraction=val_fraction, resume=resume, echo=echo,
         epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, schedule=schedule, milestones=milestones,
         gamma=gamma, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-        label_smoothing=label_smoothing, seed=seed, device=device, amp=amp, deterministic=deterministic or None,
+        label_smoothing=label_smoothing, grad_clip=grad_clip, seed=seed, device=device, amp=amp, deterministic=deterministic or None,
         progress="off" if quiet else "auto",
     )
     if not result.is_main:
