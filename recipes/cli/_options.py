@@ -32,3 +32,30 @@ trust_option = click.option(
     "--trust-checkpoint", "trust", is_flag=True,
     help="allow loading a file that holds pickled Python objects (it can run code: only for files you trust)",
 )
+
+
+def planning_options(func):
+    """The options shared by the main command and `kdcompress plan`."""
+    options = [
+        click.option("--teacher", "teacher", default=None, help="the trained teacher (.pt: kdcompress, RepDistiller, or a state_dict with --teacher-arch)"),
+        click.option("--teacher-arch", default=None, help="architecture of a teacher file that does not record it"),
+        click.option("--budget", "budgets", multiple=True,
+                     help="repeatable, all must hold: FLOPs (0.1GFLOPs, 100M FLOPs; 1 multiply-add = 1 FLOP, fvcore), "
+                          "params (1.5Mparams, 300K params), batch-1 latency on this machine (5ms), or a factor of the teacher's FLOPs (10x)"),
+        click.option("--data", default=None, help="digits | cifar10:DIR | cifar100:DIR | imagefolder:DIR (default: the teacher's recorded dataset)"),
+        click.option("--recipe", default=None, type=click.Choice(["single", "takd", "dgkd", "modreduce", "cohort", "osakd", "tcn"]),
+                     help="force a scheme (default: chosen from the capacity gap)"),
+        click.option("--method", default=None, help="knowledge method per stage, e.g. hinton+crd or hinton:0.9,crd:0.8,ce:1.0"),
+        click.option("--family", default=None, help="only students of this zoo family"),
+        click.option("--gap-threshold", default=8.0, show_default=True, type=click.FloatRange(min=1.0, min_open=True),
+                     help="teacher/student FLOPs ratio above which teacher assistants are inserted"),
+        click.option("--epochs", default=None, type=click.IntRange(min=1), help="epochs per stage (default: the dataset's protocol)"),
+        click.option("--latency-threads", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="onnxruntime intra-op threads for latency budgets"),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--preset", default=None, type=click.Path(dir_okay=False), help="run a hand-written plan YAML instead of planning"),
+        trust_option,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func

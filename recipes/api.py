@@ -1,0 +1,46 @@
+"""The product as Python calls: plan a compression, run it. The CLI is a thin shell over these."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from recipes.budget import parse_budgets
+from recipes.context import RunInputs, resolve_inputs
+from recipes.plan import Plan
+from recipes.planner import PlanRequest, make_plan
+
+
+def plan_compression(
+    *,
+    teacher: str | None,
+    budgets: Sequence[str],
+    data: str | None = None,
+    teacher_arch: str | None = None,
+    recipe: str | None = None,
+    method: str | None = None,
+    family: str | None = None,
+    gap_threshold: float = 8.0,
+    epochs: int | None = None,
+    seed: int = 0,
+    latency_threads: int = 1,
+    trust: bool = False,
+    options: dict | None = None,
+    load_data: bool = False,
+) -> tuple[Plan, RunInputs]:
+    """Plan without training: seconds, not minutes (costs are cached on disk)."""
+    parsed = parse_budgets(budgets)
+    inputs = resolve_inputs(teacher, data, arch=teacher_arch, trust=trust, load_data=load_data, seed=seed)
+    latency = None
+    if any(b.kind == "latency" for b in parsed):
+        from recipes.latency_probe import zoo_latency_probe
+
+        latency = zoo_latency_probe(inputs.num_classes, inputs.input_shape, threads=latency_threads)
+    request = PlanRequest(
+        data=inputs.data_spec, budgets=parsed, input_shape=inputs.input_shape, num_classes=inputs.num_classes,
+        teacher=teacher, teacher_arch=inputs.teacher.meta.arch if inputs.teacher else None,
+        teacher_flops=inputs.teacher_cost.flops if inputs.teacher_cost else None,
+        teacher_params=inputs.teacher_cost.params if inputs.teacher_cost else None,
+        recipe=recipe, method=method, family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed,
+        options=dict(options or {}),
+    )
+    return make_plan(request, latency), inputs
