@@ -13,4 +13,6 @@ for _info in pkgutil.iter_modules(__path__):
     if _info.name not in ("base", "registry") and not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["Scheme", "SchemeRequest", "build_scheme", "list_schemes", "register_scheme"]
+from compressor.schemes.vanilla import Vanilla  # noqa: E402
+
+__all__ = ["Scheme", "SchemeRequest", "Vanilla", "build_scheme", "list_schemes", "register_scheme"]

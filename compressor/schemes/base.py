@@ -9,7 +9,7 @@ kept in eval mode whatever ``train()`` is called with.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch.nn as nn
 from torch import Tensor
@@ -38,7 +38,13 @@ class Scheme(nn.Module):
         return []
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        return (p for p in self.parameters() if p.requires_grad)
+        frozen = {id(p) for m in self.frozen_modules() for p in m.parameters()}
+        return (p for p in self.parameters() if p.requires_grad and id(p) not in frozen)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups: ``{"params": [...]}`` plus optional ``lr_scale`` (times the recipe's lr),
+        ``lr`` (absolute) or ``weight_decay``; override to give loss parts their own settings."""
+        return [{"params": list(self.trainable_parameters())}]
 
     def after_step(self) -> None:
         """Called after each optimiser step (EMA teachers, memory banks)."""

@@ -1,0 +1,95 @@
+"""Training-set corruptions of the KD robustness study (Sarfraz, Arani & Zonooz, "Knowledge
+Distillation Beyond Model Compression", ICPR 2020, Sec. "General-purpose training framework",
+Tables V and VI). Both act on the TRAIN split only (after the validation hold-out), are seeded,
+and never touch val or test. Imbalance is applied first (on the true labels), then label noise.
+
+Symmetric label noise at rate sigma (Table V: sigma in {0, 0.2, 0.4, 0.6}):
+    exactly ``k = round_half_up(sigma * n)`` training samples, chosen uniformly without
+    replacement, get a label drawn uniformly from the C - 1 OTHER classes (``y + U{1..C-1} mod C``).
+    So the observed flip rate is exactly sigma (up to rounding to a whole sample). This is the
+    "symmetric" (uniform off-diagonal) noise of the label-noise literature; the variant of Zhang et
+    al. 2017 that redraws from all C classes would flip only sigma * (C-1)/C of the labels.
+
+Class imbalance at ratio rho = n_max / n_min (``imbalance``, 1 = balanced) with one of two profiles
+over the class index c = 0 .. C-1 (class 0 keeps the most samples). ``n_max`` is the smallest
+per-class count in the training split, so every class can supply its share; counts are floored
+(``floor(x + 1e-9)``) and at least 1:
+  * default, exponential long tail (Cui et al. 2019, "Class-Balanced Loss", CIFAR-LT):
+        n_c = floor(n_max * rho ** (-c / (C - 1)))
+  * ``imbalance_gamma=gamma`` (the paper's gamma of Table VI, {0.2, 0.6, 1, 2}): the power-law
+    model the paper adopts, n_c = a / (b + c**gamma), with a and b fixed by n_0 = n_max and
+    n_{C-1} = n_max / rho, i.e.
+        n_c = floor(n_max / (1 + (rho - 1) * (c / (C - 1)) ** gamma))
+    Smaller gamma is harsher: most classes fall close to n_min (the paper's baseline accuracy
+    rises with gamma). The paper's CIFAR-10 setting is n_max = 5000, n_min = 250: rho = 20.
+The kept samples of class c are a seeded uniform random subset of size n_c.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from compressor.data.order import IMBALANCE_STREAM, NOISE_STREAM, generator
+from compressor.data.splits import round_half_up
+from compressor.errors import UserError
+
+
+def check_corruptions(label_noise: float, imbalance: float, imbalance_gamma: float | None) -> None:
+    """Reject rates outside their domain before any data is read."""
+    if not (isinstance(label_noise, (int, float)) and 0.0 <= label_noise < 1.0):
+        raise UserError(f"label noise rate {label_noise!r} is outside [0, 1): give the fraction of training labels to corrupt, e.g. 0.2")
+    if not (isinstance(imbalance, (int, float)) and math.isfinite(imbalance) and imbalance >= 1.0):
+        raise UserError(f"imbalance {imbalance!r} is invalid: it is the ratio n_max/n_min of the largest to the smallest class, >= 1 (1 = balanced)")
+    if imbalance_gamma is not None:
+        if not (isinstance(imbalance_gamma, (int, float)) and math.isfinite(imbalance_gamma) and imbalance_gamma > 0):
+            raise UserError(f"imbalance_gamma {imbalance_gamma!r} is invalid: the power-law exponent must be > 0 (the paper uses 0.2, 0.6, 1, 2)")
+        if imbalance == 1.0:
+            raise UserError("imbalance_gamma needs imbalance > 1 (the max/min class ratio; the paper's CIFAR-10 setting is 20 = 5000/250)")
+
+
+def imbalance_counts(available: list[int], ratio: float, gamma: float | None = None) -> list[int]:
+    """Per-class training counts after imbalance (see the module docstring for the formula)."""
+    num_classes = len(available)
+    if ratio == 1.0 or num_classes < 2:
+        return list(available)
+    n_max = min(available)
+    counts = []
+    for c in range(num_classes):
+        t = c / (num_classes - 1)
+        share = ratio ** (-t) if gamma is None else 1.0 / (1.0 + (ratio - 1.0) * t**gamma)
+        counts.append(max(1, int(math.floor(n_max * share + 1e-9))))
+    return counts
+
+
+def apply_imbalance(labels: torch.Tensor, num_classes: int, ratio: float, gamma: float | None, seed: int) -> torch.Tensor:
+    """Sorted positions of the training samples kept under the imbalance profile."""
+    available = [int((labels == c).sum()) for c in range(num_classes)]
+    if ratio == 1.0:
+        return torch.arange(labels.numel())
+    missing = [c for c, n in enumerate(available) if n == 0]
+    if missing:
+        raise UserError(f"cannot impose class imbalance: classes {missing[:5]} have no training samples")
+    targets = imbalance_counts(available, ratio, gamma)
+    gen = generator(IMBALANCE_STREAM, seed)
+    kept = []
+    for c, n_c in enumerate(targets):
+        members = torch.nonzero(labels == c).flatten()
+        kept.append(members[torch.randperm(members.numel(), generator=gen)[:n_c]])
+    return torch.sort(torch.cat(kept)).values
+
+
+def apply_label_noise(labels: torch.Tensor, num_classes: int, rate: float, seed: int) -> torch.Tensor:
+    """A copy of ``labels`` with ``round_half_up(rate * n)`` of them moved to a different class."""
+    noisy = labels.clone()
+    k = round_half_up(rate * labels.numel())
+    if k == 0:
+        return noisy
+    if num_classes < 2:
+        raise UserError("label noise needs at least 2 classes")
+    gen = generator(NOISE_STREAM, seed)
+    picked = torch.randperm(labels.numel(), generator=gen)[:k]
+    shift = torch.randint(1, num_classes, (k,), generator=gen)
+    noisy[picked] = (labels[picked] + shift) % num_classes
+    return noisy

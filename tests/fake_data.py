@@ -1,0 +1,89 @@
+"""Tiny synthetic datasets in the REAL on-disk formats, for tests (CIFAR pickles, image folders).
+
+Images encode their label: every pixel of an image of class ``c`` has value ``label_value(c)``
+(optionally with a per-image id in channel 0's first pixel), so tests can check label alignment
+after shuffling and augmentation.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+
+def label_value(c: int) -> int:
+    """The pixel value that marks class ``c`` (distinct for c < 25, never 0 = the padding value)."""
+    return 10 + 10 * (c % 25)
+
+
+def _images(labels: np.ndarray, size: int, rng: np.random.Generator, encode: bool) -> np.ndarray:
+    if encode:
+        data = np.empty((len(labels), 3, size, size), dtype=np.uint8)
+        data[:] = np.array([label_value(int(c)) for c in labels], dtype=np.uint8)[:, None, None, None]
+        return data
+    return rng.integers(0, 256, size=(len(labels), 3, size, size), dtype=np.uint8)
+
+
+def write_cifar(root: Path, *, kind: str = "cifar10", per_class_train: int = 3, per_class_test: int = 1,
+                num_classes: int | None = None, encode_labels: bool = True, seed: int = 0, nested: bool = True,
+                protocol: int = 2) -> Path:
+    """Write a CIFAR-10/100 directory torchvision could read; returns the spec directory.
+
+    ``num_classes`` < the real count only labels that many classes (the meta still lists all).
+    """
+    rng = np.random.default_rng(seed)
+    full = 10 if kind == "cifar10" else 100
+    used = num_classes or full
+    folder = root / ("cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python") if nested else root
+    folder.mkdir(parents=True, exist_ok=True)
+    label_key = b"labels" if kind == "cifar10" else b"fine_labels"
+
+    def dump(name: str, labels: np.ndarray) -> None:
+        data = _images(labels, 32, rng, encode_labels).reshape(len(labels), -1)
+        batch = {b"batch_label": name.encode(), label_key: [int(v) for v in labels], b"data": data,
+                 b"filenames": [f"{name}_{i}.png".encode() for i in range(len(labels))]}
+        if kind == "cifar100":
+            batch[b"coarse_labels"] = [int(v) // 5 for v in labels]
+        with open(folder / name, "wb") as fh:
+            pickle.dump(batch, fh, protocol=protocol)
+
+    train_labels = rng.permutation(np.repeat(np.arange(used), per_class_train))
+    test_labels = np.repeat(np.arange(used), per_class_test)
+    if kind == "cifar10":
+        chunks = np.array_split(train_labels, 5)
+        for i, chunk in enumerate(chunks, start=1):
+            dump(f"data_batch_{i}", chunk)
+        dump("test_batch", test_labels)
+        meta = {b"label_names": [f"class{c}".encode() for c in range(full)], b"num_cases_per_batch": len(chunks[0])}
+        meta_name = "batches.meta"
+    else:
+        dump("train", train_labels)
+        dump("test", test_labels)
+        meta = {b"fine_label_names": [f"fine{c}".encode() for c in range(full)],
+                b"coarse_label_names": [f"coarse{c}".encode() for c in range(20)]}
+        meta_name = "meta"
+    with open(folder / meta_name, "wb") as fh:
+        pickle.dump(meta, fh, protocol=protocol)
+    return root
+
+
+def write_imagefolder(root: Path, *, classes: tuple[str, ...] = ("cat", "dog", "eel"), per_class: dict[str, int] | None = None,
+                      size: tuple[int, int] = (12, 12), encode_labels: bool = True, seed: int = 0) -> Path:
+    """DIR/<split>/<class>/<i>.png for the splits in ``per_class`` (default train: 6, val: 2)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    per_class = per_class or {"train": 6, "val": 2}
+    for split, count in per_class.items():
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                if encode_labels:
+                    pixels = np.full((size[1], size[0], 3), label_value(c), dtype=np.uint8)
+                else:
+                    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
