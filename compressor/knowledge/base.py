@@ -52,6 +52,13 @@ class KnowledgeLoss(nn.Module):
     def bind_models(self, student: FeatureTaps, teacher: FeatureTaps) -> None:
         """Give a loss that must run the models itself (BSS) access to them."""
 
+    def set_epoch(self, epoch: int, num_epochs: int) -> None:
+        """Called by the scheme before each epoch (``epoch`` counts from 0, of ``num_epochs``).
+
+        Losses whose paper schedules a weight over training (DKD's warm-up, BSS's decaying
+        ratios) override it; the rest ignore it, so a scheme calls it on every loss alike.
+        """
+
 
 _LOSSES: dict[str, type[KnowledgeLoss]] = {}
 
