@@ -7,10 +7,33 @@ after shuffling and augmentation.
 
 from __future__ import annotations
 
+import io
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes ``bytes`` as Python 2 ``str`` (SHORT_BINSTRING/BINSTRING), as the real CIFAR files were
+    made: loaded with ``encoding='latin1'`` (torchvision) the keys are ``str``, with
+    ``encoding='bytes'`` they are ``bytes``; numpy arrays carry their buffer the same way."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj: bytes) -> None:
+        n = len(obj)
+        self.write((b"U" + bytes([n]) if n < 256 else b"T" + struct.pack("<i", n)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+
+
+def py2_pickle(obj) -> bytes:
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")  # Python 2 era module path
 
 
 def label_value(c: int) -> int:
@@ -28,9 +51,11 @@ def _images(labels: np.ndarray, size: int, rng: np.random.Generator, encode: boo
 
 def write_cifar(root: Path, *, kind: str = "cifar10", per_class_train: int = 3, per_class_test: int = 1,
                 num_classes: int | None = None, encode_labels: bool = True, seed: int = 0, nested: bool = True,
-                protocol: int = 2) -> Path:
+                protocol: int | None = None) -> Path:
     """Write a CIFAR-10/100 directory torchvision could read; returns the spec directory.
 
+    ``protocol=None`` writes Python-2-style pickles like the published files; an int writes a
+    Python 3 pickle of that protocol (bytes keys stay bytes).
     ``num_classes`` < the real count only labels that many classes (the meta still lists all).
     """
     rng = np.random.default_rng(seed)
@@ -46,8 +71,10 @@ def write_cifar(root: Path, *, kind: str = "cifar10", per_class_train: int = 3, 
                  b"filenames": [f"{name}_{i}.png".encode() for i in range(len(labels))]}
         if kind == "cifar100":
             batch[b"coarse_labels"] = [int(v) // 5 for v in labels]
-        with open(folder / name, "wb") as fh:
-            pickle.dump(batch, fh, protocol=protocol)
+        save(folder / name, batch)
+
+    def save(path: Path, obj: dict) -> None:
+        path.write_bytes(py2_pickle(obj) if protocol is None else pickle.dumps(obj, protocol=protocol))
 
     train_labels = rng.permutation(np.repeat(np.arange(used), per_class_train))
     test_labels = np.repeat(np.arange(used), per_class_test)
@@ -64,8 +91,7 @@ def write_cifar(root: Path, *, kind: str = "cifar10", per_class_train: int = 3, 
         meta = {b"fine_label_names": [f"fine{c}".encode() for c in range(full)],
                 b"coarse_label_names": [f"coarse{c}".encode() for c in range(20)]}
         meta_name = "meta"
-    with open(folder / meta_name, "wb") as fh:
-        pickle.dump(meta, fh, protocol=protocol)
+    save(folder / meta_name, meta)
     return root
 
 

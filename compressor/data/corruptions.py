@@ -3,6 +3,11 @@ Distillation Beyond Model Compression", ICPR 2020, Sec. "General-purpose trainin
 Tables V and VI). Both act on the TRAIN split only (after the validation hold-out), are seeded,
 and never touch val or test. Imbalance is applied first (on the true labels), then label noise.
 
+Source note: the copy of the paper in /work/shared/papers is the slide version, which names sigma
+and gamma and their values but prints no formula; the definitions below follow the full paper
+(arXiv:2007.01922) as we read it and could not be re-checked against its text here. Whatever the
+paper's exact wording, the formulas below are what this code does, and the tests pin them.
+
 Symmetric label noise at rate sigma (Table V: sigma in {0, 0.2, 0.4, 0.6}):
     exactly ``k = round_half_up(sigma * n)`` training samples, chosen uniformly without
     replacement, get a label drawn uniformly from the C - 1 OTHER classes (``y + U{1..C-1} mod C``).

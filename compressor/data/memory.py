@@ -68,10 +68,10 @@ class InMemorySource(DataSource):
     def batch_at(self, split: str, positions: torch.Tensor, aug_params: torch.Tensor | None = None) -> Batch:
         """The Batch of ``split`` samples at ``positions`` (optionally augmented with ``aug_params``)."""
         positions = positions.to(self.device)
-        images = self.images[self.rows[split][positions]]
+        images = self.images.index_select(0, self.rows[split].index_select(0, positions))
         if aug_params is not None:
             images = crop_flip(images, aug_params, self.augmentation.pad)
-        return Batch(self.normalize(images), self.labels[split][positions], positions)
+        return Batch(self.normalize(images), self.labels[split].index_select(0, positions), positions)
 
     def loader(
         self,

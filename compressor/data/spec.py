@@ -58,7 +58,8 @@ def spec_forms() -> str:
 
 def _ensure_builtin() -> None:
     # Import for the registration side effect; kept lazy so `compressor.data` imports cheaply.
-    from compressor.data import cifar, digits, imagefolder  # noqa: F401
+    from compressor.data import digits  # noqa: F401  (first: the default source)
+    from compressor.data import cifar, imagefolder  # noqa: F401
 
 
 def parse_spec(spec: str) -> tuple[SourceEntry, Path | None]:
@@ -89,6 +90,9 @@ def _check_val_fraction(val_fraction: float) -> None:
         raise UserError(f"val_fraction {val_fraction!r} is outside (0, 1): give the fraction of training data to hold out for validation, e.g. 0.1")
 
 
+PAPER_IMBALANCE_RATIO = 20.0  # KD benchmark (Sarfraz et al. 2021): 5000 -> 250 images per class
+
+
 def load_source(
     spec: str,
     *,
@@ -104,11 +108,14 @@ def load_source(
 
     ``label_noise`` is the symmetric noise rate sigma in [0, 1); ``imbalance`` the max/min class
     ratio rho >= 1 (1 = balanced); ``imbalance_gamma`` switches the imbalance profile from the
-    exponential long tail to the paper's power law (see :mod:`compressor.data.corruptions`).
+    exponential long tail to the paper's power law (see :mod:`compressor.data.corruptions`); given
+    alone (rho left at 1) it uses the paper's CIFAR-10 ratio, rho = 20 (5000 down to 250 per class).
     ``source_options`` go to the source (image folders: ``input_size``, ``num_workers``, ``crop_fraction``).
     """
     entry, directory = parse_spec(spec)
     _check_val_fraction(val_fraction)
+    if imbalance_gamma is not None and imbalance == 1.0:
+        imbalance = PAPER_IMBALANCE_RATIO
     check_corruptions(label_noise, imbalance, imbalance_gamma)
     options = SplitOptions(float(val_fraction), int(seed), float(label_noise), float(imbalance),
                            None if imbalance_gamma is None else float(imbalance_gamma))

@@ -116,10 +116,12 @@ def resolve(name: str) -> ModelEntry:
 
 
 def create(name: str, num_classes: int = 100, in_chans: int = 3, **kwargs: Any) -> nn.Module:
-    """Build a fresh model by name; the name is remembered on ``model.kd_arch``."""
+    """Build a fresh model by name; ``model.kd_arch``/``kd_arch_kwargs`` remember how."""
     entry = resolve(name)
     model = entry.factory(num_classes=num_classes, in_chans=in_chans, **{**entry.kwargs, **kwargs})
+    # what a checkpoint needs to rebuild it: the name and the caller's extra kwargs
     model.kd_arch = name
+    model.kd_arch_kwargs = dict(kwargs)
     return model
 
 

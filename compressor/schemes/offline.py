@@ -86,12 +86,12 @@ class Offline(Scheme):
 def build_offline(request: SchemeRequest, student: nn.Module | None = None) -> Offline:
     """The offline scheme of a request; ``student`` overrides building it from the zoo (chains)."""
     from compressor.errors import UserError
-    from compressor.knowledge.spec import parse_method
+    from compressor.knowledge.spec import parse_method_spec
     from compressor.models import create
 
     if request.teacher is None:
         raise UserError("offline distillation needs a teacher (--teacher T.pt)")
-    spec = parse_method(request.method or "hinton")
+    spec = parse_method_spec(request.method or "hinton")
     if student is None:
         student = create(request.student_arch, num_classes=request.num_classes, in_chans=request.input_shape[0])
     return Offline(

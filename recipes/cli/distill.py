@@ -1,0 +1,65 @@
+"""`kdcompress distill`: one distillation run (offline, chain, DGKD, cohort, ModReduce, OSAKD, TCN)."""
+
+from __future__ import annotations
+
+
+import click
+
+from compressor.errors import UserError
+from recipes.cli._options import trust_option
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",")]
+
+
+@click.command("distill")
+@click.option("--teacher", default=None, help="the trained teacher (.pt); omit for online schemes (cohort, osakd)")
+@click.option("--teacher-arch", default=None, help="architecture of a teacher file that does not record it")
+@click.option("--student", default=None, help="student architecture (see `kdcompress zoo`); a --preset names its own")
+@click.option("--method", default=None,
+              help="knowledge terms with optional weights: hinton, hinton+crd, hinton:0.9,crd:0.8,ce:1.0 (default hinton)")
+@click.option("--data", default=None, help="digits | cifar10:DIR | cifar100:DIR | imagefolder:DIR (default: the teacher's dataset)")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="the student file; the run's stages, logs and training states go to OUTPUT.run/")
+@click.option("--scheme", default=None, help="offline (default with a teacher), modreduce, cohort, osakd, tcn, dgkd")
+@click.option("--chain", default=None, help="teacher assistants, largest first: --chain resnet56,resnet32 (TAKD)")
+@click.option("--dgkd", is_flag=True, help="with --chain: every stage learns from the teacher and all assistants above (DGKD)")
+@click.option("--drop-rate", type=click.FloatRange(0, 1), default=None, help="DGKD: chance that each teacher is dropped per batch")
+@click.option("--cohort", type=int, default=None, help="online cohort of N peers (no teacher)")
+@click.option("--aggregator", default=None, help="cohort/ModReduce aggregator: dml, one, pcl, attention, fc, wavg")
+@click.option("--peers", default=None, help="heterogeneous cohort: comma-separated peer architectures")
+@click.option("--k", "k", type=int, default=None, help="OSAKD: neighbours in the k-NN soft labels")
+@click.option("--alpha", type=float, default=None, help="OSAKD: weight of cross-entropy (paper: 0.9, 0.99 for many classes)")
+@click.option("--students", type=int, default=None, help="TCN: number of students sharing the teacher's embedding")
+@click.option("--hierarchical", is_flag=True, help="TCN: students learn from the level above (1 -> 2 -> 4 ...)")
+@click.option("--preset", default=None, help="a bundled preset name (recipes/presets) or a plan YAML file")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="default: the dataset's protocol")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if present, else CPU), cpu, cuda:N")
+@click.option("--resume", is_flag=True, help="continue OUTPUT.run at the stage and epoch where it stopped")
+@click.option("-q", "--quiet", is_flag=True, help="no per-epoch lines")
+@trust_option
+def command(teacher, teacher_arch, student, method, data, output, scheme, chain, dgkd, drop_rate, cohort, aggregator,
+            peers, k, alpha, students, hierarchical, preset, epochs, lr, batch_size, seed, device, resume, quiet,
+            trust) -> None:
+    """Distil TEACHER into STUDENT on DATA and save the student; prints teacher and student test accuracy."""
+    from recipes.distill_run import distill
+
+    options = {key: value for key, value in {
+        "drop_rate": drop_rate, "cohort": cohort, "aggregator": aggregator, "peers": _csv(peers), "k": k,
+        "alpha": alpha, "students": students, "hierarchical": hierarchical or None,
+    }.items() if value is not None}
+    if cohort is not None and cohort < 2:
+        raise UserError(f"a cohort needs at least 2 peers (got --cohort {cohort})")
+    echo = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    summary = distill(
+        teacher=teacher, teacher_arch=teacher_arch, student=student, method=method, data=data, output=output,
+        scheme=scheme, chain=_csv(chain) if chain is not None else (), dgkd=dgkd, options=options, preset=preset,
+        train={"epochs": epochs, "lr": lr, "batch_size": batch_size}, seed=seed, device=device, resume=resume,
+        trust=trust, echo=echo,
+    )
+    for line in summary:
+        click.echo(line)

@@ -1,0 +1,105 @@
+"""`kdcompress distill` as a library call: plan from flags, run through the runner, save, summarise."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from compressor.errors import UserError
+from recipes.context import resolve_inputs
+from recipes.distill_plan import DistillRequest, distill_plan, preset_plan
+from recipes.runner import RunResult, run_plan
+
+
+def run_dir_for(output: str | Path) -> Path:
+    return Path(str(output) + ".run")
+
+
+def distill(
+    *,
+    teacher: str | None,
+    student: str | None,
+    output: str | Path,
+    data: str | None = None,
+    teacher_arch: str | None = None,
+    method: str | None = None,
+    scheme: str | None = None,
+    chain: Sequence[str] = (),
+    dgkd: bool = False,
+    options: dict[str, Any] | None = None,
+    preset: str | None = None,
+    train: dict[str, Any] | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    resume: bool = False,
+    trust: bool = False,
+    echo: Callable[[str], None] = print,
+) -> list[str]:
+    """Run one distillation and return the summary lines the CLI prints."""
+    if not student and not preset:
+        raise UserError("give the student architecture with --student (or a --preset that names one)")
+    output = Path(output)
+    run_dir = run_dir_for(output)
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise UserError(f"{run_dir} holds an earlier run: pass --resume to continue it, or remove it")
+    overrides = {k: v for k, v in (train or {}).items() if v is not None}
+    inputs = resolve_inputs(teacher, data, arch=teacher_arch, trust=trust, load_data=True, seed=seed)
+    if preset:
+        plan = preset_plan(preset, teacher=teacher, data=inputs.data_spec, teacher_arch=teacher_arch, method=method,
+                           seed=seed, train=overrides)
+    else:
+        plan = distill_plan(DistillRequest(
+            data=inputs.data_spec, student=student, num_classes=inputs.num_classes, input_shape=inputs.input_shape,
+            teacher=teacher, teacher_arch=inputs.teacher.meta.arch if inputs.teacher else None,
+            teacher_flops=inputs.teacher_cost.flops if inputs.teacher_cost else None, scheme=scheme, method=method,
+            chain=chain, dgkd=dgkd, seed=seed, options=dict(options or {}), train=overrides,
+        ))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan.save(run_dir / "plan.yaml")
+    result = run_plan(plan, inputs.source, run_dir, teacher=inputs.teacher, resume=resume, device=device, echo=echo)
+    copy_atomic(result.stages[-1].checkpoint, output)
+    lines = []
+    if inputs.teacher is not None:
+        lines.append(f"teacher {inputs.teacher.meta.arch}: test top-1 {teacher_accuracy(inputs):.2f}%")
+    lines += _stage_lines(result)
+    lines.append(f"wrote {output} (stages in {run_dir})")
+    return lines
+
+
+def teacher_accuracy(inputs) -> float:
+    from compressor.trainer import evaluate
+
+    source = inputs.source
+    batches = source.loader("test", 256, shuffle=False, augment=False)
+    return evaluate(inputs.teacher.model, batches, source.num_classes).top1
+
+
+def _stage_lines(result: RunResult) -> list[str]:
+    lines = []
+    for stage in result.stages:
+        m = stage.metrics
+        test = m.get("test_top1")
+        val = m.get("val_top1")
+        text = f"{stage.name} {stage.arch} ({stage.scheme}): test top-1 {test:.2f}%" if test is not None else \
+            f"{stage.name} {stage.arch} ({stage.scheme})"
+        if val is not None:
+            text += f", val top-1 {val:.2f}% at epoch {m.get('best_epoch')}"
+        lines.append(text)
+    return lines
+
+
+def copy_atomic(src: str | Path, dst: str | Path) -> None:
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,125 @@
+"""Run a plan: its stages in order, each through the one trainer, each with its own checkpoint.
+
+Layout of a run directory::
+
+    stages/<name>/model.pt    the stage's deployable (our checkpoint format), written when it ends
+    stages/<name>/state.pt    the trainer's per-epoch state (exact resume inside a stage)
+    stages/<name>/log.jsonl   one line per epoch
+
+With ``resume``, a stage whose ``model.pt`` exists is loaded instead of trained, and the first
+unfinished stage continues from its ``state.pt``: a chain resumes at the stage and the epoch
+where it stopped. Teachers of a stage are the user's teacher or earlier stages' models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from compressor.checkpoint import LoadedModel, ModelMeta, load_model, save_model
+from compressor.errors import UserError
+from compressor.schemes import SchemeRequest, build_scheme
+from recipes.plan import TEACHER, Plan, Stage
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class StageResult:
+    name: str
+    arch: str
+    scheme: str
+    checkpoint: str
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_file: bool = False  # finished in an earlier run, loaded, not trained
+
+
+@dataclass
+class RunResult:
+    stages: list[StageResult]
+    final: LoadedModel  # the last stage's deployable, as saved
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.stages[-1].metrics
+
+
+def stage_dir(run_dir: Path, stage: Stage) -> Path:
+    return Path(run_dir) / "stages" / stage.name
+
+
+def run_plan(
+    plan: Plan,
+    source: Any,
+    run_dir: str | Path,
+    *,
+    teacher: LoadedModel | None = None,
+    resume: bool = False,
+    device: str = "auto",
+    echo: Echo = print,
+    train_overrides: dict[str, Any] | None = None,
+) -> RunResult:
+    """Train every stage of ``plan`` on ``source``; return each stage's figures and the final model."""
+    from compressor.trainer import TrainConfig, fit
+
+    plan.validate()
+    run_dir = Path(run_dir)
+    done: dict[str, LoadedModel] = {}
+    results: list[StageResult] = []
+    total = len(plan.stages)
+    for number, stage in enumerate(plan.stages, 1):
+        folder = stage_dir(run_dir, stage)
+        model_path = folder / "model.pt"
+        label = f"stage {number} of {total}: {stage.name} ({stage.arch} via {stage.scheme}"
+        label += f" from {', '.join(stage.teachers)})" if stage.teachers else ")"
+        if resume and model_path.is_file():
+            loaded = load_model(model_path)
+            done[stage.name] = loaded
+            results.append(StageResult(stage.name, stage.arch, stage.scheme, str(model_path), loaded.metrics,
+                                       [], resumed_from_file=True))
+            echo(f"{label}: already trained, loaded {model_path}")
+            continue
+        echo(label)
+        teachers = [_teacher_model(name, teacher, done) for name in stage.teachers]
+        request = SchemeRequest(
+            student_arch=stage.arch, num_classes=source.num_classes, input_shape=tuple(source.input_shape),
+            num_train=source.num_train, teacher=teachers[0] if teachers else None, method=stage.method,
+            options={**stage.options, "teachers": teachers},
+        )
+        scheme = build_scheme(stage.scheme, request)
+        settings = {**stage.train, **(train_overrides or {})}
+        settings.setdefault("seed", plan.seed)
+        settings.setdefault("device", device)
+        config = TrainConfig(**settings)
+        result = fit(scheme, source, config, state_path=folder / "state.pt", log_path=folder / "log.jsonl",
+                     resume=resume, echo=echo)
+        deployable = result.deployable
+        meta = ModelMeta.from_source(getattr(deployable, "kd_arch", stage.arch), source,
+                                     **getattr(deployable, "kd_arch_kwargs", {}))
+        extra = {"stage": stage.name, "scheme": stage.scheme, "method": stage.method, "teachers": stage.teachers,
+                 **result.extra}
+        if result.is_main:
+            save_model(model_path, deployable, meta, metrics=result.metrics(), plan=plan.to_dict(), extra=extra)
+        loaded = LoadedModel(deployable.cpu().eval(), meta, result.metrics(), plan.to_dict(), extra, "kdcompress",
+                             str(model_path))
+        done[stage.name] = loaded
+        results.append(StageResult(stage.name, stage.arch, stage.scheme, str(model_path), result.metrics(),
+                                   result.history))
+    return RunResult(results, done[plan.final.name])
+
+
+def _teacher_model(name: str, teacher: LoadedModel | None, done: dict[str, LoadedModel]) -> nn.Module:
+    """A fresh, frozen copy for each stage, so no stage can change another's teacher."""
+    import copy
+
+    if name == TEACHER:
+        if teacher is None:
+            raise UserError("the plan's stages learn from a teacher, but none was given (--teacher)")
+        model = teacher.model
+    else:
+        model = done[name].model
+    return copy.deepcopy(model).eval()
