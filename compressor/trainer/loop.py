@@ -318,6 +318,12 @@ def fit(
                 vals = evaluate_many(scheme.eval_models(), val_loader, source.num_classes,
                                      precision=precision, ctx=ctx, num_samples=source.split_size("val"))
                 primary_val = vals[primary_name]
+                observe = getattr(scheme, "observe_validation", None)
+                if callable(observe):  # a cohort: its candidate chosen on validation stands for the epoch
+                    chosen = observe({n: r.top1 for n, r in vals.items()})
+                    if chosen in vals:
+                        primary_val = vals[chosen]
+                        record["val_chosen"] = chosen
                 record.update(val_top1=primary_val.top1, val_top5=primary_val.top5, val_loss=primary_val.loss)
                 if len(vals) > 1:
                     record["val_models"] = {n: r.to_dict() for n, r in vals.items()}

@@ -1,0 +1,127 @@
+"""Digits: every online / self scheme against the vanilla student, same epochs and seeds.
+
+For each seed: the vanilla student; a cohort with each aggregator (dml, one, pcl, attention, fc,
+wavg); OSAKD; and, with a vanilla-trained teacher (resnet20 by default), offline Hinton KD and
+ModReduce (wavg). Every run uses the same TrainConfig (the digits protocol with --epochs) and the
+same seed, so they differ only by the scheme. The figure per scheme is the test top-1 of its
+deployable (one plain student, chosen on the validation split), mean and spread over the seeds,
+and the KD gain over the vanilla mean; ModReduce's ARI over Hinton KD uses the seed means.
+
+    PYTHONPATH=$PWD python benchmarks/online_digits.py --epochs 15 --seeds 0 1 2 --out runs/online_digits.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from compressor.data import load_source
+from compressor.metrics import average_relative_improvement, kd_gain
+from compressor.schemes import SchemeRequest, build_scheme
+from compressor.trainer import TrainConfig, fit
+
+AGGREGATORS = ("dml", "one", "pcl", "attention", "fc", "wavg")
+
+
+def train(scheme_name: str, source, config: TrainConfig, student: str, **kwargs) -> dict:
+    request = SchemeRequest(student, source.num_classes, tuple(source.input_shape), source.num_train, **kwargs)
+    scheme = build_scheme(scheme_name, request)
+    t0 = time.perf_counter()
+    result = fit(scheme, source, config)
+    seconds = time.perf_counter() - t0
+    last = result.history[-1]
+    return {
+        "test_top1": result.test.top1,
+        "val_top1": result.best_value,
+        "best_epoch": result.best_epoch,
+        "chosen": result.best_record.get("val_chosen"),
+        "s_per_epoch": seconds / config.epochs,
+        "train_s_per_epoch": sum(r["train_time_s"] for r in result.history) / len(result.history),
+        "final_loss": last["loss"],
+        "first_loss": result.history[0]["loss"],
+        "deployable": type(result.deployable).__name__,
+        "_model": result.deployable,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--student", default="resnet8")
+    parser.add_argument("--teacher", default="resnet20")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", nargs="*", default=None, help="run only these rows (e.g. vanilla osakd)")
+    parser.add_argument("--out", default="runs/online_digits.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    source = load_source("digits")
+    base = dict(epochs=args.epochs, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True,
+                weight_decay=5e-4, schedule="cosine", device="cpu", progress="off")
+    rows: dict[str, list[dict]] = {}
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def keep(name: str, record: dict) -> None:
+        record = {k: v for k, v in record.items() if not k.startswith("_")}
+        rows.setdefault(name, []).append(record)
+        print(f"{name:<16} seed {record['seed']}: test {record['test_top1']:.2f}%  "
+              f"({record['s_per_epoch']:.1f} s/epoch)", flush=True)
+        tmp = out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        tmp.replace(out_path)
+
+    wanted = (lambda n: args.only is None or n in args.only)
+    for seed in args.seeds:
+        config = TrainConfig(seed=seed, **base)
+        if wanted("vanilla"):
+            keep("vanilla", {"seed": seed, **train("vanilla", source, config, args.student)})
+        for agg in AGGREGATORS:
+            if wanted(f"cohort-{agg}"):
+                keep(f"cohort-{agg}", {"seed": seed, **train("cohort", source, config, args.student,
+                                                              options={"aggregator": agg, "cohort": 3})})
+        if wanted("osakd"):
+            keep("osakd", {"seed": seed, **train("osakd", source, config, args.student, options={"k": 8})})
+        if wanted("hinton") or wanted("modreduce"):
+            teacher_run = train("vanilla", source, config, args.teacher)
+            keep(f"teacher-{args.teacher}", {"seed": seed, **teacher_run})
+            teacher = teacher_run["_model"].eval()
+            if wanted("hinton"):
+                keep("hinton", {"seed": seed, **train("offline", source, config, args.student,
+                                                      teacher=teacher, method="hinton")})
+            if wanted("modreduce"):
+                keep("modreduce", {"seed": seed, **train("modreduce", source, config, args.student,
+                                                         teacher=teacher, options={"aggregator": "wavg"})})
+
+    vanilla = statistics.mean(r["test_top1"] for r in rows.get("vanilla", [])) if "vanilla" in rows else None
+    print(f"\ndigits, student {args.student}, {args.epochs} epochs, seeds {args.seeds}: test top-1 of the deployable")
+    print(f"{'scheme':<16} {'mean':>7} {'sd':>6} {'KD gain':>8} {'s/epoch':>8}")
+    summary = {}
+    for name, records in rows.items():
+        accs = [r["test_top1"] for r in records]
+        mean = statistics.mean(accs)
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        gain = kd_gain(mean, vanilla) if vanilla is not None else None
+        spe = statistics.mean(r["s_per_epoch"] for r in records)
+        summary[name] = {"mean": mean, "sd": sd, "kd_gain": gain, "s_per_epoch": spe, "n": len(accs)}
+        gain_text = f"{gain:+.2f}" if gain is not None else "-"
+        print(f"{name:<16} {mean:>7.2f} {sd:>6.2f} {gain_text:>8} {spe:>8.1f}")
+    if vanilla is not None and "hinton" in summary and "modreduce" in summary:
+        try:
+            ari = average_relative_improvement([summary["modreduce"]["mean"]], [summary["hinton"]["mean"]], [vanilla])
+            summary["ari_modreduce_over_hinton"] = ari
+            print(f"ARI of ModReduce over Hinton KD (1 pair, seed means): {ari:.1f}%")
+        except ValueError as err:
+            print(f"ARI undefined: {err}")
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"args": vars(args), "rows": rows, "summary": summary}, indent=1))
+    tmp.replace(out_path)
+
+
+if __name__ == "__main__":
+    main()
