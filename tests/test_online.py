@@ -350,6 +350,7 @@ def test_bad_cohorts_and_aggregators_are_user_errors():
     (["--cohort", "3", "--aggregator", "mean"], "unknown aggregator 'mean'"),
     (["--cohort", "2", "--aggregator", "one", "--student", "vgg8"], "cannot be branched"),
     (["--scheme", "osakd", "--k", "5000"], "k=5000 neighbours cannot come from a memory of"),
+    (["--scheme", "osakd", "--k", "8", "--memory", "8"], "k=8 neighbours cannot come from a memory of 8"),
 ])
 def test_cli_bad_online_input_is_one_line_and_exit_2(args, message, tmp_path, cli):
     argv = ["distill", "--data", "digits", "-o", str(tmp_path / "s.pt"), "--epochs", "1", "-q", *args]
@@ -359,3 +360,19 @@ def test_cli_bad_online_input_is_one_line_and_exit_2(args, message, tmp_path, cl
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], result.output
+
+
+def test_cli_cohort_end_to_end_deploys_the_peer_chosen_on_validation(tmp_path, cli):
+    import json
+
+    from compressor.checkpoint import load_model
+
+    out = tmp_path / "best.pt"
+    result = cli("distill", "--cohort", "2", "--aggregator", "wavg", "--student", "resnet8", "--data", "digits",
+                 "-o", str(out), "--epochs", "1", "--batch-size", "128", "-q")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "best.pt.run" / "stages" / "student" / "log.jsonl").read_text().splitlines()[-1])
+    peers = {n: r["top1"] for n, r in record["val_models"].items() if n.startswith("peer")}
+    assert record["val_chosen"] == max(peers, key=peers.get) and record["val_top1"] == max(peers.values())
+    loaded = load_model(out)
+    assert loaded.meta.arch == "resnet8" and type(loaded.model).__name__ == "CifarResNet"
