@@ -40,6 +40,8 @@ def train(scheme_name: str, source, config: TrainConfig, student: str, **kwargs)
         "val_top1": result.best_value,
         "best_epoch": result.best_epoch,
         "chosen": result.best_record.get("val_chosen"),
+        # every evaluated model at the best epoch: each peer / student, and the aggregate where it exists
+        "val_models": {n: r["top1"] for n, r in (result.best_record.get("val_models") or {}).items()},
         "s_per_epoch": seconds / config.epochs,
         "train_s_per_epoch": sum(r["train_time_s"] for r in result.history) / len(result.history),
         "final_loss": last["loss"],

@@ -327,6 +327,35 @@ def test_observe_validation_keeps_the_best_seen_and_the_trainer_ranks_by_it():
     assert int(state["chosen_index"]) == 0 and float(state["chosen_top1"]) == 71.0
 
 
+def test_heterogeneous_cohort_deploys_the_chosen_architecture():
+    src = type("S", (), {"num_classes": 10, "input_shape": SHAPE, "num_train": 64})()
+    scheme = _scheme("cohort", src, aggregator="attention", peers="resnet8,resnet14")
+    batch = Batch(torch.randn(8, *SHAPE), torch.arange(8) % 10, torch.arange(8))
+    assert set(scheme(batch)) == {"ce_peer0", "ce_peer1", "attention_ensemble_ce", "attention_kd"}
+    assert scheme.deployable().kd_arch == "resnet8"
+    scheme.observe_validation({"peer0": 80.0, "peer1": 90.0})
+    assert scheme.deployable().kd_arch == "resnet14"
+
+
+def test_a_rebuilt_cohort_loads_the_saved_state_exactly():
+    src = type("S", (), {"num_classes": 10, "input_shape": SHAPE, "num_train": 64})()
+    a = _scheme("cohort", src, aggregator="pcl")
+    batch = Batch(torch.randn(8, *SHAPE), torch.arange(8) % 10, torch.arange(8))
+    opt = torch.optim.SGD(a.trainable_parameters(), lr=0.1)
+    sum(a(batch).values()).backward()
+    opt.step()
+    a.after_step()
+    a.observe_validation({"mean1": 70.0})
+    torch.manual_seed(123)  # a different initialisation, then the saved state
+    b = build_scheme("cohort", SchemeRequest("resnet8", 10, SHAPE, 64, options={"aggregator": "pcl"}))
+    b.load_state_dict(a.state_dict())
+    a.eval()
+    b.eval()
+    with torch.no_grad():
+        assert all(torch.equal(p.logits, q.logits) for p, q in zip(a.group(batch.x).peers, b.group(batch.x).peers))
+        assert torch.equal(a.deployable()(batch.x), b.deployable()(batch.x)) and b.chosen == "mean1"
+
+
 # --- bad input ----------------------------------------------------------------------------
 
 

@@ -77,18 +77,16 @@ class PeerGroup(nn.Module):
         raise NotImplementedError
 
     def info(self, num_classes: int, input_shape: Sequence[int]) -> CohortInfo:
-        """Sizes from one no-grad forward of one zero sample; mode and BN statistics are kept."""
+        """Sizes from one no-grad forward of one zero sample in eval mode (no BN statistic moves)."""
         shape = tuple(int(s) for s in input_shape)
         param = next(self.parameters())
         was_training = self.training
-        saved = {k: v.clone() for k, v in self.state_dict().items()}
         self.eval()
         try:
             with torch.no_grad():
                 out = self(torch.zeros(1, *shape, device=param.device))
         finally:
             self.train(was_training)
-            self.load_state_dict(saved)
         dims = tuple(int(p.embedding.shape[1]) for p in out.peers)
         shared = int(out.shared.shape[1]) if out.shared is not None else None
         return CohortInfo(len(out.peers), num_classes, shape, dims, shared)
