@@ -149,17 +149,54 @@ def read_checkpoint_dict(path: str | os.PathLike, trust: bool = False) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
-        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
-            if not trust:
-                what = _unsafe_global(text)
-                raise UserError(
-                    f"{path} holds pickled Python objects{what}, which run code when loaded; "
-                    f"load it only if you trust its source, with {TRUST_FLAG}"
-                ) from None
-            return _load_trusted(path)
-        raise UserError(f"{path} is not a PyTorch checkpoint ({_short(text)})") from None
+        imported = _unsafe_global(text) or _pickle_imports(path)
+        if imported is None:
+            detail = (text.split("error:")[-1].strip().splitlines() or ["unreadable"])[0]
+            raise UserError(f"{path} is not a PyTorch checkpoint ({_short(detail)})") from None
+        if not trust:
+            raise UserError(
+                f"{path} holds pickled Python objects{imported}, which run code when loaded; "
+                f"load it only if you trust its source, with {TRUST_FLAG}"
+            ) from None
+        return _load_trusted(path)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         raise UserError(f"{path} is not a PyTorch checkpoint or is truncated ({_short(str(err))})") from None
+
+
+def _pickle_imports(path: Path) -> str | None:
+    """Without executing anything: ' (module.name, ...)' if the file's pickle imports globals, else None.
+
+    torch's weights-only unpickler says "Unsupported operand" both for garbage and for plain
+    pickles it cannot read; ``pickletools`` tells them apart by parsing the opcodes only.
+    """
+    import io
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                if name is None:
+                    return None
+                data = zf.read(name)
+        else:
+            data = path.read_bytes()
+        names: list[str] = []
+        strings: list[str] = []
+        for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if op.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL":
+                names.append(".".join(strings[-2:]))
+            elif op.name in ("INST", "OBJ", "REDUCE", "NEWOBJ") and not names:
+                names.append(op.name)
+    except Exception:  # noqa: BLE001 - any parse failure means "not a pickle"
+        return None
+    allowed = ("collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch.FloatStorage")
+    risky = [n for n in names if n not in allowed]
+    return f" ({', '.join(sorted(set(risky))[:3])})" if risky else None
 
 
 def _load_trusted(path: Path) -> Any:
@@ -169,12 +206,12 @@ def _load_trusted(path: Path) -> Any:
         raise UserError(f"{path} could not be unpickled even with {TRUST_FLAG} ({_short(str(err))})") from None
 
 
-def _unsafe_global(text: str) -> str:
+def _unsafe_global(text: str) -> str | None:
     for marker in ("Unsupported global: GLOBAL ", "GLOBAL "):
         if marker in text:
             name = text.split(marker, 1)[1].split()[0].rstrip(".,:")
             return f" ({name})"
-    return ""
+    return None
 
 
 def _short(text: str, limit: int = 160) -> str:

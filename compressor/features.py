@@ -161,6 +161,9 @@ def _dry_forward(fn, input_shape: tuple[int, ...]):
         model.train(was_training)
 
 
+_GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
+
+
 def discover_stages(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[str], str]:
     """Find stage modules and the classifier of a model that declares neither (one dry run)."""
     events: list[tuple[str, str, tuple[int, ...]]] = []  # (kind, name, shape) in execution order
@@ -169,9 +172,9 @@ def discover_stages(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[
         if not name:
             continue
 
-        def post(_m, _i, output, name=name):
+        def post(_m, _i, output, name=name, pools=isinstance(module, _GLOBAL_POOLS)):
             if isinstance(output, Tensor):
-                events.append(("out", name, tuple(output.shape)))
+                events.append(("pool" if pools else "out", name, tuple(output.shape)))
 
         def pre(_m, inputs, name=name, is_linear=isinstance(module, nn.Linear)):
             if is_linear:
@@ -184,18 +187,17 @@ def discover_stages(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[
     finally:
         for h in handles:
             h.remove()
-    last_map = max((i for i, (k, _, s) in enumerate(events) if k == "out" and len(s) == 4), default=None)
+    last_map = max((i for i, (k, _, s) in enumerate(events) if k in ("out", "pool") and len(s) == 4), default=None)
     if last_map is None:
         raise UserError(f"{type(model).__name__} produces no 4-D feature maps; it cannot be tapped")
     classifier = next((n for k, n, _ in events[last_map:] if k == "linear"), None)
     if classifier is None:
         raise UserError(f"{type(model).__name__} has no nn.Linear classifier after its feature maps")
     cut = next(i for i, (k, n, _) in enumerate(events) if k == "linear" and n == classifier)
-    maps = [(i, n, s) for i, (k, n, s) in enumerate(events[:cut]) if k == "out" and len(s) == 4]
-    # the global pooling (1x1 maps after the last larger map) is not a stage
-    last_large = max((i for i, _, s in maps if s[2:] != (1, 1)), default=None)
-    if last_large is not None:
-        maps = [m for m in maps if m[2][2:] != (1, 1) or m[0] < last_large]
+    # the global pooling feeding the classifier, and anything after it, is not a stage; a 1x1
+    # stage before it is (ResNet-18's layer4 at 32x32 input)
+    pool = max((i for i, (k, _, s) in enumerate(events[:cut]) if k == "pool" and s[2:] == (1, 1)), default=cut)
+    maps = [(i, n, s) for i, (k, n, s) in enumerate(events[:pool]) if k in ("out", "pool") and len(s) == 4]
     # per spatial size, the shallowest module (a whole block, not a conv inside it), last one run
     last_by_size: dict[tuple[int, int], tuple[int, str]] = {}
     for i, n, s in maps:

@@ -26,6 +26,7 @@ def plan_compression(
     trust: bool = False,
     options: dict | None = None,
     load_data: bool = False,
+    student: str | None = None,
 ) -> tuple[Plan, RunInputs]:
     """Plan without training: seconds, not minutes (costs are cached on disk)."""
     parsed = parse_budgets(budgets)
@@ -41,6 +42,6 @@ def plan_compression(
         teacher_flops=inputs.teacher_cost.flops if inputs.teacher_cost else None,
         teacher_params=inputs.teacher_cost.params if inputs.teacher_cost else None,
         recipe=recipe, method=method, family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed,
-        options=dict(options or {}),
+        options=dict(options or {}), student=student,
     )
     return make_plan(request, latency), inputs

@@ -49,6 +49,7 @@ class PlanRequest:
     epochs: int | None = None
     seed: int = 0
     options: dict = field(default_factory=dict)  # scheme options passed through (cohort size, k, drop...)
+    student: str | None = None  # force this candidate (the probe search's winner)
 
 
 def make_plan(request: PlanRequest, latency: LatencyFn | None = None) -> Plan:
@@ -67,7 +68,13 @@ def make_plan(request: PlanRequest, latency: LatencyFn | None = None) -> Plan:
                 c.rejected_by.append("not smaller than the teacher")
         check_budget_range(candidates, request.budgets, None, None)
     family = teacher_family_of(request.teacher_arch)
-    student, why = pick(candidates, family, request.family)
+    if request.student is not None:
+        student = next((c for c in candidates if c.name == request.student and c.fits), None)
+        if student is None:
+            raise UserError(f"{request.student} is not a fitting candidate for this budget")
+        why = f"student {student.name} ({student.flops / 1e6:.2f} MFLOPs, {student.params / 1e6:.3f} M params)"
+    else:
+        student, why = pick(candidates, family, request.family)
     reasons.append(
         f"{len([c for c in candidates if c.fits])} of {len(candidates)} zoo candidates meet "
         + ", ".join(b.describe() for b in request.budgets)

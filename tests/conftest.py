@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one thread per test process: the suite runs as parallel pytest-xdist workers, and
+# oversubscribed BLAS threads are many times slower than one thread each
+torch.set_num_threads(1)
 
 
 def run_module_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

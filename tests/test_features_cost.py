@@ -97,3 +97,10 @@ def test_measure_arch_disk_cache(tmp_path, monkeypatch):
     measure_arch.cache_clear()
     assert measure_arch("resnet8", 10, (1, 8, 8)).flops == 123 != first.flops
     measure_arch.cache_clear()
+
+
+def test_a_one_by_one_last_stage_is_kept_and_the_global_pool_is_not():
+    # at 32x32, ResNet-18's layer4 is 1x1: still a stage; its avgpool (also 1x1) is not
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    stages, classifier = discover_stages(model, (3, 32, 32))
+    assert stages[-1] == "layer4" and "avgpool" not in stages and classifier == "fc"

@@ -7,6 +7,7 @@ this package uses the same two rules so that "which stage meets which" is decide
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -56,3 +57,8 @@ def pool_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Adaptive-average-pool the larger of two maps to the smaller one's spatial size."""
     size = smaller_size(tuple(a.shape[-2:]), tuple(b.shape[-2:]))
     return pool_to(a, size), pool_to(b, size)
+
+
+def full_precision(x: Tensor) -> torch.autocast:
+    """Autocast switched off on ``x``'s device: Gram-like sums overflow half precision."""
+    return torch.autocast(device_type=x.device.type, enabled=False)

@@ -64,8 +64,7 @@ class FitNetLoss(KnowledgeLoss):
         n_s, n_t = len(s_taps.stages), len(t_taps.stages)
         if hint_layer == 0:
             if s_taps.stem is None or t_taps.stem is None:
-                raise UserError("fitnet: hint_layer=0 means the stem, but a model here has no stem tap; use 1.."
-                                f"{n_s}")
+                raise UserError(f"fitnet: hint_layer=0 means the stem, but a model here has no stem tap; use 1..{n_s}")
             guided, hint = s_taps.stem, t_taps.stem
             self.s_index = self.t_index = -1
         elif 1 <= hint_layer <= n_s:
@@ -73,8 +72,7 @@ class FitNetLoss(KnowledgeLoss):
             self.t_index = depth_index(self.s_index, n_s, n_t)
             guided, hint = s_taps.stages[self.s_index], t_taps.stages[self.t_index]
         else:
-            raise UserError(f"fitnet: hint_layer={hint_layer} is out of range; the student has stages 1..{n_s}"
-                            " (0 = stem)")
+            raise UserError(f"fitnet: hint_layer={hint_layer} is out of range; use 1..{n_s} (a stage) or 0 (the stem)")
         self.hint_layer = hint_layer
         self.regressor = HintRegressor(guided, hint)
         # -1: decide from the first hint seen; 0: no ReLU; 1: ReLU

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from compressor.batch import Batch
 from compressor.features import ModelOutputs, TapShape
-from compressor.knowledge._stages import match_by_depth, pool_pair
+from compressor.knowledge._stages import full_precision, match_by_depth, pool_pair
 from compressor.knowledge.base import KnowledgeLoss, LossContext, register_loss
 
 
@@ -18,8 +18,9 @@ def fsp_matrix(bottom: Tensor, top: Tensor) -> Tensor:
     Maps of different grids are brought to the smaller one by adaptive average pooling first
     (RepDistiller's rule; the paper pairs maps of equal size).
     """
-    bottom, top = pool_pair(bottom.float(), top.float())
-    return torch.einsum("nahw,nbhw->nab", bottom, top) / (bottom.shape[-2] * bottom.shape[-1])
+    with full_precision(bottom):
+        bottom, top = pool_pair(bottom.float(), top.float())
+        return torch.einsum("nahw,nbhw->nab", bottom, top) / (bottom.shape[-2] * bottom.shape[-1])
 
 
 @register_loss("fsp", "feature")

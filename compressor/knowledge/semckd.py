@@ -10,7 +10,7 @@ from torch import Tensor
 from compressor.batch import Batch
 from compressor.errors import UserError
 from compressor.features import ModelOutputs
-from compressor.knowledge._stages import pool_to, smaller_size
+from compressor.knowledge._stages import full_precision, pool_to, smaller_size
 from compressor.knowledge.base import KnowledgeLoss, LossContext, register_loss
 
 
@@ -50,8 +50,9 @@ class _Projection(nn.Module):
 
 def sample_similarity(feature: Tensor) -> Tensor:
     """Psi(F) Psi(F)^T: the (N, N) inner products of the flattened per-sample maps."""
-    flat = feature.float().flatten(1)
-    return flat @ flat.t()
+    with full_precision(feature):
+        flat = feature.float().flatten(1)
+        return flat @ flat.t()
 
 
 @register_loss("semckd", "feature")
@@ -76,7 +77,8 @@ class SemCKDLoss(KnowledgeLoss):
 
     The query/key MLPs read similarity rows, whose length is the batch size, so that size is
     fixed at construction (``batch_size``, 64 as in the paper's CIFAR runs). A smaller batch
-    (the last one of an epoch) is zero-padded to it; a larger batch is a user error.
+    (the last one of an epoch) is zero-padded to it; a larger batch is a user error. Under DDP
+    it is the per-process batch.
     """
 
     default_weight = 400.0
@@ -111,10 +113,14 @@ class SemCKDLoss(KnowledgeLoss):
         return torch.stack(vectors, dim=1)
 
     def attention(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        """alpha of Eq. 4: (N, student stages, teacher stages), rows sum to one."""
-        query = self._embed(self.queries, student)
-        key = self._embed(self.keys, [t.detach() for t in teacher])
-        return torch.softmax(query @ key.transpose(1, 2), dim=-1)
+        """alpha of Eq. 4: (N, student stages, teacher stages), rows sum to one.
+
+        Computed in float32 even under autocast: similarity entries easily exceed half range.
+        """
+        with full_precision(student[0]):
+            query = self._embed(self.queries, student)
+            key = self._embed(self.keys, [t.detach() for t in teacher])
+            return torch.softmax(query @ key.transpose(1, 2), dim=-1)
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs, batch: Batch) -> Tensor:
         s_maps, t_maps = student.features, [t.detach() for t in teacher.features]

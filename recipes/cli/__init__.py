@@ -10,10 +10,12 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
+from pathlib import Path
 
 import click
 
 from compressor.errors import UserError
+from recipes.cli._options import planning_options
 
 
 class _Group(click.Group):
@@ -26,14 +28,65 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@planning_options
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="output directory (default runs/<teacher>-<budget>/)")
+@click.option("--int8", is_flag=True, help="also write student.int8.onnx (static QDQ, calibrated on training images)")
+@click.option("--baseline", is_flag=True, help="also train the student without distillation and report the KD gain")
+@click.option("--search", type=click.Choice(["rule", "probe"]), default="rule", show_default=True,
+              help="rule: the documented pick; probe: short distillations of the top candidates, best on validation")
+@click.option("--probe-k", default=4, show_default=True, type=click.IntRange(min=1), help="candidates a probe search trains")
+@click.option("--resume", "resume_dir", default=None, type=click.Path(file_okay=False),
+              help="continue the run in this directory at the stage and epoch where it stopped")
+@click.option("--force", is_flag=True, help="replace a finished or broken run in the output directory")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if present, else CPU), cpu, cuda:N")
+@click.option("--dry-run", is_flag=True, help="print the plan and stop (same as `kdcompress plan`)")
 @click.pass_context
-def cli(ctx: click.Context) -> None:
+def cli(ctx: click.Context, teacher, teacher_arch, budgets, data, recipe, method, family, gap_threshold, epochs,
+        latency_threads, seed, preset, trust, out, int8, baseline, search, probe_k, resume_dir, force, device,
+        dry_run) -> None:
     """kdcompress: distil a big classifier into a small one that fits a budget, then export and time it.
+
+    \b
+    kdcompress --teacher resnet110.pt --budget 2MFLOPs          (the whole flow)
+    kdcompress --teacher resnet110.pt --budget 10x --dry-run    (the plan only)
+    kdcompress COMMAND --help                                   (the other commands)
 
     FLOPs follow fvcore's convention: one fused multiply-add counts as one FLOP.
     """
-    if ctx.invoked_subcommand is None:
+    if ctx.invoked_subcommand is not None:
+        return
+    if not (teacher or budgets or resume_dir or preset):
         click.echo(ctx.get_help())
+        return
+    if dry_run:
+        from recipes.cli.plan import command as plan_command
+
+        ctx.invoke(plan_command, teacher=teacher, teacher_arch=teacher_arch, budgets=budgets, data=data, recipe=recipe,
+                   method=method, family=family, gap_threshold=gap_threshold, epochs=epochs,
+                   latency_threads=latency_threads, seed=seed, preset=preset, trust=trust, output=None)
+        return
+    from recipes.compress import compress
+    from recipes.report import summary_rows
+
+    result = compress(
+        teacher=teacher, budget=budgets, data=data, out=resume_dir or out, teacher_arch=teacher_arch, recipe=recipe,
+        method=method, family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed, int8=int8,
+        baseline=baseline, search=search, probe_k=probe_k, latency_threads=latency_threads,
+        resume=resume_dir is not None, force=force, device=device, trust=trust, preset=preset,
+        echo=lambda line: click.echo(line, err=True),
+    )
+    rows = summary_rows(result.report)
+    width = max(len(r[0]) for r in rows)
+    click.echo(f"{'':<{width}}  {'teacher':>12}  {'student':>12}")
+    for name, t, s in rows:
+        click.echo(f"{name:<{width}}  {t:>12}  {s:>12}")
+    baseline_row = result.report.get("baseline")
+    if baseline_row and baseline_row.get("kd_gain") is not None:
+        click.echo(f"KD gain over the vanilla student: {baseline_row['kd_gain']:+.2f} points "
+                   f"({baseline_row['test_top1']:.2f}% without distillation)")
+    click.echo(f"wrote {result.out_dir}/: " + ", ".join(sorted(Path(p).name for k, p in result.files.items()
+                                                                if not k.startswith("plot:"))) + ", plots/")
 
 
 for _info in pkgutil.iter_modules(__path__):

@@ -1,0 +1,233 @@
+"""The product: teacher + budget + data -> a verified, timed, explained student.
+
+    recipes.compress(teacher="resnet110.pt", budget=["2MFLOPs"], data="digits")
+
+walks the whole flow once: plan (student search, recipe) -> stages through the trainer ->
+baseline (optional) -> ONNX export with parity (+ int8) -> latency of teacher and student ->
+report.json, report.md and plots in the output directory. The CLI's main command is a shell
+over this function.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from compressor import __version__
+from compressor.checkpoint import load_model
+from compressor.cost import FLOP_CONVENTION, measure
+from compressor.errors import UserError
+from recipes.budget import parse_budgets
+from recipes.context import RunInputs, resolve_inputs
+from recipes.distill_plan import preset_plan
+from recipes.distill_run import copy_atomic, teacher_accuracy
+from recipes.plan import Plan, Stage
+from recipes.report import summary_rows, write_report
+from recipes.runner import run_plan
+
+Echo = Callable[[str], None]
+RUN_MARKERS = ("plan.yaml", "report.json", "stages")
+
+
+@dataclass
+class CompressResult:
+    out_dir: Path
+    plan: Plan
+    report: dict[str, Any]
+    files: dict[str, str]
+
+    @property
+    def summary(self) -> list[tuple[str, str, str]]:
+        return summary_rows(self.report)
+
+
+def default_out_dir(teacher: str | None, budgets: Sequence[str]) -> Path:
+    stem = Path(teacher).stem if teacher else "cohort"
+    slug = re.sub(r"[^A-Za-z0-9.]+", "", "-".join(budgets)) or "nobudget"
+    return Path("runs") / f"{stem}-{slug}"
+
+
+def _prepare_out_dir(out: Path, resume: bool, force: bool) -> None:
+    holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
+    if holds_run and not (resume or force):
+        raise UserError(f"{out} holds another run: pass --resume {out} to continue it, --force to replace it, "
+                        "or choose another --out")
+    if holds_run and force and not resume:
+        shutil.rmtree(out)
+    if resume and not (out / "plan.yaml").is_file():
+        raise UserError(f"{out} holds no run to resume (no plan.yaml)")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def compress(
+    teacher: str | None = None,
+    budget: Sequence[str] = (),
+    data: str | None = None,
+    out: str | Path | None = None,
+    *,
+    teacher_arch: str | None = None,
+    recipe: str | None = None,
+    method: str | None = None,
+    family: str | None = None,
+    gap_threshold: float = 8.0,
+    epochs: int | None = None,
+    seed: int = 0,
+    int8: bool = False,
+    baseline: bool = False,
+    search: str = "rule",
+    probe_k: int = 4,
+    latency_threads: int = 1,
+    resume: bool = False,
+    force: bool = False,
+    device: str = "auto",
+    trust: bool = False,
+    preset: str | None = None,
+    echo: Echo = print,
+) -> CompressResult:
+    started = time.time()
+    out_dir = Path(out) if out is not None else default_out_dir(teacher, budget)
+    if not resume:
+        parse_budgets(budget) if not preset else None  # a bad budget fails before anything is touched
+    _prepare_out_dir(out_dir, resume, force)
+    if resume:
+        plan = Plan.load(out_dir / "plan.yaml")
+        teacher = teacher or plan.teacher
+        inputs = resolve_inputs(teacher, data or plan.data, arch=teacher_arch, trust=trust, load_data=True, seed=plan.seed)
+        echo(f"resuming {out_dir} ({plan.recipe}: {' -> '.join(s.arch for s in plan.stages)})")
+        probe_rows = None
+    elif preset:
+        inputs = resolve_inputs(teacher, data, arch=teacher_arch, trust=trust, load_data=True, seed=seed)
+        plan = preset_plan(preset, teacher=teacher, data=inputs.data_spec, teacher_arch=teacher_arch, method=method,
+                           seed=seed, train={"epochs": epochs})
+        probe_rows = None
+    else:
+        plan, inputs, probe_rows = _plan(teacher, budget, data, teacher_arch, recipe, method, family, gap_threshold,
+                                         epochs, seed, latency_threads, trust, search, probe_k, device, echo)
+        plan.save(out_dir / "plan.yaml")
+    for reason in plan.reasons:
+        echo(f"plan: {reason}")
+    run = run_plan(plan, inputs.source, out_dir, teacher=inputs.teacher, resume=resume, device=device, echo=echo)
+    student_path = out_dir / "student.pt"
+    copy_atomic(run.stages[-1].checkpoint, student_path)
+    student = load_model(student_path)
+
+    baseline_row = None
+    if baseline:
+        baseline_row = _baseline(plan, inputs, out_dir, resume, device, echo, run.metrics.get("test_top1"))
+
+    echo("exporting the student to ONNX (parity against PyTorch on test images)")
+    from recipes.deploy import export_with_data, latency_of
+
+    int8_path = out_dir / "student.int8.onnx" if int8 else None
+    deployment = export_with_data(student.model, student.meta, out_dir / "student.onnx", inputs.source,
+                                  int8_path=int8_path, seed=plan.seed, source_checkpoint=str(student_path), log=None)
+    for line in deployment.lines:
+        echo(line)
+    shape = tuple(inputs.input_shape)
+    echo(f"timing teacher and student at batch 1, {latency_threads} thread(s)")
+    student_latency = latency_of(student.model, shape, threads=latency_threads, onnx_path=out_dir / "student.onnx",
+                                 int8_path=int8_path)
+    student_cost = measure(student.model, shape)
+    report: dict[str, Any] = {
+        "kdcompress_version": __version__, "flop_convention": FLOP_CONVENTION, "data": inputs.data_spec,
+        "budgets": list(plan.budgets), "recipe": plan.recipe, "reasons": list(plan.reasons),
+        "plan": plan.to_dict(), "candidates": plan.candidates, "probe": probe_rows,
+        "budget_lines": _budget_lines(plan, inputs),
+        "stages": [{"name": s.name, "arch": s.arch, "scheme": s.scheme, "teachers": st.teachers,
+                    "checkpoint": s.checkpoint, "metrics": _plain(s.metrics), "history": s.history}
+                   for s, st in zip(run.stages, plan.stages)],
+        "student": {
+            "arch": student.meta.arch, "search_name": plan.final.arch, "checkpoint": str(student_path),
+            "flops": student_cost.flops, "params": student_cost.params, "test_top1": run.metrics.get("test_top1"),
+            "val_top1": run.metrics.get("val_top1"), "latency": student_latency,
+            "onnx": _onnx_summary(deployment.onnx), "int8": _int8_summary(deployment.int8),
+        },
+        "baseline": baseline_row,
+        "files": {"student.pt": str(student_path), "student.onnx": str(out_dir / "student.onnx"),
+                  "plan.yaml": str(out_dir / "plan.yaml"),
+                  **({"student.int8.onnx": str(int8_path)} if int8_path else {})},
+    }
+    if inputs.teacher is not None:
+        teacher_latency = latency_of(inputs.teacher.model, shape, threads=latency_threads)
+        report["teacher"] = {
+            "path": teacher, "arch": inputs.teacher.meta.arch, "flops": inputs.teacher_cost.flops,
+            "params": inputs.teacher_cost.params, "test_top1": teacher_accuracy(inputs), "latency": teacher_latency,
+        }
+    report["seconds"] = round(time.time() - started, 1)
+    files = write_report(report, out_dir)
+    report["files"].update(files)
+    return CompressResult(out_dir, plan, report, report["files"])
+
+
+def _plan(teacher, budget, data, teacher_arch, recipe, method, family, gap_threshold, epochs, seed, latency_threads,
+          trust, search, probe_k, device, echo) -> tuple[Plan, RunInputs, list | None]:
+    from recipes.api import plan_compression
+
+    plan, inputs = plan_compression(
+        teacher=teacher, budgets=budget, data=data, teacher_arch=teacher_arch, recipe=recipe, method=method,
+        family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed, latency_threads=latency_threads,
+        trust=trust, load_data=True,
+    )
+    if search != "probe":
+        return plan, inputs, None
+    from recipes.probe import probe_search
+
+    winner, rows = probe_search(plan, inputs, k=probe_k, device=device, echo=echo)
+    if winner != plan.final.arch:
+        plan, _ = plan_compression(
+            teacher=teacher, budgets=budget, data=data, teacher_arch=teacher_arch, recipe=recipe, method=method,
+            family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed, latency_threads=latency_threads,
+            trust=trust, load_data=False, student=winner,
+        )
+    plan.reasons.append(f"--search probe: {winner} scored best on the validation split after successive halving "
+                        f"over {len({r['name'] for r in rows})} candidates")
+    return plan, inputs, rows
+
+
+def _baseline(plan: Plan, inputs: RunInputs, out_dir: Path, resume: bool, device: str, echo: Echo,
+              kd_top1: float | None) -> dict[str, Any]:
+    """The chosen student without distillation: same architecture, epochs, schedule and seed."""
+    final = plan.final
+    stage = Stage("baseline", "vanilla", final.arch, [], None, {}, dict(final.train),
+                  "the same student trained on labels only, for the KD gain")
+    base_plan = Plan(data=plan.data, stages=[stage], seed=plan.seed, recipe="vanilla")
+    echo("baseline: the same student without distillation")
+    result = run_plan(base_plan, inputs.source, out_dir, resume=resume, device=device, echo=echo)
+    top1 = result.metrics.get("test_top1")
+    gain = None if top1 is None or kd_top1 is None else kd_top1 - top1
+    return {"arch": final.arch, "test_top1": top1, "val_top1": result.metrics.get("val_top1"), "kd_gain": gain,
+            "checkpoint": result.stages[-1].checkpoint}
+
+
+def _budget_lines(plan: Plan, inputs: RunInputs) -> dict[str, list[float]]:
+    lines: dict[str, list[float]] = {"mflops": [], "mparams": []}
+    teacher_flops = inputs.teacher_cost.flops if inputs.teacher_cost else None
+    for b in parse_budgets(plan.budgets) if plan.budgets else []:
+        if b.kind in ("flops", "factor"):
+            lines["mflops"].append(b.flops_limit(teacher_flops) / 1e6)
+        elif b.kind == "params":
+            lines["mparams"].append(b.value / 1e6)
+    return lines
+
+
+def _onnx_summary(onnx: dict[str, Any]) -> dict[str, Any]:
+    parity = onnx.get("parity") or {}
+    export = onnx.get("export") or {}
+    return {"path": onnx.get("path"), "bytes": onnx.get("bytes"), "exporter": export.get("exporter"),
+            "opset": export.get("opset"), **{k: parity.get(k) for k in ("max_abs_diff", "atol", "top1_agreement", "samples", "passed")}}
+
+
+def _int8_summary(int8: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not int8:
+        return None
+    return {"path": int8.get("path"), "fp32_top1": int8.get("fp32_accuracy"), "int8_top1": int8.get("int8_accuracy"),
+            "fp32_bytes": int8.get("fp32_bytes"), "int8_bytes": int8.get("int8_bytes"), "flagged": int8.get("flagged"),
+            "margin": int8.get("margin"), "agreement": int8.get("agreement")}
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k != "test_per_class"}

@@ -1,0 +1,179 @@
+"""The run report: report.json for machines, report.md for people, PNG plots for both.
+
+Plots: training curves per stage; every candidate's FLOPs and params with the budget line and the
+chosen student marked; teacher vs student accuracy, size and latency. Everything is derived from
+the one result dict (also written as report.json), so the report never disagrees with itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from compressor.cost import FLOP_CONVENTION
+from recipes.plan import write_text_atomic
+
+
+def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
+    """Write every report file; returns {kind: path}."""
+    out = Path(out_dir)
+    files = {"report.json": str(out / "report.json"), "report.md": str(out / "report.md")}
+    files.update(write_plots(result, out / "plots"))
+    result = {**result, "files": {**result.get("files", {}), **files}}
+    write_text_atomic(out / "report.json", json.dumps(result, indent=1, default=_jsonable))
+    write_text_atomic(out / "report.md", markdown(result))
+    return files
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def _fmt(value: Any, digits: int = 2, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}{suffix}" if isinstance(value, (int, float)) else str(value)
+
+
+def summary_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(quantity, teacher, student) rows: the table printed at the end and put in the report."""
+    t, s = result.get("teacher") or {}, result["student"]
+    rows = [
+        ("architecture", t.get("arch", "-"), s["arch"]),
+        ("test top-1 (%)", _fmt(t.get("test_top1")), _fmt(s.get("test_top1"))),
+        ("MFLOPs", _fmt(_m(t.get("flops"))), _fmt(_m(s.get("flops")))),
+        ("params (M)", _fmt(_m(t.get("params")), 3), _fmt(_m(s.get("params")), 3)),
+    ]
+    for key, label in (("torch_ms", "latency, PyTorch eager (ms)"), ("onnx_ms", "latency, onnxruntime (ms)"),
+                       ("int8_ms", "latency, onnxruntime int8 (ms)")):
+        tv, sv = (t.get("latency") or {}).get(key), (s.get("latency") or {}).get(key)
+        if tv is not None or sv is not None:
+            rows.append((label, _fmt(tv, 3), _fmt(sv, 3)))
+    return rows
+
+
+def _m(value: Any) -> float | None:
+    return None if value is None else value / 1e6
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s = result["student"]
+    lines = [f"# kdcompress report: {s['arch']}", ""]
+    lines.append(f"Budget: {', '.join(result.get('budgets') or []) or '-'}; recipe: {result.get('recipe')}; "
+                 f"data: {result.get('data')}. {FLOP_CONVENTION}.")
+    lines += ["", "## Summary", "", "| | teacher | student |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(result)]
+    baseline = result.get("baseline")
+    if baseline:
+        lines += ["", f"Vanilla student (same epochs and seed, no distillation): test top-1 "
+                      f"{_fmt(baseline.get('test_top1'))}%; KD gain {_fmt(baseline.get('kd_gain'), 2, ' points')}."]
+    lines += ["", "## Why", ""] + [f"- {r}" for r in result.get("reasons") or []]
+    lines += ["", "## Stages", "", "| stage | model | scheme | learns from | test top-1 | val top-1 | best epoch |",
+              "|---|---|---|---|---|---|---|"]
+    for st in result.get("stages") or []:
+        m = st.get("metrics") or {}
+        lines.append(f"| {st['name']} | {st['arch']} | {st['scheme']} | {', '.join(st.get('teachers') or []) or '-'} | "
+                     f"{_fmt(m.get('test_top1'))} | {_fmt(m.get('val_top1'))} | {m.get('best_epoch', '-')} |")
+    onnx = s.get("onnx")
+    if onnx:
+        lines += ["", "## Deployment", "",
+                  f"ONNX file {onnx.get('path')} (exporter: {onnx.get('exporter')}, opset {onnx.get('opset')}): "
+                  f"max |logit difference| vs PyTorch {_fmt(onnx.get('max_abs_diff'), 7)} "
+                  f"(tolerance {onnx.get('atol')}), top-1 agreement {_fmt(onnx.get('top1_agreement'), 4)}."]
+        int8 = s.get("int8")
+        if int8:
+            flag = " **ACCURACY DROP ABOVE THE MARGIN**" if int8.get("flagged") else ""
+            lines.append(f"int8 file {int8.get('path')}: test top-1 {_fmt(int8.get('int8_top1'))}% vs fp32 "
+                         f"{_fmt(int8.get('fp32_top1'))}%, {_fmt(int8.get('int8_bytes', 0) / 1e6, 3)} MB vs "
+                         f"{_fmt(int8.get('fp32_bytes', 0) / 1e6, 3)} MB.{flag}")
+    probe = result.get("probe")
+    if probe:
+        lines += ["", "## Probe search", "", "| candidate | round | val top-1 |", "|---|---|---|"]
+        lines += [f"| {p['name']} | {p['round']} | {_fmt(p.get('score'))} |" for p in probe]
+    cands = result.get("candidates") or []
+    if cands:
+        lines += ["", "## Candidates", "", "| model | family | MFLOPs | params (M) | latency (ms) | fits |",
+                  "|---|---|---|---|---|---|"]
+        for c in cands:
+            mark = "**chosen**" if c["name"] == s.get("search_name", s["arch"]) else ("yes" if c.get("fits") else
+                                                                                      "no: " + "; ".join(c.get("rejected_by") or []))
+            lines.append(f"| {c['name']} | {c['family']} | {c['flops'] / 1e6:.2f} | {c['params'] / 1e6:.3f} | "
+                         f"{_fmt(c.get('latency_ms'), 3)} | {mark} |")
+    plots = [p for k, p in (result.get("files") or {}).items() if k.startswith("plot:")]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(result: dict[str, Any], folder: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+
+    def save(fig, name: str) -> None:
+        path = folder / name
+        tmp = folder / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        tmp.replace(path)
+        files[f"plot:{path.stem}"] = str(path)
+
+    stages = [st for st in result.get("stages") or [] if st.get("history")]
+    if stages:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for st in stages:
+            epochs = [h["epoch"] for h in st["history"]]
+            axes[0].plot(epochs, [h.get("train_loss", math.nan) for h in st["history"]], label=st["name"])
+            axes[1].plot(epochs, [h.get("val_top1", math.nan) for h in st["history"]], label=st["name"])
+        axes[0].set(title="training loss", xlabel="epoch")
+        axes[1].set(title="validation top-1 (%)", xlabel="epoch")
+        axes[1].legend(fontsize=8)
+        save(fig, "training_curves.png")
+
+    cands = result.get("candidates") or []
+    if cands:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        fits = [c for c in cands if c.get("fits")]
+        rest = [c for c in cands if not c.get("fits")]
+        ax.scatter([c["flops"] / 1e6 for c in rest], [c["params"] / 1e6 for c in rest], s=14, c="0.7", label="does not fit")
+        ax.scatter([c["flops"] / 1e6 for c in fits], [c["params"] / 1e6 for c in fits], s=16, c="tab:blue", label="fits")
+        s = result["student"]
+        chosen = [c for c in cands if c["name"] == s.get("search_name", s["arch"])]
+        if chosen:
+            ax.scatter([chosen[0]["flops"] / 1e6], [chosen[0]["params"] / 1e6], s=120, marker="*", c="tab:red",
+                       label=f"chosen: {chosen[0]['name']}")
+        for limit in result.get("budget_lines", {}).get("mflops", []):
+            ax.axvline(limit, color="tab:red", ls="--", lw=1)
+        for limit in result.get("budget_lines", {}).get("mparams", []):
+            ax.axhline(limit, color="tab:red", ls=":", lw=1)
+        ax.set(xscale="log", yscale="log", xlabel="MFLOPs (1 multiply-add = 1 FLOP)", ylabel="params (M)",
+               title="student candidates and the budget")
+        ax.legend(fontsize=8)
+        save(fig, "candidates.png")
+
+    t = result.get("teacher") or {}
+    s = result["student"]
+    if t:
+        panels = [("test top-1 (%)", t.get("test_top1"), s.get("test_top1")),
+                  ("params (M)", _m(t.get("params")), _m(s.get("params"))),
+                  ("MFLOPs", _m(t.get("flops")), _m(s.get("flops"))),
+                  ("onnxruntime latency (ms)", (t.get("latency") or {}).get("onnx_ms"), (s.get("latency") or {}).get("onnx_ms"))]
+        panels = [p for p in panels if p[1] is not None and p[2] is not None]
+        fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2))
+        for ax, (title, tv, sv) in zip(axes if len(panels) > 1 else [axes], panels):
+            ax.bar(["teacher", "student"], [tv, sv], color=["0.55", "tab:blue"])
+            ax.set_title(title, fontsize=9)
+        save(fig, "teacher_vs_student.png")
+    return files
