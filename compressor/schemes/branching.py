@@ -96,7 +96,7 @@ def split_model(model: nn.Module, input_shape: Sequence[int] | None = None) -> S
     try:
         graph = _StageLeafTracer(leaves).trace(model)
     except Exception as err:  # fx raises many kinds (TraceError, TypeError, NotImplementedError ...)
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0].rstrip(".")[:120]
         raise NotBranchable(
             f"{name} cannot be branched: torch.fx cannot trace its forward, which needs concrete values or "
             f"shapes ({first}); "
