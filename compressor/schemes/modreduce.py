@@ -37,9 +37,10 @@ from compressor.features import FeatureTaps
 from compressor.knowledge import LossContext, build_loss
 from compressor.schemes.aggregators import Aggregator, aggregator_class, build_aggregator
 from compressor.schemes.base import Scheme
-from compressor.schemes.cohort import PeerSelection, _EnsembleView, aggregator_options, parse_peers
+from compressor.schemes.cohort import aggregator_options, parse_peers
 from compressor.schemes.peers import SeparatePeers
 from compressor.schemes.registry import SchemeRequest, register_scheme
+from compressor.schemes.selection import EnsembleView, PeerSelection
 
 TEMPERATURE = 4.0
 # (student name, its offline losses) in the paper's order: response, feature, relation knowledge
@@ -69,7 +70,7 @@ class ModReduce(PeerSelection, Scheme):
         self.online_weight = float(online_weight)
         self._teacher_taps = FeatureTaps(teacher, input_shape)
         self._init_selection()
-        view = None if aggregator.needs_labels else _EnsembleView(students, aggregator)
+        view = None if aggregator.needs_labels else EnsembleView(students, aggregator)
         self.__dict__["_aggregate_view"] = view
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
