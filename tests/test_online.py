@@ -355,6 +355,21 @@ def test_a_rebuilt_cohort_loads_the_saved_state_exactly():
         assert torch.equal(a.deployable()(batch.x), b.deployable()(batch.x)) and b.chosen == "mean1"
 
 
+def test_modreduce_students_carry_the_papers_losses_weights_and_temperature():
+    src = type("S", (), {"num_classes": 10, "input_shape": SHAPE, "num_train": 64})()
+    scheme = _scheme("modreduce", src)
+    assert scheme.students.names == ["s1_hinton", "s2_semckd", "s3_crd"]
+    assert [sorted(terms) for terms in scheme.offline] == [["hinton"], ["hinton", "semckd"], ["crd", "hinton"]]
+    assert scheme.weights == [{"hinton": 1.0}, {"hinton": 1.0, "semckd": 400.0}, {"hinton": 1.0, "crd": 0.8}]
+    assert all(terms["hinton"].temperature == 4.0 for terms in scheme.offline)
+    assert scheme.aggregator.name == "wavg" and scheme.aggregator.temperature == 4.0
+    assert scheme.frozen_modules()[0] is scheme.teacher and not any(p.requires_grad for p in scheme.teacher.parameters())
+    with pytest.raises(UserError, match="give --teacher"):
+        build_scheme("modreduce", SchemeRequest("resnet8", 10, SHAPE, 64))
+    with pytest.raises(UserError, match="exactly 3 students"):
+        _scheme("modreduce", src, peers="resnet8,resnet8")
+
+
 # --- bad input ----------------------------------------------------------------------------
 
 
