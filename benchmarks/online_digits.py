@@ -142,7 +142,8 @@ def main() -> None:
         mean = statistics.mean(accs)
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         reference = vanilla_clip if name in ("hinton", "modreduce") else vanilla
-        gain = kd_gain(mean, reference) if reference is not None and not name.startswith("vanilla") else None
+        is_student = not name.startswith(("vanilla", "teacher"))
+        gain = kd_gain(mean, reference) if reference is not None and is_student else None
         spe = statistics.mean(r["s_per_epoch"] for r in records if r.get("s_per_epoch") is not None)
         summary[name] = {"mean": mean, "sd": sd, "kd_gain": gain, "s_per_epoch": spe, "n": len(accs),
                          "diverged": diverged}
@@ -155,6 +156,9 @@ def main() -> None:
             ari = average_relative_improvement([modreduce], [hinton], [vanilla_clip])
             summary["ari_modreduce_over_hinton"] = ari
             print(f"ARI of ModReduce over Hinton KD (1 teacher/student pair, seed means): {ari:.1f}%")
+            if hinton < vanilla_clip:
+                print("  (Hinton KD is below its vanilla student here, so the ratio's sign is inverted: "
+                      "ARI presumes the reference method gains over vanilla)")
         except ValueError as err:
             print(f"ARI undefined: {err}")
     save({"summary": summary})

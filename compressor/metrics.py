@@ -39,7 +39,9 @@ def average_relative_improvement(
     over M teacher/student pairs ``i``: how much of the reference method's own gain over the
     vanilla student the new method adds on top (100% = it doubles the gain, negative = it loses
     some). A pair where the reference method gained nothing over vanilla has no relative scale,
-    so it is refused rather than producing an infinite average.
+    so it is refused rather than producing an infinite average. The metric presumes the reference
+    method beats vanilla: where it does not (a negative denominator) a pair's sign is inverted,
+    so read such pairs with :func:`kd_gain` beside them.
     """
     new, ref, base = list(acc_new), list(acc_method), list(acc_vanilla)
     if not (len(new) == len(ref) == len(base)):
