@@ -22,6 +22,7 @@ from compressor.atomic import copy_file
 from compressor.checkpoint import load_model
 from compressor.cost import FLOP_CONVENTION, measure
 from compressor.errors import UserError
+from compressor.metrics import kd_gain
 from recipes.budget import parse_budgets
 from recipes.context import RunInputs, resolve_inputs
 from recipes.distill_plan import preset_plan
@@ -199,7 +200,7 @@ def _baseline(plan: Plan, inputs: RunInputs, out_dir: Path, resume: bool, device
     echo("baseline: the same student without distillation")
     result = run_plan(base_plan, inputs.source, out_dir, resume=resume, device=device, echo=echo)
     top1 = result.metrics.get("test_top1")
-    gain = None if top1 is None or kd_top1 is None else kd_top1 - top1
+    gain = None if top1 is None or kd_top1 is None else kd_gain(kd_top1, top1)
     return {"arch": final.arch, "test_top1": top1, "val_top1": result.metrics.get("val_top1"), "kd_gain": gain,
             "checkpoint": result.stages[-1].checkpoint}
 

@@ -102,7 +102,7 @@ def run_plan(
         meta = ModelMeta.from_source(getattr(deployable, "kd_arch", stage.arch), source,
                                      **getattr(deployable, "kd_arch_kwargs", {}))
         extra = {"stage": stage.name, "scheme": stage.scheme, "method": stage.method, "teachers": stage.teachers,
-                 **result.extra}
+                 **getattr(result, "extra", {})}
         if result.is_main:
             save_model(model_path, deployable, meta, metrics=result.metrics(), plan=plan.to_dict(), extra=extra)
         loaded = LoadedModel(deployable.cpu().eval(), meta, result.metrics(), plan.to_dict(), extra, "kdcompress",

@@ -397,7 +397,14 @@ class _Run:
         vals = evaluate_many(self.scheme.eval_models(), loader, self.source.num_classes,
                              precision=self.precision, ctx=ctx, num_samples=self.source.split_size("val"))
         primary = vals[self.primary_name]
-        out: dict[str, Any] = {"val_top1": primary.top1, "val_top5": primary.top5, "val_loss": primary.loss}
+        out: dict[str, Any] = {}
+        observe = getattr(self.scheme, "observe_validation", None)
+        if callable(observe):  # a cohort: the candidate it chose on validation stands for the epoch
+            chosen = observe({n: r.top1 for n, r in vals.items()})
+            if chosen in vals:
+                primary = vals[chosen]
+                out["val_chosen"] = chosen
+        out.update(val_top1=primary.top1, val_top5=primary.top5, val_loss=primary.loss)
         if len(vals) > 1:
             out["val_models"] = {n: r.to_dict() for n, r in vals.items()}
         return out
