@@ -14,7 +14,6 @@ import inspect
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +22,8 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+
+from compressor.atomic import write_text
 
 FLOP_CONVENTION = "1 FLOP = 1 fused multiply-add (fvcore convention)"
 
@@ -138,11 +139,7 @@ class _DiskCache:
         if self.path is None:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".cost-cache.", suffix=".tmp")
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh)
-            os.replace(tmp, self.path)
+            write_text(self.path, json.dumps(data))
         except OSError:
             pass  # read-only home: the in-memory cache still serves this process
 

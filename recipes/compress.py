@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from compressor import __version__
+from compressor.atomic import copy_file
 from compressor.checkpoint import load_model
 from compressor.cost import FLOP_CONVENTION, measure
 from compressor.errors import UserError
+from compressor.metrics import kd_gain
 from recipes.budget import parse_budgets
 from recipes.context import RunInputs, resolve_inputs
 from recipes.distill_plan import preset_plan
-from recipes.distill_run import copy_atomic, teacher_accuracy
+from recipes.distill_run import teacher_accuracy
 from recipes.plan import Plan, Stage
 from recipes.report import summary_rows, write_report
 from recipes.runner import run_plan
@@ -112,7 +114,7 @@ def compress(
         echo(f"plan: {reason}")
     run = run_plan(plan, inputs.source, out_dir, teacher=inputs.teacher, resume=resume, device=device, echo=echo)
     student_path = out_dir / "student.pt"
-    copy_atomic(run.stages[-1].checkpoint, student_path)
+    copy_file(run.stages[-1].checkpoint, student_path)
     student = load_model(student_path)
 
     baseline_row = None
@@ -198,7 +200,7 @@ def _baseline(plan: Plan, inputs: RunInputs, out_dir: Path, resume: bool, device
     echo("baseline: the same student without distillation")
     result = run_plan(base_plan, inputs.source, out_dir, resume=resume, device=device, echo=echo)
     top1 = result.metrics.get("test_top1")
-    gain = None if top1 is None or kd_top1 is None else kd_top1 - top1
+    gain = None if top1 is None or kd_top1 is None else kd_gain(kd_top1, top1)
     return {"arch": final.arch, "test_top1": top1, "val_top1": result.metrics.get("val_top1"), "kd_gain": gain,
             "checkpoint": result.stages[-1].checkpoint}
 

@@ -34,7 +34,8 @@ def resolve_inputs(teacher_path: str | None, data: str | None, *, arch: str | No
     if spec is None:
         raise UserError(f"{teacher_path} does not record its dataset ({teacher.source_format} file): give --data")
     source = None
-    if load_data or teacher is None or teacher.meta.input_shape is None:
+    # explicit data is always opened: it must be checked against the teacher
+    if load_data or data is not None or teacher is None or teacher.meta.input_shape is None:
         from compressor.data import load_source
 
         source = load_source(spec, val_fraction=val_fraction, seed=seed)

@@ -15,22 +15,10 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from compressor.checkpoint import ModelMeta
-from compressor.cost import FLOP_CONVENTION
 
 Log = Callable[[str], None]
 PARITY_SAMPLES = 64
 CALIBRATION_SAMPLES = 300
-
-
-def export_metadata(meta: ModelMeta, source_checkpoint: str | None = None):
-    from export.metadata import ExportMetadata
-
-    return ExportMetadata(
-        in_chans=meta.in_chans, input_size=list(meta.input_size) if meta.input_size else None,
-        mean=list(meta.mean) if meta.mean else None, std=list(meta.std) if meta.std else None,
-        class_names=meta.class_names, num_classes=meta.num_classes, arch=meta.arch, dataset=meta.dataset,
-        source_checkpoint=source_checkpoint, flops_convention=FLOP_CONVENTION,
-    )
 
 
 @dataclass
@@ -53,11 +41,12 @@ def export_with_data(
     log: Log | None = None,
 ) -> Deployment:
     """Export with parity on real test images; optionally int8, calibrated and compared on the data."""
+    from export.io import metadata_from_model_meta
     from export.pipeline import export_model, quantize_model
 
     inputs = source.sample("test", PARITY_SAMPLES, seed=seed).x.cpu()
     report = export_model(model.cpu().eval(), out_path, inputs=inputs, inputs_from_data=True,
-                          metadata=export_metadata(meta, source_checkpoint), simplify=simplify, log=log)
+                          metadata=metadata_from_model_meta(meta, source_checkpoint), simplify=simplify, log=log)
     deployment = Deployment(onnx=report.to_dict(), lines=report.summary_lines())
     if int8_path is not None:
         calibration = source.sample("train", CALIBRATION_SAMPLES, seed=seed).x.cpu()

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from compressor.atomic import copy_file
 from compressor.errors import UserError
 from recipes.context import resolve_inputs
 from recipes.distill_plan import DistillRequest, distill_plan, preset_plan
@@ -60,7 +58,7 @@ def distill(
     run_dir.mkdir(parents=True, exist_ok=True)
     plan.save(run_dir / "plan.yaml")
     result = run_plan(plan, inputs.source, run_dir, teacher=inputs.teacher, resume=resume, device=device, echo=echo)
-    copy_atomic(result.stages[-1].checkpoint, output)
+    copy_file(result.stages[-1].checkpoint, output)
     lines = []
     if inputs.teacher is not None:
         lines.append(f"teacher {inputs.teacher.meta.arch}: test top-1 {teacher_accuracy(inputs):.2f}%")
@@ -89,17 +87,3 @@ def _stage_lines(result: RunResult) -> list[str]:
             text += f", val top-1 {val:.2f}% at epoch {m.get('best_epoch')}"
         lines.append(text)
     return lines
-
-
-def copy_atomic(src: str | Path, dst: str | Path) -> None:
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

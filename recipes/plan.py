@@ -9,12 +9,13 @@ A stage trains one model (or one cohort) with a registered scheme; its teachers 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from compressor.atomic import write_text
 
 from compressor.errors import UserError
 
@@ -108,18 +109,4 @@ class Plan:
         return cls.from_yaml(path.read_text())
 
     def save(self, path: str | os.PathLike) -> None:
-        write_text_atomic(path, self.to_yaml())
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        write_text(path, self.to_yaml())

@@ -60,14 +60,18 @@ def make_plan(request: PlanRequest, latency: LatencyFn | None = None) -> Plan:
         raise UserError(f"recipe {request.recipe!r} distils from a teacher: give --teacher")
     reasons: list[str] = []
     candidates = measure_candidates(request.num_classes, request.input_shape)
+    if request.family is not None:
+        known = sorted({c.family for c in candidates})
+        if request.family not in known:
+            raise UserError(f"no searchable family {request.family!r}; families: {', '.join(known)}")
+        candidates = [c for c in candidates if c.family == request.family]
+    if request.teacher_flops is not None:
+        # a student is never larger than its teacher (checked before any latency is timed)
+        for c in candidates:
+            if c.flops >= request.teacher_flops:
+                c.rejected_by.append("not smaller than the teacher")
     apply_budgets(candidates, request.budgets, request.teacher_flops, latency)
     check_budget_range(candidates, request.budgets, request.teacher_flops, request.teacher_params)
-    if request.teacher_flops is not None:
-        # a student is never larger than its teacher
-        for c in candidates:
-            if c.fits and c.flops >= request.teacher_flops:
-                c.rejected_by.append("not smaller than the teacher")
-        check_budget_range(candidates, request.budgets, None, None)
     family = teacher_family_of(request.teacher_arch)
     if request.student is not None:
         student = next((c for c in candidates if c.name == request.student and c.fits), None)

@@ -22,7 +22,7 @@ PROBE_FRACTION = 0.5  # of the training split per probe
 def probe_search(plan: Plan, inputs: RunInputs, *, k: int = 4, device: str = "auto",
                  echo: Callable[[str], None] = print) -> tuple[str, list[dict[str, Any]]]:
     from compressor.schemes import SchemeRequest, build_scheme
-    from compressor.trainer import TrainConfig, fit
+    from compressor.trainer import TrainConfig, fit, seed_everything
 
     if inputs.teacher is None:
         raise UserError("--search probe distils from a teacher: give --teacher")
@@ -41,6 +41,7 @@ def probe_search(plan: Plan, inputs: RunInputs, *, k: int = 4, device: str = "au
                                     input_shape=tuple(source.input_shape), num_train=source.num_train,
                                     teacher=_frozen_copy(inputs), method=final.method if TEACHER in final.teachers else None,
                                     options={})
+            seed_everything(plan.seed)  # every candidate starts from the same seed
             scheme = build_scheme("offline", request)
             settings = {**final.train, "epochs": epochs, "seed": plan.seed, "device": device, "progress": "off"}
             settings.pop("milestones", None)

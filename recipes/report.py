@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.cost import FLOP_CONVENTION
-from recipes.plan import write_text_atomic
+from compressor.atomic import write_text
 
 
 def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
@@ -22,8 +22,8 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
     files = {"report.json": str(out / "report.json"), "report.md": str(out / "report.md")}
     files.update(write_plots(result, out / "plots"))
     result = {**result, "files": {**result.get("files", {}), **files}}
-    write_text_atomic(out / "report.json", json.dumps(result, indent=1, default=_jsonable))
-    write_text_atomic(out / "report.md", markdown(result))
+    write_text(out / "report.json", json.dumps(result, indent=1, default=_jsonable))
+    write_text(out / "report.md", markdown(result))
     return files
 
 

@@ -64,7 +64,7 @@ def run_plan(
     train_overrides: dict[str, Any] | None = None,
 ) -> RunResult:
     """Train every stage of ``plan`` on ``source``; return each stage's figures and the final model."""
-    from compressor.trainer import TrainConfig, fit
+    from compressor.trainer import TrainConfig, fit, seed_everything
 
     plan.validate()
     run_dir = Path(run_dir)
@@ -85,15 +85,16 @@ def run_plan(
             continue
         echo(label)
         teachers = [_teacher_model(name, teacher, done) for name in stage.teachers]
+        settings = {**stage.train, **(train_overrides or {})}
+        settings.setdefault("seed", plan.seed)
+        settings.setdefault("device", device)
+        seed_everything(settings["seed"])  # the models' initial weights depend on it, not on the process's past
         request = SchemeRequest(
             student_arch=stage.arch, num_classes=source.num_classes, input_shape=tuple(source.input_shape),
             num_train=source.num_train, teacher=teachers[0] if teachers else None, method=stage.method,
             options={**stage.options, "teachers": teachers},
         )
         scheme = build_scheme(stage.scheme, request)
-        settings = {**stage.train, **(train_overrides or {})}
-        settings.setdefault("seed", plan.seed)
-        settings.setdefault("device", device)
         config = TrainConfig(**settings)
         result = fit(scheme, source, config, state_path=folder / "state.pt", log_path=folder / "log.jsonl",
                      resume=resume, echo=echo)
@@ -101,7 +102,7 @@ def run_plan(
         meta = ModelMeta.from_source(getattr(deployable, "kd_arch", stage.arch), source,
                                      **getattr(deployable, "kd_arch_kwargs", {}))
         extra = {"stage": stage.name, "scheme": stage.scheme, "method": stage.method, "teachers": stage.teachers,
-                 **result.extra}
+                 **getattr(result, "extra", {})}
         if result.is_main:
             save_model(model_path, deployable, meta, metrics=result.metrics(), plan=plan.to_dict(), extra=extra)
         loaded = LoadedModel(deployable.cpu().eval(), meta, result.metrics(), plan.to_dict(), extra, "kdcompress",

@@ -66,6 +66,8 @@ def apply_budgets(
     marked as such and never picked.
     """
     for c in candidates:
+        if c.rejected_by:
+            continue  # already out (e.g. not smaller than the teacher): no need to time it
         for b in budgets:
             if b.kind == "params" and c.params > b.value:
                 c.rejected_by.append(b.text)

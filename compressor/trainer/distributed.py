@@ -8,6 +8,7 @@ same figures. Outside torchrun everything here is a cheap no-op.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from dataclasses import dataclass
@@ -100,6 +101,9 @@ def setup(device: str | torch.device | None = "auto") -> DistContext:
             dist.init_process_group("nccl", device_id=resolved)
         else:
             dist.init_process_group("gloo")
+        # One group per process, ended at exit: re-creating a group after destroying it in the
+        # same torchrun process hangs in the next collective, and a plan trains several stages.
+        atexit.register(teardown)
     elif resolved.type == "cuda":
         torch.cuda.set_device(resolved)
     return DistContext(rank, world, local, resolved)
@@ -112,11 +116,9 @@ def teardown() -> None:
 
 @contextlib.contextmanager
 def session(device: str | torch.device | None = "auto") -> Iterator[DistContext]:
-    """``with session(device) as ctx:`` starts the process group if needed and always ends it."""
-    started = not (dist.is_available() and dist.is_initialized())
-    ctx = setup(device)
-    try:
-        yield ctx
-    finally:
-        if started and ctx.enabled:
-            teardown()
+    """``with session(device) as ctx:`` joins (or starts, once per process) the process group.
+
+    The group lives until the process exits (see :func:`setup`), so several sessions in one
+    process (the stages of a plan) reuse it.
+    """
+    yield setup(device)

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compressor.batch import Batch
+from compressor.errors import UserError
 from compressor.trainer.distributed import DistContext
 from compressor.trainer.precision import Precision
 
@@ -138,3 +139,35 @@ def evaluate_many(
         for name, model in models.items():
             model.train(states[name])
     return {name: c.result(ctx) for name, c in counters.items()}
+
+
+class Renormalize(nn.Module):
+    """Feeds a model inputs normalised its own way when the data source normalises another way:
+    ``x_model = (x_source * std_s + mean_s - mean_m) / std_m``, per channel."""
+
+    def __init__(self, model: nn.Module, source_mean: Sequence[float], source_std: Sequence[float],
+                 model_mean: Sequence[float], model_std: Sequence[float]) -> None:
+        super().__init__()
+        self.model = model
+        scale = torch.tensor(source_std) / torch.tensor(model_std)
+        shift = (torch.tensor(source_mean) - torch.tensor(model_mean)) / torch.tensor(model_std)
+        self.register_buffer("scale", scale.view(1, -1, 1, 1).float())
+        self.register_buffer("shift", shift.view(1, -1, 1, 1).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x * self.scale + self.shift)
+
+
+def check_fits(label: str, num_classes: int, input_shape: Sequence[int] | None, in_chans: int,
+               data_name: str, data_classes: int, data_shape: Sequence[int]) -> None:
+    """A clear UserError when a model cannot be scored on a dataset: classes, channels, size."""
+    if num_classes != data_classes:
+        raise UserError(f"{label} predicts {num_classes} classes but {data_name} has {data_classes}: "
+                        "evaluate it on the data it was trained for (--data)")
+    if in_chans != data_shape[0]:
+        raise UserError(f"{label} takes {in_chans}-channel images but {data_name} has {data_shape[0]}-channel "
+                        "images: evaluate it on the data it was trained for (--data)")
+    if input_shape is not None and tuple(input_shape) != tuple(data_shape):
+        fmt = "x".join
+        raise UserError(f"{label} was trained on {fmt(map(str, input_shape))} inputs but {data_name} is "
+                        f"{fmt(map(str, data_shape))}: evaluate it on the data it was trained for (--data)")

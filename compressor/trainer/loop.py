@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
@@ -27,7 +27,7 @@ from compressor.trainer.config import TrainConfig
 from compressor.trainer.distributed import DistContext
 from compressor.trainer.evaluate import EvalResult, evaluate, evaluate_many
 from compressor.trainer.optim import build_optimizer, param_groups_of
-from compressor.trainer.precision import Precision, resolve_precision
+from compressor.trainer.precision import resolve_precision
 from compressor.trainer.progress import JsonlLog, epoch_bar, show_bar
 from compressor.trainer.schedule import LrSchedule
 from compressor.trainer.seeding import configure_determinism, seed_epoch
@@ -70,7 +70,6 @@ class TrainResult:
     config: TrainConfig
     rank: int = 0
     world_size: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -128,27 +127,28 @@ class _EpochStats:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.images = 0
+        self.scored = 0
         self.terms: dict[str, torch.Tensor] = {}
         self.correct = torch.zeros((), dtype=torch.float64, device=device)
-        self.scored = torch.zeros((), dtype=torch.float64, device=device)
 
     def add(self, losses: dict[str, torch.Tensor], logits: torch.Tensor | None, y: torch.Tensor) -> None:
         n = y.shape[0]
         self.images += n
         for name, value in losses.items():
             acc = self.terms.get(name)
-            term = value.detach().to(torch.float64) * n
-            self.terms[name] = term if acc is None else acc + term
+            if acc is None:
+                acc = self.terms[name] = torch.zeros((), dtype=torch.float64, device=self.device)
+            acc.add_(value.detach(), alpha=n)
         if logits is not None and logits.shape[0] == n:
-            self.correct += (logits.argmax(dim=1) == y).sum()
+            self.correct.add_((logits.argmax(dim=1) == y).sum())
             self.scored += n
 
     def reduce(self, ctx: DistContext) -> dict[str, Any]:
         names = sorted(self.terms)
-        packed = torch.stack([torch.tensor(float(self.images), dtype=torch.float64, device=self.device),
-                              self.correct, self.scored, *(self.terms[k] for k in names)])
+        counts = torch.tensor([float(self.images), float(self.scored)], dtype=torch.float64, device=self.device)
+        packed = torch.cat([counts, torch.stack([self.correct, *(self.terms[k] for k in names)])])
         ctx.all_reduce_sum(packed)
-        images, correct, scored, *sums = packed.tolist()
+        images, scored, correct, *sums = packed.tolist()
         terms = {k: s / max(images, 1.0) for k, s in zip(names, sums)}
         return {
             "images": int(images),
@@ -156,6 +156,38 @@ class _EpochStats:
             "terms": terms,
             "top1": 100.0 * correct / scored if scored else None,
         }
+
+
+class _NonFiniteWatch:
+    """Finds the first step of an epoch whose loss was NaN or infinite. On the CPU it looks at each
+    loss as it comes (free); on an accelerator it keeps the losses of the last ``every`` steps in a
+    device buffer and looks at them together, so the host does not wait on the device every step."""
+
+    def __init__(self, device: torch.device, every: int) -> None:
+        self.every = every
+        self.buffer = torch.zeros(every, dtype=torch.float32, device=device) if every > 1 else None
+        self.base = 0  # the step held in buffer[0]
+        self.last: torch.Tensor | None = None
+
+    def record(self, step: int, loss: torch.Tensor) -> None:
+        if self.buffer is None:
+            self.last = loss.detach()
+        else:
+            self.buffer[step - self.base] = loss.detach()
+
+    def due(self, step: int, steps: int) -> bool:
+        return (step + 1 - self.base) >= self.every or step + 1 == steps
+
+    def first_bad(self, step: int) -> int | None:
+        """The first non-finite step since the last call (None if none); resets the window."""
+        if self.buffer is None:
+            value = self.last.item() if self.last is not None else 0.0
+            return None if math.isfinite(value) else step
+        window = self.buffer[: step + 1 - self.base]
+        bad = (~torch.isfinite(window)).nonzero()
+        first = None if bad.numel() == 0 else self.base + int(bad[0, 0].item())
+        self.base = step + 1
+        return first
 
 
 def _selection(select: str) -> tuple[str, bool]:
@@ -192,191 +224,239 @@ def fit(
     ``state_path``: the training state written after every epoch (rank 0), read by ``resume``.
     ``log_path``: the JSONL file that gets one line per epoch (rank 0). ``echo``: where one summary
     line per epoch goes (rank 0; None = silent). Under torchrun the process group is started here
-    if the caller has not (``compressor.trainer.distributed.session`` also ends it).
+    if the caller has not, and lives until the process exits.
     """
-    ctx = ctx or distributed.setup(config.device)
-    device = ctx.device
-    say: Echo = (echo if echo is not None and ctx.is_main else (lambda _msg: None))
-    configure_determinism(device, config.deterministic)
-    if config.batch_size % ctx.world_size:
-        raise UserError(f"batch size {config.batch_size} does not split over {ctx.world_size} processes: "
-                        f"use a multiple of {ctx.world_size}")
-    per_rank_batch = config.batch_size // ctx.world_size
-    eval_batch = config.eval_batch_size or 4 * config.batch_size
-
-    source = source.to(device)
-    scheme.to(device)
-    for module in scheme.frozen_modules():
-        module.requires_grad_(False)
-    precision = resolve_precision(config, device, scheme)
-    precision.prepare_module(scheme)
-    optimizer = build_optimizer(param_groups_of(scheme), config)
-    schedule = LrSchedule(config)
-    scaler = precision.grad_scaler()
-    model: nn.Module = scheme
-    if ctx.enabled:
-        model = DistributedDataParallel(
-            scheme,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=scheme.has_unused_parameters,
-        )
-
-    drop_last = _lone_last_sample(source.split_size("train"), ctx.world_size, per_rank_batch)
-    has_val = source.split_size("val") > 0
-    select = config.select if has_val else "last"
-    if select != config.select:
-        say(f"no validation split: the last epoch's weights are kept (instead of the best {config.select})")
-    key, higher = _selection(select)
-
-    history: list[dict[str, Any]] = []
-    best_epoch, best_value, best_weights = 0, None, None
-    start_epoch = 0
-    log = JsonlLog(log_path if ctx.is_main else None)
-    if resume and state_path is not None and Path(state_path).is_file():
-        state = load_state(state_path, map_location=device)
-        _restore(state, scheme, optimizer, schedule, scaler, config, state_path, say)
-        start_epoch = int(state["epoch"])
-        history = list(state["history"])
-        best_epoch = int(state["best"]["epoch"])
-        best_value = state["best"]["value"]
-        best_weights = state["best"]["state_dict"]
-        log.rewrite(history)
-        say(f"resumed from {state_path} after epoch {start_epoch}/{config.epochs}")
-    else:
-        if resume:
-            say(f"no training state at {state_path}: starting from scratch")
-        log.rewrite([])
-
-    primary_name, primary = next(iter(scheme.eval_models().items()))
-    tap = _LogitsTap(primary)
-    sync_every = 1 if device.type == "cpu" else 25
-    bar_on = show_bar(config.progress, ctx.is_main)
+    run = _Run(scheme, source, config, state_path=state_path, log_path=log_path,
+               ctx=ctx or distributed.setup(config.device), echo=echo)
+    run.start(resume)
     try:
-        for epoch in range(start_epoch, config.epochs):
-            seed_epoch(config.seed, epoch, ctx.rank)
-            scheme.start_epoch(epoch, config.epochs)
-            scheme.train()
-            loader = source.loader("train", per_rank_batch, shuffle=True, augment=config.augment,
-                                   drop_last=drop_last, seed=config.seed, epoch=epoch, rank=ctx.rank,
-                                   world_size=ctx.world_size)
-            steps = len(loader)
-            if ctx.enabled:  # every rank must take the same number of steps or DDP hangs
-                steps = int(ctx.all_reduce_min(torch.tensor(steps, device=device)).item())
-            stats = _EpochStats(device)
-            first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-            epoch_lr = optimizer.param_groups[0]["base_lr"] * schedule.factor(float(epoch))
-            bar = epoch_bar(steps, epoch + 1, config.epochs, bar_on)
-            t0 = time.perf_counter()
-            for step, batch in enumerate(loader):
-                if step >= steps:
-                    break
-                schedule.apply(optimizer, epoch, step, steps)
-                batch = Batch(precision.prepare_input(batch.x), batch.y, batch.index)
-                tap.arm()
-                with precision.autocast():
-                    losses = model(batch)
-                if not losses:
-                    raise ValueError(f"{type(scheme).__name__}.forward returned no loss terms")
-                loss = sum(losses.values())
-                bad = ~torch.isfinite(loss.detach())
-                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                             config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheme.after_step()
-                stats.add(losses, tap.take(), batch.y)
-                if (step + 1) % sync_every == 0 or step + 1 == steps:
-                    _guard(first_bad, ctx, epoch, step, steps, losses, state_path, history)
-                    if bar_on:
-                        bar.update(step + 1 - bar.n)
-                        elapsed = time.perf_counter() - t0
-                        bar.set_postfix(loss=f"{loss.item():.3f}", acc=_running_acc(stats),
-                                        ips=f"{stats.images * ctx.world_size / max(elapsed, 1e-9):.0f}")
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            train_time = time.perf_counter() - t0
-            bar.close()
-            train = stats.reduce(ctx)
-
-            record: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "lr": epoch_lr,
-                "loss": train["loss"],
-                "loss_terms": train["terms"],
-                "train_top1": train["top1"],
-                "images_per_s": train["images"] / max(train_time, 1e-9),
-                "train_time_s": train_time,
-            }
-            if has_val:
-                val_loader = source.loader("val", eval_batch, shuffle=False, augment=False,
-                                           rank=ctx.rank, world_size=ctx.world_size)
-                vals = evaluate_many(scheme.eval_models(), val_loader, source.num_classes,
-                                     precision=precision, ctx=ctx, num_samples=source.split_size("val"))
-                primary_val = vals[primary_name]
-                record.update(val_top1=primary_val.top1, val_top5=primary_val.top5, val_loss=primary_val.loss)
-                if len(vals) > 1:
-                    record["val_models"] = {n: r.to_dict() for n, r in vals.items()}
-            record["time_s"] = time.perf_counter() - t0
-
-            value = record.get(key)
-            if select == "last" or _is_better(value, best_value, higher):
-                best_epoch, best_value = epoch + 1, value
-                best_weights = None if select == "last" else _cpu_copy(scheme.deployable().state_dict())
-            schedule.end_epoch(record.get("val_top1") if has_val else None)
-            history.append(record)
-
-            if ctx.is_main and state_path is not None:
-                save_state(state_path, {
-                    "epoch": epoch + 1,
-                    "seed": config.seed,
-                    "config": config.to_dict(),
-                    "world_size": ctx.world_size,
-                    "data": _describe(source),
-                    "scheme": scheme.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "best": {"epoch": best_epoch, "value": best_value, "select": select,
-                             "state_dict": best_weights},
-                    "history": history,
-                })
-            ctx.barrier()
-            log.append(record)
-            say(_summary(record, config.epochs))
+        for epoch in range(run.start_epoch, config.epochs):
+            run.epoch(epoch)
     finally:
-        tap.close()
+        run.tap.close()
+    return run.finish()
 
-    deployable = scheme.deployable()
-    if best_weights is not None:
-        deployable.load_state_dict(best_weights)
-    deployable.to(memory_format=torch.contiguous_format)
-    test = None
-    if source.split_size("test") > 0:
-        test_loader = source.loader("test", eval_batch, shuffle=False, augment=False,
+
+class _Run:
+    """The state of one ``fit`` call; each method is one phase of it."""
+
+    def __init__(self, scheme: Scheme, source: DataSourceLike, config: TrainConfig, *,
+                 state_path: str | Path | None, log_path: str | Path | None, ctx: DistContext,
+                 echo: Echo | None) -> None:
+        self.scheme, self.config, self.ctx = scheme, config, ctx
+        self.state_path = state_path
+        self.device = device = ctx.device
+        self.say: Echo = echo if echo is not None and ctx.is_main else (lambda _msg: None)
+        configure_determinism(device, config.deterministic)
+        if config.batch_size % ctx.world_size:
+            raise UserError(f"batch size {config.batch_size} does not split over {ctx.world_size} processes: "
+                            f"use a multiple of {ctx.world_size}")
+        self.batch = config.batch_size // ctx.world_size
+        self.eval_batch = config.eval_batch_size or 4 * config.batch_size
+
+        self.source = source.to(device)
+        scheme.to(device)
+        for module in scheme.frozen_modules():
+            module.requires_grad_(False)
+        self.precision = resolve_precision(config, device, scheme)
+        self.precision.prepare_module(scheme)
+        self.optimizer = build_optimizer(param_groups_of(scheme), config)
+        self.schedule = LrSchedule(config)
+        self.scaler = self.precision.grad_scaler()
+        self.model: nn.Module = scheme
+        if ctx.enabled:
+            self.model = DistributedDataParallel(
+                scheme, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=scheme.has_unused_parameters,
+            )
+
+        self.drop_last = _lone_last_sample(self.source.split_size("train"), ctx.world_size, self.batch)
+        self.has_val = self.source.split_size("val") > 0
+        self.select = config.select if self.has_val else "last"
+        if self.select != config.select:
+            self.say(f"no validation split: the last epoch's weights are kept (instead of the best {config.select})")
+        self.key, self.higher = _selection(self.select)
+        self.history: list[dict[str, Any]] = []
+        self.best_epoch, self.best_value = 0, None
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.start_epoch = 0
+        self.log = JsonlLog(log_path if ctx.is_main else None)
+        self.primary_name, primary = next(iter(scheme.eval_models().items()))
+        self.tap = _LogitsTap(primary)
+        # how often the host looks at the loss (NaN guard, progress): every step costs nothing on
+        # one CPU process; on an accelerator or across ranks it would stall the pipeline
+        self.sync_every = 1 if device.type == "cpu" and not ctx.enabled else 25
+        self.bar_on = show_bar(config.progress, ctx.is_main)
+
+    def start(self, resume: bool) -> None:
+        """Continue from the saved training state when asked and there is one; else start afresh."""
+        path = self.state_path
+        if resume and path is not None and Path(path).is_file():
+            state = load_state(path, map_location=self.device)
+            _restore(state, self.scheme, self.optimizer, self.schedule, self.scaler, self.config, path, self.say)
+            self.start_epoch = int(state["epoch"])
+            self.history = list(state["history"])
+            best = state["best"]
+            self.best_epoch, self.best_value, self.best_weights = int(best["epoch"]), best["value"], best["state_dict"]
+            self.log.rewrite(self.history)
+            self.say(f"resumed from {path} after epoch {self.start_epoch}/{self.config.epochs}")
+        else:
+            if resume:
+                self.say(f"no training state at {path}: starting from scratch")
+            self.log.rewrite([])
+
+    def epoch(self, epoch: int) -> None:
+        """Train one epoch, validate, pick the best, save the state, log."""
+        config, ctx = self.config, self.ctx
+        seed_epoch(config.seed, epoch, ctx.rank)
+        self.scheme.start_epoch(epoch, config.epochs)
+        self.scheme.train()
+        started = time.perf_counter()
+        record = self.train_epoch(epoch)
+        if self.has_val:
+            record.update(self.validate())
+        record["time_s"] = time.perf_counter() - started
+
+        value = record.get(self.key)
+        if self.select == "last" or _is_better(value, self.best_value, self.higher):
+            self.best_epoch, self.best_value = epoch + 1, value
+            if self.select != "last":
+                self.best_weights = _cpu_copy(self.scheme.deployable().state_dict())
+        self.schedule.end_epoch(record.get("val_top1"))
+        self.history.append(record)
+        if ctx.is_main and self.state_path is not None:
+            save_state(self.state_path, self.state(epoch + 1))
+        ctx.barrier()
+        self.log.append(record)
+        self.say(_summary(record, config.epochs))
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        config, ctx, precision, optimizer = self.config, self.ctx, self.precision, self.optimizer
+        loader = self.source.loader("train", self.batch, shuffle=True, augment=config.augment,
+                                    drop_last=self.drop_last, seed=config.seed, epoch=epoch, rank=ctx.rank,
+                                    world_size=ctx.world_size)
+        steps = len(loader)
+        if ctx.enabled:  # every rank must take the same number of steps or DDP hangs
+            steps = int(ctx.all_reduce_min(torch.tensor(steps, device=self.device)).item())
+        stats = _EpochStats(self.device)
+        watch = _NonFiniteWatch(self.device, self.sync_every)
+        epoch_lr = optimizer.param_groups[0]["base_lr"] * self.schedule.factor(float(epoch))
+        bar = epoch_bar(steps, epoch + 1, config.epochs, self.bar_on)
+        t0 = time.perf_counter()
+        for step, batch in enumerate(loader):
+            if step >= steps:
+                break
+            self.schedule.apply(optimizer, epoch, step, steps)
+            batch = Batch(precision.prepare_input(batch.x), batch.y, batch.index)
+            self.tap.arm()
+            with precision.autocast():
+                losses = self.model(batch)
+            if not losses:
+                raise ValueError(f"{type(self.scheme).__name__}.forward returned no loss terms")
+            terms = iter(losses.values())
+            loss = next(terms)
+            for term in terms:
+                loss = loss + term
+            watch.record(step, loss)
+            optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if config.grad_clip > 0:
+                self.scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            self.scheme.after_step()
+            stats.add(losses, self.tap.take(), batch.y)
+            if watch.due(step, steps):
+                _guard(watch.first_bad(step), ctx, epoch, step, steps, losses, self.state_path, self.history)
+                if self.bar_on:
+                    bar.update(step + 1 - bar.n)
+                    elapsed = time.perf_counter() - t0
+                    bar.set_postfix(loss=f"{loss.item():.3f}", acc=_running_acc(stats),
+                                    ips=f"{stats.images * ctx.world_size / max(elapsed, 1e-9):.0f}")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        train_time = time.perf_counter() - t0
+        bar.close()
+        train = stats.reduce(ctx)
+        return {
+            "epoch": epoch + 1,
+            "lr": epoch_lr,
+            "loss": train["loss"],
+            "loss_terms": train["terms"],
+            "train_top1": train["top1"],
+            "images_per_s": train["images"] / max(train_time, 1e-9),
+            "train_time_s": train_time,
+        }
+
+    def validate(self) -> dict[str, Any]:
+        """Every eval model on the validation split; the first one's figures are the epoch's."""
+        ctx = self.ctx
+        loader = self.source.loader("val", self.eval_batch, shuffle=False, augment=False,
                                     rank=ctx.rank, world_size=ctx.world_size)
-        test = evaluate(deployable, test_loader, source.num_classes, precision=precision, ctx=ctx,
-                        num_samples=source.split_size("test"))
-    return TrainResult(history=history, best_epoch=best_epoch, select=select, best_value=best_value,
-                       test=test, deployable=deployable, config=config, rank=ctx.rank,
-                       world_size=ctx.world_size)
+        vals = evaluate_many(self.scheme.eval_models(), loader, self.source.num_classes,
+                             precision=self.precision, ctx=ctx, num_samples=self.source.split_size("val"))
+        primary = vals[self.primary_name]
+        out: dict[str, Any] = {}
+        observe = getattr(self.scheme, "observe_validation", None)
+        if callable(observe):  # a cohort: the candidate it chose on validation stands for the epoch
+            chosen = observe({n: r.top1 for n, r in vals.items()})
+            if chosen in vals:
+                primary = vals[chosen]
+                out["val_chosen"] = chosen
+        out.update(val_top1=primary.top1, val_top5=primary.top5, val_loss=primary.loss)
+        if len(vals) > 1:
+            out["val_models"] = {n: r.to_dict() for n, r in vals.items()}
+        return out
+
+    def state(self, epochs_done: int) -> dict[str, Any]:
+        """What resuming after ``epochs_done`` needs (see :mod:`compressor.trainer.state`)."""
+        return {
+            "epoch": epochs_done,
+            "seed": self.config.seed,
+            "config": self.config.to_dict(),
+            "world_size": self.ctx.world_size,
+            "data": _describe(self.source),
+            "scheme": self.scheme.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "best": {"epoch": self.best_epoch, "value": self.best_value, "select": self.select,
+                     "state_dict": self.best_weights},
+            "history": self.history,
+        }
+
+    def finish(self) -> TrainResult:
+        """Put the best epoch's weights in the deployable and score it on the test split, once."""
+        ctx, source = self.ctx, self.source
+        deployable = self.scheme.deployable()
+        if self.best_weights is not None:
+            deployable.load_state_dict(self.best_weights)
+        deployable.to(memory_format=torch.contiguous_format)
+        test = None
+        if source.split_size("test") > 0:
+            loader = source.loader("test", self.eval_batch, shuffle=False, augment=False,
+                                   rank=ctx.rank, world_size=ctx.world_size)
+            test = evaluate(deployable, loader, source.num_classes, precision=self.precision, ctx=ctx,
+                            num_samples=source.split_size("test"))
+        return TrainResult(history=self.history, best_epoch=self.best_epoch, select=self.select,
+                           best_value=self.best_value, test=test, deployable=deployable, config=self.config,
+                           rank=ctx.rank, world_size=ctx.world_size)
 
 
-def _guard(first_bad: torch.Tensor, ctx: DistContext, epoch: int, step: int, steps: int,
-           losses: dict[str, torch.Tensor] | None, state_path: str | Path | None,
+def _guard(bad_step: int | None, ctx: DistContext, epoch: int, step: int, steps: int,
+           losses: dict[str, torch.Tensor], state_path: str | Path | None,
            history: list[dict[str, Any]]) -> None:
     """Stop every rank together when any saw a non-finite loss; the state on disk is untouched."""
-    flag = first_bad.clone()
-    flag = torch.where(flag < 0, torch.full_like(flag, 1 << 62), flag)
-    bad_step = int(ctx.all_reduce_min(flag).item())
-    if bad_step >= 1 << 62:
+    never = 1 << 62
+    if ctx.enabled:  # all ranks take part, so none is left waiting in a collective
+        flag = torch.tensor(never if bad_step is None else bad_step, dtype=torch.int64, device=ctx.device)
+        reduced = int(ctx.all_reduce_min(flag).item())
+        bad_step = None if reduced >= never else reduced
+    if bad_step is None:
         return
     terms = ""
-    if losses is not None and bad_step == step:
+    if bad_step == step:
         shown = ", ".join(f"{k}={v.detach().float().item():.4g}" for k, v in losses.items())
         terms = f" ({shown})"
     done = len(history)
@@ -427,8 +507,7 @@ def _lone_last_sample(num_train: int, world_size: int, batch: int) -> bool:
 
 
 def _running_acc(stats: _EpochStats) -> str:
-    scored = stats.scored.item()
-    return f"{100.0 * stats.correct.item() / scored:.1f}%" if scored else "-"
+    return f"{100.0 * stats.correct.item() / stats.scored:.1f}%" if stats.scored else "-"
 
 
 def _describe(source: DataSourceLike) -> dict[str, Any]:

@@ -31,6 +31,8 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--peers", default=None, help="heterogeneous cohort: comma-separated peer architectures")
 @click.option("--k", "k", type=int, default=None, help="OSAKD: neighbours in the k-NN soft labels")
 @click.option("--alpha", type=float, default=None, help="OSAKD: weight of cross-entropy (paper: 0.9, 0.99 for many classes)")
+@click.option("--memory", type=click.IntRange(min=1), default=None,
+              help="OSAKD: recent training outputs the neighbours come from (default 4096, at most the training set)")
 @click.option("--students", type=int, default=None, help="TCN: number of students sharing the teacher's embedding")
 @click.option("--hierarchical", is_flag=True, help="TCN: students learn from the level above (1 -> 2 -> 4 ...)")
 @click.option("--preset", default=None, help="a bundled preset name (recipes/presets) or a plan YAML file")
@@ -43,14 +45,14 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("-q", "--quiet", is_flag=True, help="no per-epoch lines")
 @trust_option
 def command(teacher, teacher_arch, student, method, data, output, scheme, chain, dgkd, drop_rate, cohort, aggregator,
-            peers, k, alpha, students, hierarchical, preset, epochs, lr, batch_size, seed, device, resume, quiet,
+            peers, k, alpha, memory, students, hierarchical, preset, epochs, lr, batch_size, seed, device, resume, quiet,
             trust) -> None:
     """Distil TEACHER into STUDENT on DATA and save the student; prints teacher and student test accuracy."""
     from recipes.distill_run import distill
 
     options = {key: value for key, value in {
         "drop_rate": drop_rate, "cohort": cohort, "aggregator": aggregator, "peers": _csv(peers), "k": k,
-        "alpha": alpha, "students": students, "hierarchical": hierarchical or None,
+        "alpha": alpha, "memory": memory, "students": students, "hierarchical": hierarchical or None,
     }.items() if value is not None}
     if cohort is not None and cohort < 2:
         raise UserError(f"a cohort needs at least 2 peers (got --cohort {cohort})")
