@@ -53,16 +53,15 @@ def default_out_dir(teacher: str | None, budgets: Sequence[str]) -> Path:
     return Path("runs") / f"{stem}-{slug}"
 
 
-def _prepare_out_dir(out: Path, resume: bool, force: bool) -> None:
+def _check_out_dir(out: Path, resume: bool, force: bool) -> bool:
+    """Refuse a folder that holds another run; True when --force will replace it (once planning worked)."""
     holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
     if holds_run and not (resume or force):
         raise UserError(f"{out} holds another run: pass --resume {out} to continue it, --force to replace it, "
                         "or choose another --out")
-    if holds_run and force and not resume:
-        shutil.rmtree(out)
     if resume and not (out / "plan.yaml").is_file():
         raise UserError(f"{out} holds no run to resume (no plan.yaml)")
-    out.mkdir(parents=True, exist_ok=True)
+    return holds_run and force and not resume
 
 
 def compress(
@@ -94,7 +93,7 @@ def compress(
     out_dir = Path(out) if out is not None else default_out_dir(teacher, budget)
     if not resume:
         parse_budgets(budget) if not preset else None  # a bad budget fails before anything is touched
-    _prepare_out_dir(out_dir, resume, force)
+    replace = _check_out_dir(out_dir, resume, force)
     if resume:
         plan = Plan.load(out_dir / "plan.yaml")
         teacher = teacher or plan.teacher
@@ -109,6 +108,9 @@ def compress(
     else:
         plan, inputs, probe_rows = _plan(teacher, budget, data, teacher_arch, recipe, method, family, gap_threshold,
                                          epochs, seed, latency_threads, trust, search, probe_k, device, echo)
+    if not resume:  # the folder appears (or is replaced) only once the inputs made a plan
+        if replace:
+            shutil.rmtree(out_dir)
         plan.save(out_dir / "plan.yaml")
     for reason in plan.reasons:
         echo(f"plan: {reason}")

@@ -50,6 +50,8 @@ def distill_plan(req: DistillRequest) -> Plan:
     train = default_train(req.data, req.student, **req.train)
     if req.chain or req.dgkd or scheme == "dgkd":
         return _chain_plan(req, train)
+    if scheme == "tcn":
+        return _tcn_plan(req)
     teachers = [TEACHER] if req.teacher else []
     stage = Stage("student", scheme, req.student, teachers, req.method, dict(req.options), train,
                   f"kdcompress distill --scheme {scheme}")
@@ -74,6 +76,26 @@ def _chain_plan(req: DistillRequest, train: dict[str, Any]) -> Plan:
         above.append(name)
     return Plan(data=req.data, stages=stages, teacher=req.teacher, teacher_arch=req.teacher_arch,
                 recipe="dgkd" if dgkd else "takd", seed=req.seed).validate()
+
+
+def _tcn_plan(req: DistillRequest) -> Plan:
+    """Teacher-class network: one stage, or one per level when hierarchical (1 -> 2 -> 4 ... students).
+
+    Trained with the authors' optimiser (Adam at a constant 2e-4) unless the command line says otherwise.
+    """
+    from compressor.schemes.tcn import TCN_TRAIN_DEFAULTS, tcn_levels
+
+    options = {k: v for k, v in req.options.items() if k != "hierarchical"}
+    levels = tcn_levels(int(options.get("students", 2)), bool(req.options.get("hierarchical")))
+    train = {**default_train(req.data, req.student), **TCN_TRAIN_DEFAULTS, **req.train}
+    stages = [
+        Stage("student" if i == len(levels) - 1 else level.name, "tcn", req.student, [level.teacher], None,
+              {**options, "students": level.students}, dict(train),
+              f"{level.students} student(s) regress the embedding of {level.teacher}")
+        for i, level in enumerate(levels)
+    ]
+    return Plan(data=req.data, stages=stages, teacher=req.teacher, teacher_arch=req.teacher_arch,
+                recipe="tcn", seed=req.seed).validate()
 
 
 def check_chain_sizes(teacher_flops: int | None, chain: Sequence[str], student: str, num_classes: int,
