@@ -13,6 +13,7 @@ where it stopped. Teachers of a stage are the user's teacher or earlier stages' 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -92,7 +93,8 @@ def run_plan(
         request = SchemeRequest(
             student_arch=stage.arch, num_classes=source.num_classes, input_shape=tuple(source.input_shape),
             num_train=source.num_train, teacher=teachers[0] if teachers else None, method=stage.method,
-            options={**stage.options, "teachers": teachers},
+            options={"batch_size": settings.get("batch_size", TrainConfig.batch_size) // int(os.environ.get("WORLD_SIZE", "1")),
+                     **stage.options, "teachers": teachers},
         )
         scheme = build_scheme(stage.scheme, request)
         config = TrainConfig(**settings)

@@ -49,7 +49,7 @@ from compressor.batch import Batch
 from compressor.errors import UserError
 from compressor.features import FeatureTaps
 from compressor.schemes.base import Scheme
-from compressor.schemes.offline import freeze, knowledge_losses
+from compressor.schemes.offline import freeze, knowledge_losses, loss_options_of
 from compressor.schemes.registry import SchemeRequest, register_scheme
 
 
@@ -190,6 +190,6 @@ def build_dgkd(request: SchemeRequest, student: nn.Module | None = None) -> DGKD
         student = create(request.student_arch, num_classes=request.num_classes, in_chans=request.input_shape[0])
     return DGKD(
         teachers, student, spec.terms, input_shape=request.input_shape, num_classes=request.num_classes,
-        num_train=request.num_train, ce_weight=spec.ce_weight, loss_options=request.options.get("loss_options"),
+        num_train=request.num_train, ce_weight=spec.ce_weight, loss_options=loss_options_of(request),
         drop_rate=request.options.get("drop_rate"), teacher_names=request.options.get("teacher_names"),
     )

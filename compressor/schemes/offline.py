@@ -104,6 +104,14 @@ class Offline(Scheme):
         return self.student
 
 
+def loss_options_of(request: SchemeRequest) -> dict[str, dict[str, Any]]:
+    """Per-term hyper-parameters; SemCKD's batch-similarity size follows the stage's batch size."""
+    options = {name: dict(hp) for name, hp in (request.options.get("loss_options") or {}).items()}
+    if request.options.get("batch_size"):
+        options.setdefault("semckd", {}).setdefault("batch_size", int(request.options["batch_size"]))
+    return options
+
+
 def build_offline(request: SchemeRequest, student: nn.Module | None = None) -> Offline:
     """The offline scheme of a request; ``student`` overrides building it from the zoo (chains)."""
     from compressor.errors import UserError
@@ -117,7 +125,7 @@ def build_offline(request: SchemeRequest, student: nn.Module | None = None) -> O
         student = create(request.student_arch, num_classes=request.num_classes, in_chans=request.input_shape[0])
     return Offline(
         request.teacher, student, spec.terms, input_shape=request.input_shape, num_classes=request.num_classes,
-        num_train=request.num_train, ce_weight=spec.ce_weight, loss_options=request.options.get("loss_options"),
+        num_train=request.num_train, ce_weight=spec.ce_weight, loss_options=loss_options_of(request),
     )
 
 
