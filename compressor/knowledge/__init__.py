@@ -3,9 +3,8 @@
 Every module in this package registers its losses on import; adding a method is one file.
 """
 
-import importlib
-import pkgutil
 
+from compressor.plugins import import_submodules
 from compressor.knowledge.base import (
     KINDS,
     KnowledgeLoss,
@@ -16,8 +15,6 @@ from compressor.knowledge.base import (
     register_loss,
 )
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "base" and not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_submodules(__name__, __path__, skip=("base",))
 
 __all__ = ["KINDS", "KnowledgeLoss", "LossContext", "build_loss", "list_losses", "loss_class", "register_loss"]

@@ -6,9 +6,8 @@ Zoo models declare where their features live, so feature taps need no dry run:
   * ``classifier_name``: the module whose *input* is the pooled embedding.
 """
 
-import importlib
-import pkgutil
 
+from compressor.plugins import import_submodules
 from compressor.models.registry import (
     ModelEntry,
     add_model,
@@ -25,9 +24,7 @@ from compressor.models.registry import (
     resolve,
 )
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "registry" and not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_submodules(__name__, __path__, skip=("registry",))
 
 __all__ = [
     "ModelEntry",

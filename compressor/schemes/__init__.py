@@ -3,15 +3,12 @@
 Every module in this package registers its builders on import (``@register_scheme``).
 """
 
-import importlib
-import pkgutil
 
+from compressor.plugins import import_submodules
 from compressor.schemes.base import Scheme
 from compressor.schemes.registry import SchemeRequest, build_scheme, list_schemes, register_scheme
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name not in ("base", "registry") and not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_submodules(__name__, __path__, skip=("base", "registry"))
 
 from compressor.schemes.vanilla import Vanilla  # noqa: E402
 

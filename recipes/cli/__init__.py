@@ -7,14 +7,13 @@ command); modules are discovered, so adding a command touches no other file. A
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import sys
 from pathlib import Path
 
 import click
 
 from compressor.errors import UserError
+from compressor.plugins import import_submodules
 from recipes.cli._options import planning_options
 
 
@@ -89,10 +88,7 @@ def cli(ctx: click.Context, teacher, teacher_arch, budgets, data, recipe, method
                                                                 if not k.startswith("plot:"))) + ", plots/")
 
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name.startswith("_"):
-        continue
-    _module = importlib.import_module(f"{__name__}.{_info.name}")
+for _module in import_submodules(__name__, __path__):
     for _cmd in getattr(_module, "commands", [getattr(_module, "command", None)]):
         if _cmd is not None:
             cli.add_command(_cmd)

@@ -5,9 +5,8 @@ peers), ``attention`` (the attention-weighted ensemble), ``fc`` (a dense layer o
 ``wavg`` (learnable simplex weights). The cohort scheme and ModReduce build them by name.
 """
 
-import importlib
-import pkgutil
 
+from compressor.plugins import import_submodules
 from compressor.schemes.aggregators.base import (
     Aggregate,
     Aggregator,
@@ -19,9 +18,7 @@ from compressor.schemes.aggregators.base import (
     soft_kl,
 )
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "base" and not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_submodules(__name__, __path__, skip=("base",))
 
 __all__ = [
     "Aggregate",
