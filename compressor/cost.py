@@ -50,7 +50,9 @@ def count_params(model: nn.Module) -> int:
 
 def measure(model: nn.Module, input_shape: Sequence[int] = (3, 32, 32)) -> Cost:
     """Count one forward of a single sample in eval mode; the model's mode and weights are kept."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():  # importing fvcore touches torch.jit.script, which warns
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
 
     shape = tuple(int(s) for s in input_shape)
     param = next(model.parameters(), None)
