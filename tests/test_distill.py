@@ -77,12 +77,19 @@ def digits_teacher(tmp_path_factory) -> Path:
     return path
 
 
+# The papers' weights are tuned for CIFAR-sized maps and 240 epochs; in ONE digits epoch (40 steps, 8x8
+# inputs whose last stages are 2x2) AT (1000), FitNet (100), SP (3000) and SemCKD (400) swamp the
+# cross-entropy and the student is still near chance, so these run at a tenth of their weight (AT at a hundredth).
+DIGITS_SPEC = {"at": "at:10", "fitnet": "fitnet:10", "sp": "sp:300", "semckd": "semckd:40"}
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_digits_distillation_beats_chance(method, digits_teacher, tmp_path):
     from recipes.distill_run import distill
 
     output = tmp_path / f"{method}.pt"
-    lines = distill(teacher=str(digits_teacher), student="resnet_d8_w0.5", method=method, output=output,
+    lines = distill(teacher=str(digits_teacher), student="resnet_d8_w0.5", method=DIGITS_SPEC.get(method, method),
+                    output=output,
                     train={"epochs": 1}, device="cpu", echo=lambda _: None)
     assert output.is_file()
     student_line = [line for line in lines if "resnet_d8_w0.5" in line]
@@ -105,7 +112,10 @@ def test_digits_distillation_beats_chance(method, digits_teacher, tmp_path):
 def _one_line_error(result) -> str:
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    # a library's import-time FutureWarning (torch.jit.script, two lines) is not ours to count
+    raw = result.stderr.splitlines()
+    lines = [line for k, line in enumerate(raw) if line.strip() and "Warning:" not in line
+             and not (k and "Warning:" in raw[k - 1] and line.startswith(" "))]
     assert len(lines) == 1, result.stderr
     return lines[0]
 
@@ -114,7 +124,7 @@ def test_cli_unknown_method_lists_known_ones(digits_teacher, tmp_path):
     from tests.conftest import run_module_cli
 
     result = run_module_cli("distill", "--teacher", str(digits_teacher), "--student", "resnet_d8_w0.5",
-                            "--method", "hintn", "-o", str(tmp_path / "s.pt"), "--epochs", "1")
+                            "--method", "hintn", "-o", str(tmp_path / "s.pt"), "--epochs", "1", "-q")
     line = _one_line_error(result)
     assert "hintn" in line
     for name in ("hinton", "crd", "semckd"):
@@ -126,7 +136,7 @@ def test_cli_bad_weight_syntax(digits_teacher, tmp_path):
     from tests.conftest import run_module_cli
 
     result = run_module_cli("distill", "--teacher", str(digits_teacher), "--student", "resnet_d8_w0.5",
-                            "--method", "hinton:abc", "-o", str(tmp_path / "s.pt"), "--epochs", "1")
+                            "--method", "hinton:abc", "-o", str(tmp_path / "s.pt"), "--epochs", "1", "-q")
     line = _one_line_error(result)
     assert "abc" in line, line
     assert not (tmp_path / "s.pt").exists()
@@ -140,7 +150,7 @@ def test_cli_teacher_classes_differ_from_data(tmp_path):
     save_model(teacher, create("resnet8", num_classes=100, in_chans=1),
                ModelMeta(arch="resnet8", num_classes=100, in_chans=1, input_size=(8, 8)))
     result = run_module_cli("distill", "--teacher", str(teacher), "--student", "resnet_d8_w0.5", "--data", "digits",
-                            "-o", str(tmp_path / "s.pt"), "--epochs", "1")
+                            "-o", str(tmp_path / "s.pt"), "--epochs", "1", "-q")
     line = _one_line_error(result)
     assert "100" in line and "10" in line, line
     assert not (tmp_path / "s.pt").exists()
