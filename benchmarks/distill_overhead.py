@@ -30,8 +30,8 @@ from compressor.schemes.offline import Offline, freeze
 
 # what a method does beyond the floor, for the methods the issue exempts from the 25% bound
 EXTRA_WORK = {
-    "bss": "attacks the teacher for adversarial boundary samples (teacher forward+backward per attack step) "
-           "and runs the student on them",
+    "bss": "attacks the teacher for boundary samples: up to 10 teacher forward+backward (to the input) passes "
+           "on up to a quarter of the batch, then teacher and student forwards on them",
     "crd": "projection heads plus a negative-sample memory: 16384 negatives per anchor scored against the "
            "embeddings, and the memory update",
 }
