@@ -60,6 +60,10 @@ class Plan:
         for stage in self.stages:
             if stage.name in seen or stage.name == TEACHER:
                 raise UserError(f"stage name {stage.name!r} is used twice (or is the reserved name 'teacher')")
+            if stage.method:
+                from compressor.knowledge.spec import parse_method_spec
+
+                parse_method_spec(stage.method)  # a bad method fails here, before anything runs
             for t in stage.teachers:
                 if t != TEACHER and t not in seen:
                     raise UserError(f"stage {stage.name!r} learns from {t!r}, which is not an earlier stage")
