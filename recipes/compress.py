@@ -91,8 +91,8 @@ def compress(
 ) -> CompressResult:
     started = time.time()
     out_dir = Path(out) if out is not None else default_out_dir(teacher, budget)
-    if not resume:
-        parse_budgets(budget) if not preset else None  # a bad budget fails before anything is touched
+    if not resume and not preset:
+        parse_budgets(budget)  # a bad budget fails before anything is read or written
     replace = _check_out_dir(out_dir, resume, force)
     if resume:
         plan = Plan.load(out_dir / "plan.yaml")

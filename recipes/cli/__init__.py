@@ -7,7 +7,6 @@ command); modules are discovered, so adding a command touches no other file. A
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click

@@ -82,7 +82,6 @@ class PeerCollaborativeLearning(Aggregator):
         with torch.no_grad():
             mean_out = self.mean_group(out.x)
             mean_probs = [torch.softmax(p.logits.float() / t, dim=1) for p in mean_out.peers]
-        m = len(logits)
         pm = logits[0].new_zeros((), dtype=torch.float32)
         for i, z in enumerate(logits):
             others = torch.stack([q for l, q in enumerate(mean_probs) if l != i]).mean(dim=0)
