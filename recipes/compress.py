@@ -25,7 +25,7 @@ from compressor.errors import UserError
 from compressor.metrics import kd_gain
 from recipes.budget import parse_budgets
 from recipes.context import RunInputs, resolve_inputs
-from recipes.distill_plan import preset_plan
+from recipes.distill_plan import load_preset, preset_plan
 from recipes.distill_run import teacher_accuracy
 from recipes.plan import Plan, Stage
 from recipes.report import summary_rows, write_report
@@ -101,6 +101,7 @@ def compress(
         echo(f"resuming {out_dir} ({plan.recipe}: {' -> '.join(s.arch for s in plan.stages)})")
         probe_rows = None
     elif preset:
+        teacher = teacher or load_preset(preset).get("teacher")  # a saved plan names its teacher
         inputs = resolve_inputs(teacher, data, arch=teacher_arch, trust=trust, load_data=True, seed=seed)
         plan = preset_plan(preset, teacher=teacher, data=inputs.data_spec, teacher_arch=teacher_arch, method=method,
                            seed=seed, train={"epochs": epochs})

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 from compressor.atomic import copy_file
 from compressor.errors import UserError
 from recipes.context import resolve_inputs
-from recipes.distill_plan import DistillRequest, distill_plan, preset_plan
+from recipes.distill_plan import DistillRequest, distill_plan, load_preset, preset_plan
 from recipes.runner import RunResult, run_plan
 
 
@@ -44,6 +44,8 @@ def distill(
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise UserError(f"{run_dir} holds an earlier run: pass --resume to continue it, or remove it")
     overrides = {k: v for k, v in (train or {}).items() if v is not None}
+    if preset:
+        teacher = teacher or load_preset(preset).get("teacher")  # a saved plan names its teacher
     inputs = resolve_inputs(teacher, data, arch=teacher_arch, trust=trust, load_data=True, seed=seed)
     if preset:
         plan = preset_plan(preset, teacher=teacher, data=inputs.data_spec, teacher_arch=teacher_arch, method=method,
