@@ -175,7 +175,7 @@ def test_cli_bad_inputs_are_one_line_exit_2(cache_dir, digits_teacher, tmp_path)
 
 
 def test_a_saved_plan_runs_as_a_preset(cache_dir, digits_teacher, tmp_path):
-    plan, _ = plan_compression(teacher=digits_teacher, budgets=["0.1MFLOPs"], family="resnet_cifar")
+    plan, _ = plan_compression(teacher=digits_teacher, budgets=["0.5MFLOPs"], family="resnet_cifar")
     plan.save(tmp_path / "plan.yaml")
     # no --teacher on the command line: the plan names its own
     result = compress(preset=str(tmp_path / "plan.yaml"), out=tmp_path / "run", epochs=1, echo=lambda _: None)
