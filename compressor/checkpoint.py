@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -151,8 +152,9 @@ def read_checkpoint_dict(path: str | os.PathLike, trust: bool = False) -> Any:
                 f"load it only if you trust its source, with {TRUST_FLAG}"
             ) from None
         return _load_trusted(path)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise UserError(f"{path} is not a PyTorch checkpoint or is truncated ({_short(str(err))})") from None
+    except Exception as err:  # noqa: BLE001 - weights_only runs no code: any other failure is an unreadable file
+        raise UserError(f"{path} is not a PyTorch checkpoint or is truncated "
+                        f"({type(err).__name__}: {_short(str(err))})") from None
 
 
 def _pickle_imports(path: Path) -> str | None:
@@ -187,7 +189,9 @@ def _pickle_imports(path: Path) -> str | None:
     except Exception:  # noqa: BLE001 - any parse failure means "not a pickle"
         return None
     allowed = ("collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch.FloatStorage")
-    risky = [n for n in names if n not in allowed]
+    # a real import is a dotted Python name; bytes that merely happen to parse are garbage
+    dotted = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+")
+    risky = [n for n in names if n not in allowed and (n in ("INST", "OBJ", "REDUCE", "NEWOBJ") or dotted.fullmatch(n))]
     return f" ({', '.join(sorted(set(risky))[:3])})" if risky else None
 
 

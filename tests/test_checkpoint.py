@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import pickle
+import random
 
 import pytest
 import torch
@@ -65,7 +65,7 @@ def test_arch_from_path_takes_longest_known_prefix():
 
 @pytest.mark.parametrize(
     "content, message",
-    [(b"", "empty"), (os.urandom(512), "not a PyTorch checkpoint"), (None, "truncated")],
+    [(b"", "empty"), (random.Random(7).randbytes(512), "not a PyTorch checkpoint"), (None, "truncated")],
 )
 def test_not_a_checkpoint(tmp_path, content, message):
     path = tmp_path / "bad.pt"
@@ -131,3 +131,13 @@ def test_cli_reports_bad_checkpoint_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "not a PyTorch checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_garbage_never_tracebacks_nor_passes_for_a_pickle(tmp_path):
+    # torch's weights-only unpickler raises assorted errors on random bytes (IndexError among them);
+    # every one must become the same one-line refusal
+    for seed in range(60):
+        path = tmp_path / f"{seed}.pt"
+        path.write_bytes(random.Random(seed).randbytes(512))
+        with pytest.raises(UserError, match="not a PyTorch checkpoint"):
+            load_model(path)
