@@ -15,11 +15,11 @@ last 1x1 conv keeps 1280 channels unless ``width_mult > 1``.
 
 from __future__ import annotations
 
-import math
 
 import torch.nn as nn
 from torch import Tensor
 
+from compressor.models._init import repdistiller_init
 from compressor.errors import UserError
 from compressor.models.registry import add_model, register_alias, register_pattern
 
@@ -107,22 +107,7 @@ class MobileNetV2(nn.Module):
         self.conv2 = _conv_bn_relu(channels, self.last_channel, 1, 1)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """RepDistiller's init: conv N(0, sqrt(2 / (k*k*out))), BN (1, 0), linear N(0, 0.01)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        repdistiller_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv1(x)

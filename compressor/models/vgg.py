@@ -22,12 +22,12 @@ Budget-search grid (``searchable``): every depth x widths 0.25, 0.5, 1.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch.nn as nn
 from torch import Tensor
 
+from compressor.models._init import repdistiller_init
 from compressor.errors import UserError
 from compressor.models._naming import WIDTH_RE, fmt_width, parse_width, scale_channels
 from compressor.models.registry import add_model, register_alias, register_pattern
@@ -70,21 +70,7 @@ class CifarVGG(nn.Module):
         for i in range(5):  # not in-place: their outputs are the tapped feature maps
             setattr(self, f"relu{i}", nn.ReLU())
         self.classifier = nn.Linear(config[-1][-1], num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """RepDistiller's initialisation: He normal over fan-out, BN 1/0, classifier N(0, 0.01)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        repdistiller_init(self)
 
     @staticmethod
     def _pool(pool: nn.Module, x: Tensor) -> Tensor:
