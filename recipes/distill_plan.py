@@ -47,7 +47,7 @@ def distill_plan(req: DistillRequest) -> Plan:
         raise UserError(f"scheme {scheme!r} distils from a teacher: give --teacher T.pt")
     if req.teacher is not None and scheme in ONLINE_SCHEMES:
         raise UserError(f"scheme {scheme!r} trains without a teacher: drop --teacher")
-    train = default_train(req.data, req.student, **req.train)
+    train = default_train(req.data, req.student, distill=req.teacher is not None, **req.train)
     if req.chain or req.dgkd or scheme == "dgkd":
         return _chain_plan(req, train)
     if scheme == "tcn":
@@ -72,7 +72,7 @@ def _chain_plan(req: DistillRequest, train: dict[str, Any]) -> Plan:
         teachers = list(above) if dgkd else [above[-1]]
         scheme = "dgkd" if dgkd and len(teachers) > 1 else "offline"
         stages.append(Stage(name, scheme, arch, teachers, req.method, dict(req.options),
-                            default_train(req.data, arch, **req.train), f"learns from {', '.join(teachers)}"))
+                            default_train(req.data, arch, distill=True, **req.train), f"learns from {', '.join(teachers)}"))
         above.append(name)
     return Plan(data=req.data, stages=stages, teacher=req.teacher, teacher_arch=req.teacher_arch,
                 recipe="dgkd" if dgkd else "takd", seed=req.seed).validate()

@@ -87,6 +87,10 @@ def make_plan(request: PlanRequest, latency: LatencyFn | None = None) -> Plan:
     )
     reasons.append(why)
     stages, recipe = _stages(request, student, candidates, reasons)
+    clip = stages[-1].train.get("grad_clip") if request.teacher is not None else None
+    if clip:
+        reasons.append(f"distillation stages clip the gradient norm at {clip:g}: the KD gradient grows with the "
+                       "teacher-student logit gap and can kill a student without BatchNorm (recipes/protocols.py)")
     return Plan(
         data=request.data, stages=stages, teacher=request.teacher, teacher_arch=request.teacher_arch,
         budgets=[b.text for b in request.budgets], recipe=recipe, seed=request.seed, reasons=reasons,
@@ -94,14 +98,14 @@ def make_plan(request: PlanRequest, latency: LatencyFn | None = None) -> Plan:
     ).validate()
 
 
-def _train(request: PlanRequest, arch: str, family: str) -> dict:
-    return default_train(request.data, arch, family, epochs=request.epochs)
+def _train(request: PlanRequest, arch: str, family: str, *, distill: bool) -> dict:
+    return default_train(request.data, arch, family, distill=distill, epochs=request.epochs)
 
 
 def _stages(request: PlanRequest, student: Candidate, candidates: list[Candidate], reasons: list[str]):
     method = request.method or DEFAULT_METHOD
     opts = dict(request.options)
-    final_train = _train(request, student.name, student.family)
+    final_train = _train(request, student.name, student.family, distill=request.teacher is not None)
     if request.teacher is None:
         recipe = request.recipe or "cohort"
         if recipe == "osakd":
@@ -153,7 +157,7 @@ def _stages(request: PlanRequest, student: Candidate, candidates: list[Candidate
         scheme = "dgkd" if recipe == "dgkd" and len(teachers) > 1 else "offline"
         stage_reason = f"{model.name} ({model.flops / 1e6:.2f} MFLOPs) learns from {', '.join(teachers)}"
         stages.append(Stage(name, scheme, model.name, teachers, method, dict(opts),
-                            _train(request, model.name, model.family), stage_reason))
+                            _train(request, model.name, model.family, distill=True), stage_reason))
         above.append(name)
     return stages, recipe
 

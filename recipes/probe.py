@@ -22,7 +22,7 @@ PROBE_FRACTION = 0.5  # of the training split per probe
 def probe_search(plan: Plan, inputs: RunInputs, *, k: int = 4, device: str = "auto",
                  echo: Callable[[str], None] = print) -> tuple[str, list[dict[str, Any]]]:
     from compressor.schemes import SchemeRequest, build_scheme
-    from compressor.trainer import TrainConfig, fit, seed_everything
+    from compressor.trainer import NotLearning, TrainConfig, fit, seed_everything
 
     if inputs.teacher is None:
         raise UserError("--search probe distils from a teacher: give --teacher")
@@ -46,8 +46,12 @@ def probe_search(plan: Plan, inputs: RunInputs, *, k: int = 4, device: str = "au
             settings = {**final.train, "epochs": epochs, "seed": plan.seed, "device": device, "progress": "off"}
             settings.pop("milestones", None)
             settings["schedule"] = "cosine"
-            result = fit(scheme, source, TrainConfig(**settings), echo=None)
-            score = result.best_record.get("val_top1")
+            try:
+                result = fit(scheme, source, TrainConfig(**settings), echo=None)
+                score = result.best_record.get("val_top1")
+            except NotLearning as err:  # a candidate that cannot learn under this recipe loses the round
+                echo(f"probe: {arch} is out: {err.reason}")
+                score = None
             scores[arch] = score if score is not None else -1.0
             rows.append({"name": arch, "round": round_number, "epochs": epochs, "score": score})
         field = sorted(field, key=lambda a: -scores[a])[:max(1, len(field) // 2)]

@@ -65,7 +65,7 @@ def run_plan(
     train_overrides: dict[str, Any] | None = None,
 ) -> RunResult:
     """Train every stage of ``plan`` on ``source``; return each stage's figures and the final model."""
-    from compressor.trainer import TrainConfig, fit, seed_everything
+    from compressor.trainer import NotLearning, TrainConfig, fit, seed_everything
 
     plan.validate()
     run_dir = Path(run_dir)
@@ -98,8 +98,11 @@ def run_plan(
         )
         scheme = build_scheme(stage.scheme, request)
         config = TrainConfig(**settings)
-        result = fit(scheme, source, config, state_path=folder / "state.pt", log_path=folder / "log.jsonl",
-                     resume=resume, echo=echo)
+        try:
+            result = fit(scheme, source, config, state_path=folder / "state.pt", log_path=folder / "log.jsonl",
+                         resume=resume, echo=echo)
+        except NotLearning as err:
+            raise StageNotLearning(stage, err, run_dir, [r.name for r in results]) from None
         deployable = result.deployable
         meta = ModelMeta.from_source(getattr(deployable, "kd_arch", stage.arch), source,
                                      **getattr(deployable, "kd_arch_kwargs", {}))
@@ -113,6 +116,28 @@ def run_plan(
         results.append(StageResult(stage.name, stage.arch, stage.scheme, str(model_path), result.metrics(),
                                    result.history))
     return RunResult(results, done[plan.final.name])
+
+
+class StageNotLearning(UserError):
+    """A stage stopped by the trainer's learning guard, said with the stage, its method and what to try.
+
+    Its training state is removed (it holds a dead model: resuming it would stay dead), so a
+    ``--resume`` after a fix retrains this stage from its start and keeps the stages that finished.
+    """
+
+    def __init__(self, stage: Stage, err: Exception, run_dir: Path, finished: list[str]) -> None:
+        state = stage_dir(run_dir, stage) / "state.pt"
+        state.unlink(missing_ok=True)
+        method = f", method {stage.method}" if stage.method else ""
+        lr = stage.train.get("lr")
+        kept = (f"stage(s) {', '.join(finished)} finished and are kept; " if finished else "")
+        super().__init__(
+            f"stage {stage.name!r} ({stage.arch} via {stage.scheme}{method}) stopped: {getattr(err, 'reason', err)} "
+            f"(epoch {getattr(err, 'epoch', '?')} of {getattr(err, 'epochs', '?')}). Try a lower learning rate "
+            f"(now {lr}), a simpler --method (e.g. hinton) or a gradient clip (grad_clip in the plan); "
+            f"{kept}--resume {run_dir} after the fix retrains this stage"
+        )
+        self.stage = stage.name
 
 
 def _teacher_model(name: str, teacher: LoadedModel | None, done: dict[str, LoadedModel]) -> nn.Module:

@@ -3,6 +3,7 @@
 from compressor.trainer.config import TrainConfig
 from compressor.trainer.distributed import DistContext, resolve_device, session
 from compressor.trainer.evaluate import EvalResult, evaluate, evaluate_many
+from compressor.trainer.learning_guard import NotLearning
 from compressor.trainer.loop import TrainingDiverged, TrainResult, fit
 from compressor.trainer.optim import OPTIMIZERS, build_optimizer, register_optimizer
 from compressor.trainer.schedule import SCHEDULES, LrSchedule, register_schedule
@@ -13,6 +14,7 @@ __all__ = [
     "DistContext",
     "EvalResult",
     "LrSchedule",
+    "NotLearning",
     "OPTIMIZERS",
     "SCHEDULES",
     "TrainConfig",

@@ -54,6 +54,8 @@ class TrainConfig:
     eval_batch_size: int = 0  # 0: 4 x batch_size
     # model selection: the epoch whose weights are deployed, judged on the VALIDATION split
     select: str = "val_top1"
+    # stop (NotLearning) when the model sits at chance or its loss never falls (learning_guard.py)
+    stop_when_not_learning: bool = True
     # reproducibility
     seed: int = 0
     deterministic: bool = False  # CUDA: deterministic kernels (slower); CPU is deterministic anyway

@@ -26,6 +26,7 @@ from compressor.trainer import distributed
 from compressor.trainer.config import TrainConfig
 from compressor.trainer.distributed import DistContext
 from compressor.trainer.evaluate import EvalResult, evaluate, evaluate_many
+from compressor.trainer.learning_guard import check_learning
 from compressor.trainer.optim import build_optimizer, param_groups_of
 from compressor.trainer.precision import resolve_precision
 from compressor.trainer.progress import JsonlLog, epoch_bar, show_bar
@@ -329,6 +330,8 @@ class _Run:
         ctx.barrier()
         self.log.append(record)
         self.say(_summary(record, config.epochs))
+        if config.stop_when_not_learning:
+            check_learning(self.history, self.source.num_classes, config.epochs)
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         config, ctx, precision, optimizer = self.config, self.ctx, self.precision, self.optimizer
