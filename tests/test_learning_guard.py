@@ -38,6 +38,13 @@ def test_the_threshold_is_1_2_times_chance():
     assert not_learning_reason([rec(1, 1.0, 4.6, 4.6), rec(2, 1.3, 4.5, 4.5)], 100, 240) is None
 
 
+def test_mid_run_a_model_at_chance_whose_loss_falls_is_judged_at_its_end():
+    # the teacher-class network regresses features first: at chance while its loss falls 10x
+    history = [rec(1, 10.0, 0.08), rec(2, 10.4, 0.008)]
+    assert not_learning_reason(history, 10, 5) is None
+    assert "at chance" in not_learning_reason(history, 10, 2)
+
+
 def test_the_best_epoch_counts_and_train_accuracy_stands_in_without_validation():
     assert not_learning_reason([rec(1, 40.0, 2.0, 2.0), rec(2, 10.0, 1.9, 1.9)], 10, 5) is None
     reason = not_learning_reason([rec(1, None, 2.3, 2.3, train=9.0), rec(2, None, 2.3, 2.3, train=10.5)], 10, 5)

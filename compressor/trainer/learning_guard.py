@@ -4,9 +4,11 @@ A stage that stays at chance (a dead network: every ReLU off, one class predicte
 and would hand its chance-level model to the next stage of a chain or to export. The trainer looks
 at every epoch's record and raises :class:`NotLearning` when
 
-* **at chance**: from the second epoch on (or at the end of a one-epoch run) the best validation
-  top-1 so far (train top-1 when there is no validation split) is at most ``CHANCE_FACTOR`` times
-  chance, 100 / classes percent: 12% for 10 classes, 1.2% for 100;
+* **at chance**: the best validation top-1 so far (train top-1 when there is no validation split)
+  is at most ``CHANCE_FACTOR`` times chance, 100 / classes percent (12% for 10 classes, 1.2% for
+  100), at the end of the run, or earlier from the second epoch on while the watched loss has not
+  fallen below ``MID_RUN_FALL`` of its first epoch's (a scheme that first regresses features, like
+  the teacher-class network, sits at chance while its loss falls, and is judged at its end);
 * **the loss never fell**: at the end of a run of two or more epochs, no epoch's training loss is
   below ``FALL_RATIO`` times the first epoch's. The cross-entropy term is judged when the scheme
   reports one (knowledge terms may rise by design, e.g. DKD's weight warm-up), else the total.
@@ -23,6 +25,7 @@ from compressor.errors import UserError
 CHANCE_FACTOR = 1.2
 FALL_RATIO = 0.99
 FIRST_CHANCE_CHECK = 2  # epochs: one epoch of a slow start is not yet a dead run
+MID_RUN_FALL = 0.9
 
 
 class NotLearning(UserError):
@@ -52,7 +55,7 @@ def not_learning_reason(history: list[dict[str, Any]], num_classes: int, epochs:
     if done == 0 or num_classes < 2:
         return None
     chance = 100.0 / num_classes
-    if done >= min(FIRST_CHANCE_CHECK, epochs):
+    if done == epochs or (done >= FIRST_CHANCE_CHECK and not _fell(history, MID_RUN_FALL)):
         split, best = None, None
         for record in history:
             split, value = _accuracy(record)
@@ -61,13 +64,19 @@ def not_learning_reason(history: list[dict[str, Any]], num_classes: int, epochs:
         if best is not None and best <= CHANCE_FACTOR * chance:
             return (f"best {split} top-1 {best:.2f}% is at chance ({chance:.1f}% for {num_classes} classes)"
                     f"{_loss_trend(history)}")
-    if done == epochs and done >= 2:
-        first, later = _watched_loss(history[0]), [_watched_loss(r) for r in history[1:]]
-        later = [v for v in later if v is not None]
-        if first is not None and later and min(later) > FALL_RATIO * first:
-            name = "cross-entropy" if "ce" in (history[0].get("loss_terms") or {}) else "training loss"
-            return f"the {name} never fell below its first epoch's {first:.4g} (lowest later {min(later):.4g})"
+    if done == epochs and done >= 2 and not _fell(history, FALL_RATIO):
+        first = _watched_loss(history[0])
+        lowest = min(v for v in map(_watched_loss, history[1:]) if v is not None)
+        name = "cross-entropy" if "ce" in (history[0].get("loss_terms") or {}) else "training loss"
+        return f"the {name} never fell below its first epoch's {first:.4g} (lowest later {lowest:.4g})"
     return None
+
+
+def _fell(history: list[dict[str, Any]], ratio: float) -> bool:
+    """Whether a later epoch's watched loss is below ``ratio`` times the first epoch's (True when unknown)."""
+    first = _watched_loss(history[0])
+    later = [v for v in map(_watched_loss, history[1:]) if v is not None]
+    return first is None or not later or min(later) < ratio * first
 
 
 def _loss_trend(history: list[dict[str, Any]]) -> str:
