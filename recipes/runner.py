@@ -135,7 +135,7 @@ class StageNotLearning(UserError):
             f"stage {stage.name!r} ({stage.arch} via {stage.scheme}{method}) stopped: {getattr(err, 'reason', err)} "
             f"(epoch {getattr(err, 'epoch', '?')} of {getattr(err, 'epochs', '?')}). Try a lower learning rate "
             f"(now {lr}), a simpler --method (e.g. hinton) or a gradient clip (grad_clip in the plan); "
-            f"{kept}--resume {run_dir} after the fix retrains this stage"
+            f"{kept}resuming the run in {run_dir} after the fix retrains this stage"
         )
         self.stage = stage.name
 

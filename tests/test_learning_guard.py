@@ -125,6 +125,6 @@ def test_a_chain_stops_at_the_stage_that_does_not_learn_and_keeps_the_finished_o
     message = str(info.value)
     assert "\n" not in message
     assert "stage 'student' (resnet_d8_w0.5 via offline, method hinton) stopped" in message
-    assert "stage(s) ta1 finished and are kept" in message and f"--resume {tmp_path / 'run'}" in message
+    assert "stage(s) ta1 finished and are kept" in message and f"resuming the run in {tmp_path / 'run'} after the fix" in message
     assert (tmp_path / "run" / "stages" / "ta1" / "model.pt").is_file()
     assert not (tmp_path / "run" / "stages" / "student" / "state.pt").exists()  # a dead state is not resumed
