@@ -1,6 +1,8 @@
 """Data specs -> sources: a registry of ``name[:DIR]`` forms, so adding a format touches one file.
 
     digits            scikit-learn's bundled 8x8 digits (no files needed)
+    fashion-mnist     Fashion-MNIST from the Debian package dataset-fashion-mnist (or fashion-mnist:DIR)
+    mnist:DIR         MNIST's IDX files (flat, or torchvision's DIR/MNIST/raw/)
     cifar10:DIR       torchvision's on-disk CIFAR-10  (DIR or DIR/cifar-10-batches-py)
     cifar100:DIR      torchvision's on-disk CIFAR-100 (DIR or DIR/cifar-100-python)
     imagefolder:DIR   DIR/train/<class>/*, DIR/val/<class>/*, optional DIR/test/<class>/*
@@ -27,21 +29,26 @@ SourceBuilder = Callable[..., DataSource]
 class SourceEntry:
     name: str
     needs_dir: bool
-    usage: str  # e.g. "cifar10:DIR"
+    usage: str  # e.g. "cifar10:DIR", "fashion-mnist[:DIR]"
     summary: str
     builder: SourceBuilder
+    accepts_dir: bool = False  # True also when the directory is optional (``name[:DIR]``)
 
 
 _SOURCES: dict[str, SourceEntry] = {}
 
 
-def register_source(name: str, *, needs_dir: bool, summary: str) -> Callable[[SourceBuilder], SourceBuilder]:
-    """Register a builder for specs of the form ``name`` or ``name:DIR``."""
+def register_source(name: str, *, needs_dir: bool, summary: str,
+                    accepts_dir: bool | None = None) -> Callable[[SourceBuilder], SourceBuilder]:
+    """Register a builder for specs of the form ``name``, ``name:DIR`` or, with ``accepts_dir``
+    and not ``needs_dir``, both (``name[:DIR]``: the builder gets None without a directory)."""
+    accepts = needs_dir or bool(accepts_dir)
 
     def decorator(builder: SourceBuilder) -> SourceBuilder:
         if name in _SOURCES:
             raise ValueError(f"data source {name!r} is registered twice")
-        _SOURCES[name] = SourceEntry(name, needs_dir, f"{name}:DIR" if needs_dir else name, summary, builder)
+        usage = f"{name}:DIR" if needs_dir else f"{name}[:DIR]" if accepts else name
+        _SOURCES[name] = SourceEntry(name, needs_dir, usage, summary, builder, accepts)
         return builder
 
     return decorator
@@ -59,7 +66,7 @@ def spec_forms() -> str:
 def _ensure_builtin() -> None:
     # Import for the registration side effect; kept lazy so `compressor.data` imports cheaply.
     from compressor.data import digits  # noqa: F401  (first: the default source)
-    from compressor.data import cifar, imagefolder  # noqa: F401
+    from compressor.data import cifar, idx, imagefolder  # noqa: F401
 
 
 def parse_spec(spec: str) -> tuple[SourceEntry, Path | None]:
@@ -71,12 +78,12 @@ def parse_spec(spec: str) -> tuple[SourceEntry, Path | None]:
     entry = _SOURCES.get(name.strip().lower())
     if entry is None:
         raise UserError(f"unknown data spec {spec!r}: expected one of {spec_forms()}")
-    if not entry.needs_dir:
-        if rest.strip():
-            raise UserError(f"data spec {spec!r}: {entry.name} takes no directory, write just {entry.usage!r}")
-        return entry, None
     if not rest.strip():
-        raise UserError(f"data spec {spec!r} names no directory: write {entry.usage!r}")
+        if entry.needs_dir:
+            raise UserError(f"data spec {spec!r} names no directory: write {entry.usage!r}")
+        return entry, None
+    if not entry.accepts_dir:
+        raise UserError(f"data spec {spec!r}: {entry.name} takes no directory, write just {entry.usage!r}")
     directory = Path(rest.strip()).expanduser()
     if not directory.exists():
         raise UserError(f"data directory {str(directory)!r} does not exist (from spec {spec!r})")
