@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from compressor.data.base import DataSource, SplitOptions
-from compressor.data.corruptions import check_corruptions
+from compressor.data.corruptions import PAPER_IMBALANCE_RATIO, Corruption  # noqa: F401  (re-exported)
 from compressor.errors import UserError
 
 # builder(directory or None, spec, options, device, **source_options) -> DataSource
@@ -97,9 +97,6 @@ def _check_val_fraction(val_fraction: float) -> None:
         raise UserError(f"val_fraction {val_fraction!r} is outside (0, 1): give the fraction of training data to hold out for validation, e.g. 0.1")
 
 
-PAPER_IMBALANCE_RATIO = 20.0  # KD benchmark (Sarfraz et al. 2021): 5000 -> 250 images per class
-
-
 def load_source(
     spec: str,
     *,
@@ -117,15 +114,14 @@ def load_source(
     ratio rho >= 1 (1 = balanced); ``imbalance_gamma`` switches the imbalance profile from the
     exponential long tail to the paper's power law (see :mod:`compressor.data.corruptions`); given
     alone (rho left at 1) it uses the paper's CIFAR-10 ratio, rho = 20 (5000 down to 250 per class).
-    ``source_options`` go to the source (image folders: ``input_size``, ``num_workers``, ``crop_fraction``).
+    ``source_options`` go to the source (image folders: ``input_size``, ``num_workers``, ``crop_fraction``;
+    Fashion-MNIST and MNIST: ``train_limit``).
     """
     entry, directory = parse_spec(spec)
     _check_val_fraction(val_fraction)
-    if imbalance_gamma is not None and imbalance == 1.0:
-        imbalance = PAPER_IMBALANCE_RATIO
-    check_corruptions(label_noise, imbalance, imbalance_gamma)
-    options = SplitOptions(float(val_fraction), int(seed), float(label_noise), float(imbalance),
-                           None if imbalance_gamma is None else float(imbalance_gamma))
+    corruption = Corruption.create(label_noise, None if imbalance == 1.0 else imbalance, imbalance_gamma)
+    options = SplitOptions(float(val_fraction), int(seed), corruption.label_noise, corruption.imbalance,
+                           corruption.imbalance_gamma)
     try:
         return entry.builder(directory, spec=spec.strip(), options=options, device=device, **source_options)
     except TypeError as err:
