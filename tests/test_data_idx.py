@@ -162,3 +162,33 @@ def test_real_fashion_mnist_from_the_debian_package():
     # the published normalisation constants are the training pool's statistics
     mean, std = channel_stats(src.images[:60000])
     assert abs(mean[0] - 0.2860) < 5e-4 and abs(std[0] - 0.3530) < 5e-4
+
+
+def test_protocol_of_each_spec():
+    from compressor.data import list_sources
+    from recipes.protocols import PROTOCOLS, default_train, protocol_name
+
+    assert {e.name: protocol_name(e.usage.replace("[:DIR]", "").replace("DIR", "/d")) for e in list_sources()} == {
+        "digits": "digits", "cifar10": "cifar", "cifar100": "cifar", "fashion-mnist": "fashion-mnist",
+        "mnist": "mnist", "imagefolder": "imagefolder"}
+    assert protocol_name("Fashion-MNIST:/data") == "fashion-mnist" and protocol_name("other:/x") == "imagefolder"
+    assert PROTOCOLS["mnist"] == PROTOCOLS["fashion-mnist"] == {
+        "epochs": 10, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True,
+        "weight_decay": 5e-4, "schedule": "cosine", "grad_clip": 5.0}
+    assert default_train("fashion-mnist", "mobilenetv2_w0.5")["lr"] == 0.05  # the CIFAR low-lr rule stays CIFAR's
+    assert default_train("fashion-mnist", "resnet20", epochs=60)["epochs"] == 60
+
+
+def test_train_cli_on_mnist_uses_its_protocol(cli, tmp_path):
+    from compressor.checkpoint import load_model
+
+    write_idx(tmp_path / "data", per_class_train=6, per_class_test=1, layout="MNIST")
+    out = tmp_path / "t.pt"
+    result = cli("train", "--arch", "resnet8", "--data", f"mnist:{tmp_path / 'data'}", "--epochs", "1", "-o", str(out), "-q")
+    assert result.exit_code == 0, result.output
+    loaded = load_model(out)
+    train = loaded.extra["train"]
+    assert (train["batch_size"], train["lr"], train["nesterov"], train["grad_clip"], train["schedule"]) == (
+        128, 0.05, True, 5.0, "cosine")
+    assert loaded.meta.input_shape == (1, 28, 28) and loaded.meta.class_names == [str(d) for d in range(10)]
+    assert (loaded.meta.mean, loaded.meta.std) == ((0.1307,), (0.3081,))
