@@ -54,9 +54,14 @@ def register_source(name: str, *, needs_dir: bool, summary: str,
     return decorator
 
 
+BUILTIN_ORDER = ("digits", "cifar10", "cifar100", "fashion-mnist", "mnist", "imagefolder")
+
+
 def list_sources() -> list[SourceEntry]:
+    """Built-in sources in a fixed order (the default first), whatever imported them first; then the others."""
     _ensure_builtin()
-    return list(_SOURCES.values())
+    rank = {name: i for i, name in enumerate(BUILTIN_ORDER)}
+    return sorted(_SOURCES.values(), key=lambda e: rank.get(e.name, len(rank)))
 
 
 def spec_forms() -> str:
