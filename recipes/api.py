@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from compressor.data.corruptions import Corruption
 from recipes.budget import parse_budgets
 from recipes.context import RunInputs, resolve_inputs
 from recipes.plan import Plan
@@ -27,10 +28,13 @@ def plan_compression(
     options: dict | None = None,
     load_data: bool = False,
     student: str | None = None,
+    corruption: Corruption | None = None,
 ) -> tuple[Plan, RunInputs]:
-    """Plan without training: seconds, not minutes (costs are cached on disk)."""
+    """Plan without training: seconds, not minutes (costs are cached on disk). The plan records
+    ``corruption`` (the training-label corruptions every stage trains with)."""
     parsed = parse_budgets(budgets)
-    inputs = resolve_inputs(teacher, data, arch=teacher_arch, trust=trust, load_data=load_data, seed=seed)
+    inputs = resolve_inputs(teacher, data, arch=teacher_arch, trust=trust, load_data=load_data, seed=seed,
+                            corruption=corruption)
     latency = None
     if any(b.kind == "latency" for b in parsed):
         from recipes.latency_probe import zoo_latency_probe
@@ -44,4 +48,9 @@ def plan_compression(
         recipe=recipe, method=method, family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed,
         options=dict(options or {}), student=student,
     )
-    return make_plan(request, latency), inputs
+    plan = make_plan(request, latency)
+    plan.corruption = inputs.corruption.to_dict()
+    if not inputs.corruption.clean:
+        plan.reasons.append(f"every stage trains on corrupted labels: {inputs.corruption} at seed {seed} "
+                            "(val and test stay clean)")
+    return plan, inputs

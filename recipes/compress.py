@@ -21,10 +21,11 @@ from compressor import __version__
 from compressor.atomic import copy_file
 from compressor.checkpoint import load_model
 from compressor.cost import FLOP_CONVENTION, measure
+from compressor.data.corruptions import Corruption
 from compressor.errors import UserError
 from compressor.metrics import kd_gain
 from recipes.budget import parse_budgets
-from recipes.context import RunInputs, resolve_inputs
+from recipes.context import RunInputs, resolve_inputs, same_corruption
 from recipes.distill_plan import load_preset, preset_plan
 from recipes.distill_run import teacher_accuracy
 from recipes.plan import Plan, Stage
@@ -87,8 +88,11 @@ def compress(
     device: str = "auto",
     trust: bool = False,
     preset: str | None = None,
+    corruption: Corruption | None = None,
     echo: Echo = print,
 ) -> CompressResult:
+    """``corruption`` (None: clean, or what a resumed run or a saved plan records) corrupts the
+    training labels of every stage, the baseline's too."""
     started = time.time()
     out_dir = Path(out) if out is not None else default_out_dir(teacher, budget)
     if not resume and not preset:
@@ -97,18 +101,26 @@ def compress(
     if resume:
         plan = Plan.load(out_dir / "plan.yaml")
         teacher = teacher or plan.teacher
-        inputs = resolve_inputs(teacher, data or plan.data, arch=teacher_arch, trust=trust, load_data=True, seed=plan.seed)
+        corruption = same_corruption(plan.data_corruption, corruption, f"the run in {out_dir}")
+        inputs = resolve_inputs(teacher, data or plan.data, arch=teacher_arch, trust=trust, load_data=True, seed=plan.seed,
+                                corruption=corruption)
         echo(f"resuming {out_dir} ({plan.recipe}: {' -> '.join(s.arch for s in plan.stages)})")
         probe_rows = None
     elif preset:
-        teacher = teacher or load_preset(preset).get("teacher")  # a saved plan names its teacher
-        inputs = resolve_inputs(teacher, data, arch=teacher_arch, trust=trust, load_data=True, seed=seed)
+        raw = load_preset(preset)
+        teacher = teacher or raw.get("teacher")  # a saved plan names its teacher
+        corruption = corruption or Corruption.from_dict(raw.get("corruption"))  # and its corruptions
+        inputs = resolve_inputs(teacher, data, arch=teacher_arch, trust=trust, load_data=True, seed=seed,
+                                corruption=corruption)
         plan = preset_plan(preset, teacher=teacher, data=inputs.data_spec, teacher_arch=teacher_arch, method=method,
-                           seed=seed, train={"epochs": epochs})
+                           seed=seed, train={"epochs": epochs}, corruption=corruption)
         probe_rows = None
     else:
         plan, inputs, probe_rows = _plan(teacher, budget, data, teacher_arch, recipe, method, family, gap_threshold,
-                                         epochs, seed, latency_threads, trust, search, probe_k, device, echo)
+                                         epochs, seed, latency_threads, trust, search, probe_k, device, echo,
+                                         corruption)
+    for note in inputs.notes:
+        echo(note)
     if not resume:  # the folder appears (or is replaced) only once the inputs made a plan
         if replace:
             shutil.rmtree(out_dir)
@@ -169,13 +181,13 @@ def compress(
 
 
 def _plan(teacher, budget, data, teacher_arch, recipe, method, family, gap_threshold, epochs, seed, latency_threads,
-          trust, search, probe_k, device, echo) -> tuple[Plan, RunInputs, list | None]:
+          trust, search, probe_k, device, echo, corruption) -> tuple[Plan, RunInputs, list | None]:
     from recipes.api import plan_compression
 
     plan, inputs = plan_compression(
         teacher=teacher, budgets=budget, data=data, teacher_arch=teacher_arch, recipe=recipe, method=method,
         family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed, latency_threads=latency_threads,
-        trust=trust, load_data=True,
+        trust=trust, load_data=True, corruption=corruption,
     )
     if search != "probe":
         return plan, inputs, None
@@ -186,7 +198,7 @@ def _plan(teacher, budget, data, teacher_arch, recipe, method, family, gap_thres
         plan, _ = plan_compression(
             teacher=teacher, budgets=budget, data=data, teacher_arch=teacher_arch, recipe=recipe, method=method,
             family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed, latency_threads=latency_threads,
-            trust=trust, load_data=False, student=winner,
+            trust=trust, load_data=False, student=winner, corruption=corruption,
         )
     plan.reasons.append(f"--search probe: {winner} scored best on the validation split after successive halving "
                         f"over {len({r['name'] for r in rows})} candidates")
@@ -199,7 +211,7 @@ def _baseline(plan: Plan, inputs: RunInputs, out_dir: Path, resume: bool, device
     final = plan.final
     stage = Stage("baseline", "vanilla", final.arch, [], None, {}, dict(final.train),
                   "the same student trained on labels only, for the KD gain")
-    base_plan = Plan(data=plan.data, stages=[stage], seed=plan.seed, recipe="vanilla")
+    base_plan = Plan(data=plan.data, stages=[stage], seed=plan.seed, recipe="vanilla", corruption=plan.corruption)
     echo("baseline: the same student without distillation")
     result = run_plan(base_plan, inputs.source, out_dir, resume=resume, device=device, echo=echo)
     top1 = result.metrics.get("test_top1")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from compressor.checkpoint import LoadedModel, load_model
 from compressor.cost import Cost, measure
+from compressor.data.corruptions import Corruption
 from compressor.errors import UserError
+from compressor.trainer.evaluate import class_names_warning
 
 
 @dataclass
@@ -18,6 +20,8 @@ class RunInputs:
     teacher: LoadedModel | None
     teacher_cost: Cost | None
     source: Any | None = None  # compressor.data.DataSource once loaded
+    corruption: Corruption = field(default_factory=Corruption)  # what the training split was corrupted with
+    notes: list[str] = field(default_factory=list)  # warnings for the user (one line each), not errors
 
 
 def load_teacher(path: str | None, arch: str | None = None, trust: bool = False) -> LoadedModel | None:
@@ -27,8 +31,11 @@ def load_teacher(path: str | None, arch: str | None = None, trust: bool = False)
 
 
 def resolve_inputs(teacher_path: str | None, data: str | None, *, arch: str | None = None, trust: bool = False,
-                   load_data: bool = True, val_fraction: float = 0.1, seed: int = 0) -> RunInputs:
-    """Data defaults to what the teacher checkpoint records; a foreign teacher needs ``--data``."""
+                   load_data: bool = True, val_fraction: float = 0.1, seed: int = 0,
+                   corruption: Corruption | None = None) -> RunInputs:
+    """Data defaults to what the teacher checkpoint records; a foreign teacher needs ``--data``.
+    ``corruption`` (default: clean labels) corrupts the training split, seeded by ``seed``."""
+    corruption = corruption or Corruption()
     teacher = load_teacher(teacher_path, arch, trust)
     spec = data or (teacher.meta.dataset if teacher else None) or (None if teacher else "digits")
     if spec is None:
@@ -38,18 +45,51 @@ def resolve_inputs(teacher_path: str | None, data: str | None, *, arch: str | No
     if load_data or data is not None or teacher is None or teacher.meta.input_shape is None:
         from compressor.data import load_source
 
-        source = load_source(spec, val_fraction=val_fraction, seed=seed)
+        source = load_source(spec, val_fraction=val_fraction, seed=seed, **corruption.to_dict())
         num_classes, shape = source.num_classes, tuple(source.input_shape)
     else:
         num_classes, shape = teacher.meta.num_classes, teacher.meta.input_shape
     cost = None
+    notes: list[str] = []
     if teacher is not None:
-        check_teacher_fits(teacher, num_classes, shape, spec)
+        notes += check_teacher_fits(teacher, num_classes, shape, spec, source.class_names if source else None)
+        notes += corruption_notes(teacher, corruption, seed)
         cost = measure(teacher.model, shape)
-    return RunInputs(spec, num_classes, shape, teacher, cost, source)
+    return RunInputs(spec, num_classes, shape, teacher, cost, source, corruption, notes)
 
 
-def check_teacher_fits(teacher: LoadedModel, num_classes: int, shape: tuple[int, ...], spec: str) -> None:
+def same_corruption(recorded: Corruption, given: Corruption | None, what: str) -> Corruption:
+    """A resumed run keeps its corruptions: flags that say otherwise are a mistake, not a change."""
+    if given is not None and given != recorded:
+        raise UserError(f"{what} trains on {recorded}, not {given}: drop --label-noise/--imbalance/--imbalance-gamma "
+                        "to resume it, or start a new run")
+    return recorded
+
+
+def corruption_notes(teacher: LoadedModel, corruption: Corruption, seed: int) -> list[str]:
+    """A note when the teacher was trained on other labels than this run's (the KD robustness
+    benchmark trains both on the same corrupted labels: same corruption, same seed)."""
+    data = teacher.extra.get("data") if isinstance(teacher.extra, dict) else None
+    record = data.get("options") if isinstance(data, dict) else None
+    try:
+        theirs, their_seed = Corruption.from_dict(record), record.get("seed")
+    except (UserError, AttributeError):
+        return []  # a foreign teacher, or one that records nothing usable
+    if theirs == corruption and (corruption.clean or their_seed == seed):
+        return []
+    return [f"note: the teacher was trained on {_labels(theirs, their_seed)} but this run uses "
+            f"{_labels(corruption, seed)}: to train on the teacher's labels give its "
+            "--label-noise/--imbalance/--imbalance-gamma and --seed"]
+
+
+def _labels(corruption: Corruption, seed: Any) -> str:
+    return "clean labels" if corruption.clean else f"{corruption} at seed {seed}"
+
+
+def check_teacher_fits(teacher: LoadedModel, num_classes: int, shape: tuple[int, ...], spec: str,
+                       class_names: list[str] | None = None) -> list[str]:
+    """A UserError when the teacher cannot be used on the data; warnings (lines) when it can but
+    its recorded class names differ from the data's."""
     meta = teacher.meta
     if meta.num_classes != num_classes:
         raise UserError(f"the teacher predicts {meta.num_classes} classes but {spec} has {num_classes}")
@@ -60,3 +100,5 @@ def check_teacher_fits(teacher: LoadedModel, num_classes: int, shape: tuple[int,
             f"the teacher was trained at {'x'.join(map(str, meta.input_shape))} but {spec} is "
             f"{'x'.join(map(str, shape))}"
         )
+    warning = None if class_names is None else class_names_warning("the teacher", meta.class_names, spec, class_names)
+    return [warning] if warning else []

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import yaml
 
 from compressor.cost import measure_arch
+from compressor.data.corruptions import Corruption
 from compressor.errors import UserError
 from recipes.plan import TEACHER, Plan, Stage
 from recipes.protocols import default_train
@@ -141,10 +142,13 @@ def list_presets() -> list[str]:
 
 
 def preset_plan(name_or_path: str, *, teacher: str | None, data: str | None, teacher_arch: str | None,
-                method: str | None, seed: int | None, train: dict[str, Any]) -> Plan:
+                method: str | None, seed: int | None, train: dict[str, Any],
+                corruption: Corruption | None = None) -> Plan:
     """Fill a preset's blanks from the command line (which wins where both speak)."""
     raw = load_preset(name_or_path)
     raw = {**raw}
+    if corruption is not None:
+        raw["corruption"] = corruption.to_dict()
     if teacher is not None:
         raw["teacher"] = teacher
     if data is not None:

@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from compressor.atomic import copy_file
+from compressor.data.corruptions import Corruption
 from compressor.errors import UserError
-from recipes.context import resolve_inputs
+from recipes.context import resolve_inputs, same_corruption
 from recipes.distill_plan import DistillRequest, distill_plan, load_preset, preset_plan
+from recipes.plan import Plan
 from recipes.runner import RunResult, run_plan
 
 
@@ -34,9 +36,13 @@ def distill(
     device: str = "auto",
     resume: bool = False,
     trust: bool = False,
+    corruption: Corruption | None = None,
     echo: Callable[[str], None] = print,
+    warn: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """Run one distillation and return the summary lines the CLI prints."""
+    """Run one distillation and return the summary lines the CLI prints. ``corruption`` (None: clean,
+    or what a --preset plan records) corrupts the training labels; the plan in OUTPUT.run records it.
+    ``warn`` (default ``echo``) gets the one-line warnings about the teacher and the data."""
     if not student and not preset:
         raise UserError("give the student architecture with --student (or a --preset that names one)")
     output = Path(output)
@@ -45,11 +51,18 @@ def distill(
         raise UserError(f"{run_dir} holds an earlier run: pass --resume to continue it, or remove it")
     overrides = {k: v for k, v in (train or {}).items() if v is not None}
     if preset:
-        teacher = teacher or load_preset(preset).get("teacher")  # a saved plan names its teacher
-    inputs = resolve_inputs(teacher, data, arch=teacher_arch, trust=trust, load_data=True, seed=seed)
+        raw = load_preset(preset)
+        teacher = teacher or raw.get("teacher")  # a saved plan names its teacher
+        corruption = corruption or Corruption.from_dict(raw.get("corruption"))  # and its corruptions
+    if resume and (run_dir / "plan.yaml").is_file():
+        corruption = same_corruption(Plan.load(run_dir / "plan.yaml").data_corruption, corruption, f"the run in {run_dir}")
+    inputs = resolve_inputs(teacher, data, arch=teacher_arch, trust=trust, load_data=True, seed=seed,
+                            corruption=corruption)
+    for note in inputs.notes:
+        (warn or echo)(note)
     if preset:
         plan = preset_plan(preset, teacher=teacher, data=inputs.data_spec, teacher_arch=teacher_arch, method=method,
-                           seed=seed, train=overrides)
+                           seed=seed, train=overrides, corruption=inputs.corruption)
     else:
         plan = distill_plan(DistillRequest(
             data=inputs.data_spec, student=student, num_classes=inputs.num_classes, input_shape=inputs.input_shape,
@@ -57,6 +70,7 @@ def distill(
             teacher_flops=inputs.teacher_cost.flops if inputs.teacher_cost else None, scheme=scheme, method=method,
             chain=chain, dgkd=dgkd, seed=seed, options=dict(options or {}), train=overrides,
         ))
+        plan.corruption = inputs.corruption.to_dict()
     run_dir.mkdir(parents=True, exist_ok=True)
     plan.save(run_dir / "plan.yaml")
     result = run_plan(plan, inputs.source, run_dir, teacher=inputs.teacher, resume=resume, device=device, echo=echo)

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from compressor.atomic import write_text
+from compressor.data.corruptions import Corruption
 
 from compressor.errors import UserError
 
@@ -46,16 +47,23 @@ class Plan:
     seed: int = 0
     reasons: list[str] = field(default_factory=list)
     candidates: list[dict[str, Any]] = field(default_factory=list)  # the search table, for the report
+    # training-set corruptions every stage trains with (label_noise, imbalance, imbalance_gamma; {} = clean)
+    corruption: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
 
     @property
     def final(self) -> Stage:
         return self.stages[-1]
 
+    @property
+    def data_corruption(self) -> Corruption:
+        return Corruption.from_dict(self.corruption)
+
     def validate(self) -> "Plan":
         """A hand-written plan gets the same checks as a planned one, with one-line errors."""
         if not self.stages:
             raise UserError("the plan has no stages")
+        Corruption.from_dict(self.corruption)  # a bad record fails here, before any data is read
         seen: set[str] = set()
         for stage in self.stages:
             if stage.name in seen or stage.name == TEACHER:

@@ -107,6 +107,7 @@ def run_plan(
         meta = ModelMeta.from_source(getattr(deployable, "kd_arch", stage.arch), source,
                                      **getattr(deployable, "kd_arch_kwargs", {}))
         extra = {"stage": stage.name, "scheme": stage.scheme, "method": stage.method, "teachers": stage.teachers,
+                 "data": source.describe(),  # split and corruption options: a later run can match them
                  **getattr(result, "extra", {})}
         if result.is_main:
             save_model(model_path, deployable, meta, metrics=result.metrics(), plan=plan.to_dict(), extra=extra)

@@ -12,14 +12,15 @@ Files written by ``train_vanilla(output=X.pt)``:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from compressor.checkpoint import LoadedModel, ModelMeta, load_model, save_model
+from compressor.data.corruptions import Corruption
 from compressor.errors import UserError
 from compressor.trainer import EvalResult, TrainConfig, TrainResult, default_state_path, evaluate, fit, session
-from compressor.trainer.evaluate import Renormalize, check_fits
+from compressor.trainer.evaluate import Renormalize, check_fits, class_names_warning
 from compressor.trainer.seeding import seed_everything
 from recipes.protocols import default_train
 
@@ -45,9 +46,13 @@ def train_vanilla(
     val_fraction: float = 0.1,
     resume: bool = False,
     echo: Callable[[str], None] | None = None,
+    corruption: Corruption | None = None,
     **overrides: Any,
 ) -> TrainResult:
-    """Train ``arch`` on ``data`` with cross-entropy and write ``output`` (on rank 0 under torchrun)."""
+    """Train ``arch`` on ``data`` with cross-entropy and write ``output`` (on rank 0 under torchrun).
+
+    ``corruption`` (default clean) corrupts the training labels, seeded by the run's seed; the
+    checkpoint records it (``extra['data']['options']``), so its students can match it."""
     from compressor.data import load_source
     from compressor.models import create
     from compressor.schemes import Vanilla
@@ -58,7 +63,7 @@ def train_vanilla(
     config = train_config(data, arch, **overrides)
     with session(config.device) as ctx:
         seed_everything(config.seed)
-        source = load_source(data, val_fraction=val_fraction, seed=config.seed)
+        source = load_source(data, val_fraction=val_fraction, seed=config.seed, **(corruption or Corruption()).to_dict())
         model = create(arch, num_classes=source.num_classes, in_chans=source.input_shape[0])
         result = fit(Vanilla(model, label_smoothing=config.label_smoothing), source, config,
                      state_path=default_state_path(output), log_path=log_path_for(output), resume=resume,
@@ -80,6 +85,7 @@ class CheckpointScore:
     result: EvalResult
     class_names: list[str]
     renormalized: bool
+    warnings: list[str] = field(default_factory=list)  # one line each: it could be scored, but look twice
 
 
 def evaluate_checkpoint(
@@ -107,6 +113,7 @@ def evaluate_checkpoint(
     source = load_source(spec, seed=seed)
     check_fits(str(path), meta.num_classes, meta.input_shape, meta.in_chans, spec, source.num_classes,
                source.input_shape)
+    warning = class_names_warning(str(path), meta.class_names, spec, source.class_names)
     model = loaded.model
     renorm = (meta.mean is not None and meta.std is not None
               and (tuple(meta.mean) != tuple(source.mean) or tuple(meta.std) != tuple(source.std)))
@@ -117,4 +124,4 @@ def evaluate_checkpoint(
     source.to(dev)
     batches = source.loader(split, batch_size, shuffle=False, augment=False)
     result = evaluate(model, batches, source.num_classes)
-    return CheckpointScore(loaded, spec, split, result, list(source.class_names), renorm)
+    return CheckpointScore(loaded, spec, split, result, list(source.class_names), renorm, [warning] if warning else [])

@@ -113,3 +113,40 @@ def write_imagefolder(root: Path, *, classes: tuple[str, ...] = ("cat", "dog", "
                     pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
+
+
+IDX_NAMES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file as LeCun documents it: 0x0000 0x08 (unsigned byte) ndim, big-endian sizes, data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def write_idx(root: Path, *, per_class_train: int = 3, per_class_test: int = 1, num_classes: int = 10,
+              gz: bool = True, layout: str = "flat", splits: tuple[str, ...] = ("train", "test")) -> Path:
+    """Write MNIST-style IDX files whose 28x28 images are filled with ``label_value(label)`` (pixel
+    (0, 0) = the image's index within its file, mod 256); labels cycle 0..num_classes-1.
+
+    ``layout``: ``flat`` (root/<files>), ``FashionMNIST`` or ``MNIST`` (torchvision's
+    root/<layout>/raw/<files>). Returns the folder holding the files.
+    """
+    import gzip
+
+    folder = root if layout == "flat" else root / layout / "raw"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        per_class = per_class_train if split == "train" else per_class_test
+        labels = np.tile(np.arange(num_classes, dtype=np.uint8), per_class)
+        images = np.empty((labels.size, 28, 28), dtype=np.uint8)
+        images[:] = np.array([label_value(int(c)) for c in labels], dtype=np.uint8)[:, None, None]
+        images[:, 0, 0] = np.arange(labels.size) % 256
+        for name, array in zip(IDX_NAMES[split], (images, labels)):
+            data = idx_bytes(array)
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+            else:
+                (folder / name).write_bytes(data)
+    return folder

@@ -282,7 +282,8 @@ def test_sample_is_seeded_and_unaugmented(digits):
 @pytest.mark.parametrize(
     "spec, kwargs, message",
     [
-        ("mnist", {}, "unknown data spec 'mnist'.*digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR"),
+        ("emnist", {}, "unknown data spec 'emnist'.*digits, cifar10:DIR, cifar100:DIR, fashion-mnist\\[:DIR\\], mnist:DIR, imagefolder:DIR"),
+        ("mnist", {}, "names no directory: write 'mnist:DIR'"),
         ("cifar10", {}, "names no directory"),
         ("cifar10:{tmp}/nope", {}, "does not exist"),
         ("cifar100:{tmp}", {}, "not a cifar100 directory.*train, test, meta"),

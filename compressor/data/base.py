@@ -108,6 +108,7 @@ class DataSource(ABC):
 
     def __init__(self) -> None:
         self._norm_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.source_options: dict[str, Any] = {}  # what the source was opened with beyond the spec (e.g. train_limit)
 
     # --- sizes and labels -------------------------------------------------------------------
     @abstractmethod
@@ -175,6 +176,7 @@ class DataSource(ABC):
             "mean": list(self.mean),
             "std": list(self.std),
             "options": asdict(self.options),
+            "source_options": dict(self.source_options),
         }
 
     def __repr__(self) -> str:

@@ -33,6 +33,8 @@ The kept samples of class c are a seeded uniform random subset of size n_c.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -52,6 +54,53 @@ def check_corruptions(label_noise: float, imbalance: float, imbalance_gamma: flo
             raise UserError(f"imbalance_gamma {imbalance_gamma!r} is invalid: the power-law exponent must be > 0 (the paper uses 0.2, 0.6, 1, 2)")
         if imbalance == 1.0:
             raise UserError("imbalance_gamma needs imbalance > 1 (the max/min class ratio; the paper's CIFAR-10 setting is 20 = 5000/250)")
+
+
+PAPER_IMBALANCE_RATIO = 20.0  # KD benchmark (Sarfraz et al. 2021): 5000 -> 250 images per class
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """A run's training-set corruptions (``--label-noise``, ``--imbalance``, ``--imbalance-gamma``),
+    checked once; plans and checkpoints record it so a teacher and its students can share it."""
+
+    label_noise: float = 0.0
+    imbalance: float = 1.0
+    imbalance_gamma: float | None = None
+
+    @classmethod
+    def create(cls, label_noise: float | None = None, imbalance: float | None = None,
+               imbalance_gamma: float | None = None) -> "Corruption":
+        """From optional user values (None: not given); gamma without a ratio takes the paper's, 20."""
+        noise = 0.0 if label_noise is None else label_noise
+        ratio = (PAPER_IMBALANCE_RATIO if imbalance_gamma is not None else 1.0) if imbalance is None else imbalance
+        check_corruptions(noise, ratio, imbalance_gamma)
+        return cls(float(noise), float(ratio), None if imbalance_gamma is None else float(imbalance_gamma))
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any] | None) -> "Corruption":
+        """From a plan's or a checkpoint's record (None or {}: clean); other keys are ignored."""
+        record = record or {}
+        if not isinstance(record, dict):
+            raise UserError(f"corruption record {record!r} is not a mapping of label_noise, imbalance, imbalance_gamma")
+        return cls.create(record.get("label_noise"), record.get("imbalance"), record.get("imbalance_gamma"))
+
+    @property
+    def clean(self) -> bool:
+        return self.label_noise == 0.0 and self.imbalance == 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record, and the keyword arguments of ``load_source``."""
+        return asdict(self)
+
+    def __str__(self) -> str:
+        if self.clean:
+            return "clean labels"
+        parts = [f"label noise {self.label_noise:g}"] if self.label_noise else []
+        if self.imbalance != 1.0:
+            profile = "exponential" if self.imbalance_gamma is None else f"power law, gamma {self.imbalance_gamma:g}"
+            parts.append(f"imbalance {self.imbalance:g} ({profile})")
+        return ", ".join(parts)
 
 
 def imbalance_counts(available: list[int], ratio: float, gamma: float | None = None) -> list[int]:

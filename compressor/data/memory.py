@@ -7,7 +7,7 @@ normalised there, with no worker processes and no per-image Python.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -33,8 +33,10 @@ class InMemorySource(DataSource):
         options: SplitOptions,
         clean_train_labels: torch.Tensor | None = None,
         device: str | torch.device = "cpu",
+        source_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.source_options = dict(source_options or {})
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise TypeError("images must be a uint8 (N, C, H, W) tensor")
         self.spec, self.name = spec, name

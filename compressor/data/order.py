@@ -28,6 +28,7 @@ NOISE_STREAM = 4
 IMBALANCE_STREAM = 5
 SAMPLE_STREAM = 6
 TEST_STREAM = 7
+SUBSET_STREAM = 8
 
 
 def mix_seed(*parts: int) -> int:

@@ -1,6 +1,8 @@
 """Data specs -> sources: a registry of ``name[:DIR]`` forms, so adding a format touches one file.
 
     digits            scikit-learn's bundled 8x8 digits (no files needed)
+    fashion-mnist     Fashion-MNIST from the Debian package dataset-fashion-mnist (or fashion-mnist:DIR)
+    mnist:DIR         MNIST's IDX files (flat, or torchvision's DIR/MNIST/raw/)
     cifar10:DIR       torchvision's on-disk CIFAR-10  (DIR or DIR/cifar-10-batches-py)
     cifar100:DIR      torchvision's on-disk CIFAR-100 (DIR or DIR/cifar-100-python)
     imagefolder:DIR   DIR/train/<class>/*, DIR/val/<class>/*, optional DIR/test/<class>/*
@@ -16,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from compressor.data.base import DataSource, SplitOptions
-from compressor.data.corruptions import check_corruptions
+from compressor.data.corruptions import PAPER_IMBALANCE_RATIO, Corruption  # noqa: F401  (re-exported)
 from compressor.errors import UserError
 
 # builder(directory or None, spec, options, device, **source_options) -> DataSource
@@ -27,29 +29,39 @@ SourceBuilder = Callable[..., DataSource]
 class SourceEntry:
     name: str
     needs_dir: bool
-    usage: str  # e.g. "cifar10:DIR"
+    usage: str  # e.g. "cifar10:DIR", "fashion-mnist[:DIR]"
     summary: str
     builder: SourceBuilder
+    accepts_dir: bool = False  # True also when the directory is optional (``name[:DIR]``)
 
 
 _SOURCES: dict[str, SourceEntry] = {}
 
 
-def register_source(name: str, *, needs_dir: bool, summary: str) -> Callable[[SourceBuilder], SourceBuilder]:
-    """Register a builder for specs of the form ``name`` or ``name:DIR``."""
+def register_source(name: str, *, needs_dir: bool, summary: str,
+                    accepts_dir: bool | None = None) -> Callable[[SourceBuilder], SourceBuilder]:
+    """Register a builder for specs of the form ``name``, ``name:DIR`` or, with ``accepts_dir``
+    and not ``needs_dir``, both (``name[:DIR]``: the builder gets None without a directory)."""
+    accepts = needs_dir or bool(accepts_dir)
 
     def decorator(builder: SourceBuilder) -> SourceBuilder:
         if name in _SOURCES:
             raise ValueError(f"data source {name!r} is registered twice")
-        _SOURCES[name] = SourceEntry(name, needs_dir, f"{name}:DIR" if needs_dir else name, summary, builder)
+        usage = f"{name}:DIR" if needs_dir else f"{name}[:DIR]" if accepts else name
+        _SOURCES[name] = SourceEntry(name, needs_dir, usage, summary, builder, accepts)
         return builder
 
     return decorator
 
 
+BUILTIN_ORDER = ("digits", "cifar10", "cifar100", "fashion-mnist", "mnist", "imagefolder")
+
+
 def list_sources() -> list[SourceEntry]:
+    """Built-in sources in a fixed order (the default first), whatever imported them first; then the others."""
     _ensure_builtin()
-    return list(_SOURCES.values())
+    rank = {name: i for i, name in enumerate(BUILTIN_ORDER)}
+    return sorted(_SOURCES.values(), key=lambda e: rank.get(e.name, len(rank)))
 
 
 def spec_forms() -> str:
@@ -59,7 +71,7 @@ def spec_forms() -> str:
 def _ensure_builtin() -> None:
     # Import for the registration side effect; kept lazy so `compressor.data` imports cheaply.
     from compressor.data import digits  # noqa: F401  (first: the default source)
-    from compressor.data import cifar, imagefolder  # noqa: F401
+    from compressor.data import cifar, idx, imagefolder  # noqa: F401
 
 
 def parse_spec(spec: str) -> tuple[SourceEntry, Path | None]:
@@ -71,12 +83,12 @@ def parse_spec(spec: str) -> tuple[SourceEntry, Path | None]:
     entry = _SOURCES.get(name.strip().lower())
     if entry is None:
         raise UserError(f"unknown data spec {spec!r}: expected one of {spec_forms()}")
-    if not entry.needs_dir:
-        if rest.strip():
-            raise UserError(f"data spec {spec!r}: {entry.name} takes no directory, write just {entry.usage!r}")
-        return entry, None
     if not rest.strip():
-        raise UserError(f"data spec {spec!r} names no directory: write {entry.usage!r}")
+        if entry.needs_dir:
+            raise UserError(f"data spec {spec!r} names no directory: write {entry.usage!r}")
+        return entry, None
+    if not entry.accepts_dir:
+        raise UserError(f"data spec {spec!r}: {entry.name} takes no directory, write just {entry.usage!r}")
     directory = Path(rest.strip()).expanduser()
     if not directory.exists():
         raise UserError(f"data directory {str(directory)!r} does not exist (from spec {spec!r})")
@@ -88,9 +100,6 @@ def parse_spec(spec: str) -> tuple[SourceEntry, Path | None]:
 def _check_val_fraction(val_fraction: float) -> None:
     if not (isinstance(val_fraction, (int, float)) and math.isfinite(val_fraction) and 0.0 < val_fraction < 1.0):
         raise UserError(f"val_fraction {val_fraction!r} is outside (0, 1): give the fraction of training data to hold out for validation, e.g. 0.1")
-
-
-PAPER_IMBALANCE_RATIO = 20.0  # KD benchmark (Sarfraz et al. 2021): 5000 -> 250 images per class
 
 
 def load_source(
@@ -110,15 +119,14 @@ def load_source(
     ratio rho >= 1 (1 = balanced); ``imbalance_gamma`` switches the imbalance profile from the
     exponential long tail to the paper's power law (see :mod:`compressor.data.corruptions`); given
     alone (rho left at 1) it uses the paper's CIFAR-10 ratio, rho = 20 (5000 down to 250 per class).
-    ``source_options`` go to the source (image folders: ``input_size``, ``num_workers``, ``crop_fraction``).
+    ``source_options`` go to the source (image folders: ``input_size``, ``num_workers``, ``crop_fraction``;
+    Fashion-MNIST and MNIST: ``train_limit``).
     """
     entry, directory = parse_spec(spec)
     _check_val_fraction(val_fraction)
-    if imbalance_gamma is not None and imbalance == 1.0:
-        imbalance = PAPER_IMBALANCE_RATIO
-    check_corruptions(label_noise, imbalance, imbalance_gamma)
-    options = SplitOptions(float(val_fraction), int(seed), float(label_noise), float(imbalance),
-                           None if imbalance_gamma is None else float(imbalance_gamma))
+    corruption = Corruption.create(label_noise, None if imbalance == 1.0 else imbalance, imbalance_gamma)
+    options = SplitOptions(float(val_fraction), int(seed), corruption.label_noise, corruption.imbalance,
+                           corruption.imbalance_gamma)
     try:
         return entry.builder(directory, spec=spec.strip(), options=options, device=device, **source_options)
     except TypeError as err:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from compressor.data.order import SPLIT_STREAM, generator
+from compressor.data.order import SPLIT_STREAM, SUBSET_STREAM, generator
 
 
 def round_half_up(x: float) -> int:
@@ -44,6 +44,19 @@ def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int, stream:
     mask = torch.ones(labels.numel(), dtype=torch.bool)
     mask[held_out] = False
     return torch.nonzero(mask).flatten(), held_out
+
+
+SUBSET_SEED = 0  # fixed: every run (any --seed) that asks for the same subset gets the same images
+
+
+def stratified_subset(labels: torch.Tensor, size: int) -> torch.Tensor:
+    """Sorted positions of a stratified random ``size``-sample subset of ``labels``, drawn with a
+    FIXED seed so a teacher and its students, at any seed, share it (exact total, per-class shares
+    by :func:`stratified_counts`)."""
+    n = labels.numel()
+    if size >= n:
+        return torch.arange(n)
+    return stratified_holdout(labels, size / n, SUBSET_SEED, stream=SUBSET_STREAM)[1]
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:

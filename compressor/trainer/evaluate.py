@@ -171,3 +171,17 @@ def check_fits(label: str, num_classes: int, input_shape: Sequence[int] | None, 
         fmt = "x".join
         raise UserError(f"{label} was trained on {fmt(map(str, input_shape))} inputs but {data_name} is "
                         f"{fmt(map(str, data_shape))}: evaluate it on the data it was trained for (--data)")
+
+
+def class_names_warning(label: str, model_names: Sequence[str] | None, data_name: str,
+                        data_names: Sequence[str]) -> str | None:
+    """One warning line when a model's recorded class names differ from the data's (same count):
+    its outputs may stand for other classes, or only be named differently. None when they agree
+    or the model records none (foreign checkpoints)."""
+    if not model_names or list(model_names) == list(data_names) or len(model_names) != len(data_names):
+        return None
+    differ = [i for i, (a, b) in enumerate(zip(model_names, data_names)) if a != b]
+    first = differ[0]
+    return (f"warning: {label}'s class names differ from {data_name}'s in {len(differ)} of {len(data_names)} "
+            f"classes (class {first}: {model_names[first]!r} vs {data_names[first]!r}); its outputs may stand for "
+            "other classes")

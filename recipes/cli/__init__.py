@@ -13,7 +13,7 @@ import click
 
 from compressor.errors import UserError
 from compressor.plugins import import_submodules
-from recipes.cli._options import planning_options
+from recipes.cli._options import corruption_from_flags, planning_options
 
 
 class _Group(click.Group):
@@ -41,8 +41,8 @@ class _Group(click.Group):
 @click.option("--dry-run", is_flag=True, help="print the plan and stop (same as `kdcompress plan`)")
 @click.pass_context
 def cli(ctx: click.Context, teacher, teacher_arch, budgets, data, recipe, method, family, gap_threshold, epochs,
-        latency_threads, seed, preset, trust, out, int8, baseline, search, probe_k, resume_dir, force, device,
-        dry_run) -> None:
+        latency_threads, seed, preset, trust, label_noise, imbalance, imbalance_gamma, out, int8, baseline, search,
+        probe_k, resume_dir, force, device, dry_run) -> None:
     """kdcompress: distil a big classifier into a small one that fits a budget, then export and time it.
 
     \b
@@ -54,6 +54,7 @@ def cli(ctx: click.Context, teacher, teacher_arch, budgets, data, recipe, method
     """
     if ctx.invoked_subcommand is not None:
         return
+    corruption = corruption_from_flags(label_noise, imbalance, imbalance_gamma)
     if not (teacher or budgets or resume_dir or preset):
         click.echo(ctx.get_help())
         return
@@ -62,7 +63,8 @@ def cli(ctx: click.Context, teacher, teacher_arch, budgets, data, recipe, method
 
         ctx.invoke(plan_command, teacher=teacher, teacher_arch=teacher_arch, budgets=budgets, data=data, recipe=recipe,
                    method=method, family=family, gap_threshold=gap_threshold, epochs=epochs,
-                   latency_threads=latency_threads, seed=seed, preset=preset, trust=trust, output=None)
+                   latency_threads=latency_threads, seed=seed, preset=preset, trust=trust, label_noise=label_noise,
+                   imbalance=imbalance, imbalance_gamma=imbalance_gamma, output=None)
         return
     from recipes.compress import compress
     from recipes.report import summary_rows
@@ -71,7 +73,7 @@ def cli(ctx: click.Context, teacher, teacher_arch, budgets, data, recipe, method
         teacher=teacher, budget=budgets, data=data, out=resume_dir or out, teacher_arch=teacher_arch, recipe=recipe,
         method=method, family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed, int8=int8,
         baseline=baseline, search=search, probe_k=probe_k, latency_threads=latency_threads,
-        resume=resume_dir is not None, force=force, device=device, trust=trust, preset=preset,
+        resume=resume_dir is not None, force=force, device=device, trust=trust, preset=preset, corruption=corruption,
         echo=lambda line: click.echo(line, err=True),
     )
     rows = summary_rows(result.report)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from compressor.data.corruptions import Corruption
 from compressor.errors import UserError
 
 
@@ -34,6 +35,31 @@ trust_option = click.option(
 )
 
 
+def corruption_options(func):
+    """``--label-noise``, ``--imbalance``, ``--imbalance-gamma``: the KD robustness study's training-set
+    corruptions (Sarfraz et al.). Plain floats here; :func:`corruption_from_flags` checks them, so a bad
+    value is one line and exit 2 (click's own range errors print a usage block)."""
+    options = [
+        click.option("--label-noise", type=float, default=None,
+                     help="symmetric label noise: this fraction of training labels moved to another class, in [0, 1)"),
+        click.option("--imbalance", type=float, default=None,
+                     help="class imbalance: largest/smallest training class ratio, >= 1 (exponential long tail)"),
+        click.option("--imbalance-gamma", type=float, default=None,
+                     help="power-law imbalance profile with this exponent > 0 (ratio 20 unless --imbalance says)"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def corruption_from_flags(label_noise: float | None, imbalance: float | None,
+                          imbalance_gamma: float | None) -> Corruption | None:
+    """The checked corruption, or None when no flag was given (a resumed run or a preset keeps its own)."""
+    if label_noise is None and imbalance is None and imbalance_gamma is None:
+        return None
+    return Corruption.create(label_noise, imbalance, imbalance_gamma)
+
+
 def planning_options(func):
     """The options shared by the main command and `kdcompress plan`."""
     options = [
@@ -42,7 +68,7 @@ def planning_options(func):
         click.option("--budget", "budgets", multiple=True,
                      help="repeatable, all must hold: FLOPs (0.1GFLOPs, 100M FLOPs; 1 multiply-add = 1 FLOP, fvcore), "
                           "params (1.5Mparams, 300K params), batch-1 latency on this machine (5ms), or a factor of the teacher's FLOPs (10x)"),
-        click.option("--data", default=None, help="digits | cifar10:DIR | cifar100:DIR | imagefolder:DIR (default: the teacher's recorded dataset)"),
+        click.option("--data", default=None, help="digits | fashion-mnist[:DIR] | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR (default: the teacher's recorded dataset)"),
         click.option("--recipe", default=None, type=click.Choice(["single", "takd", "dgkd", "modreduce", "cohort", "osakd", "tcn"]),
                      help="force a scheme (default: chosen from the capacity gap)"),
         click.option("--method", default=None, help="knowledge method per stage, e.g. hinton+crd or hinton:0.9,crd:0.8,ce:1.0"),
@@ -58,4 +84,4 @@ def planning_options(func):
     ]
     for option in reversed(options):
         func = option(func)
-    return func
+    return corruption_options(func)

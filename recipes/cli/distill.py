@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from compressor.errors import UserError
-from recipes.cli._options import trust_option
+from recipes.cli._options import corruption_from_flags, corruption_options, trust_option
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -19,7 +19,7 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--student", default=None, help="student architecture (see `kdcompress zoo`); a --preset names its own")
 @click.option("--method", default=None,
               help="knowledge terms with optional weights: hinton, hinton+crd, hinton:0.9,crd:0.8,ce:1.0 (default hinton)")
-@click.option("--data", default=None, help="digits | cifar10:DIR | cifar100:DIR | imagefolder:DIR (default: the teacher's dataset)")
+@click.option("--data", default=None, help="digits | fashion-mnist[:DIR] | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR (default: the teacher's dataset)")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="the student file; the run's stages, logs and training states go to OUTPUT.run/")
 @click.option("--scheme", default=None, help="offline (default with a teacher), modreduce, cohort, osakd, tcn, dgkd")
@@ -44,12 +44,14 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--resume", is_flag=True, help="continue OUTPUT.run at the stage and epoch where it stopped")
 @click.option("-q", "--quiet", is_flag=True, help="no per-epoch lines")
 @trust_option
+@corruption_options
 def command(teacher, teacher_arch, student, method, data, output, scheme, chain, dgkd, drop_rate, cohort, aggregator,
             peers, k, alpha, memory, students, hierarchical, preset, epochs, lr, batch_size, seed, device, resume, quiet,
-            trust) -> None:
+            trust, label_noise, imbalance, imbalance_gamma) -> None:
     """Distil TEACHER into STUDENT on DATA and save the student; prints teacher and student test accuracy."""
     from recipes.distill_run import distill
 
+    corruption = corruption_from_flags(label_noise, imbalance, imbalance_gamma)
     options = {key: value for key, value in {
         "drop_rate": drop_rate, "cohort": cohort, "aggregator": aggregator, "peers": _csv(peers), "k": k,
         "alpha": alpha, "memory": memory, "students": students, "hierarchical": hierarchical or None,
@@ -61,7 +63,7 @@ def command(teacher, teacher_arch, student, method, data, output, scheme, chain,
         teacher=teacher, teacher_arch=teacher_arch, student=student, method=method, data=data, output=output,
         scheme=scheme, chain=_csv(chain) if chain is not None else (), dgkd=dgkd, options=options, preset=preset,
         train={"epochs": epochs, "lr": lr, "batch_size": batch_size}, seed=seed, device=device, resume=resume,
-        trust=trust, echo=echo,
+        trust=trust, corruption=corruption, echo=echo, warn=lambda line: click.echo(line, err=True),
     )
     for line in summary:
         click.echo(line)

@@ -12,7 +12,7 @@ from recipes.cli._options import trust_option
 
 @click.command("eval")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--data", default=None, help="digits | cifar10:DIR | cifar100:DIR | imagefolder:DIR (default: the checkpoint's dataset)")
+@click.option("--data", default=None, help="digits | fashion-mnist[:DIR] | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR (default: the checkpoint's dataset)")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -25,6 +25,8 @@ def command(checkpoint, data, split, batch_size, device, arch, as_json, trust) -
 
     score = evaluate_checkpoint(checkpoint, data, split=split, batch_size=batch_size, device=device, arch=arch,
                                 trust=trust)
+    for warning in score.warnings:
+        click.echo(warning, err=True)
     r = score.result
     if as_json:
         click.echo(json.dumps({

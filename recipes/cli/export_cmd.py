@@ -18,7 +18,7 @@ def _int8_path(out: Path) -> Path:
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="the ONNX file to write")
-@click.option("--data", default=None, help="digits | cifar10:DIR | cifar100:DIR | imagefolder:DIR: real inputs for the "
+@click.option("--data", default=None, help="digits | fashion-mnist[:DIR] | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR: real inputs for the "
               "parity check, calibration and test images for --int8 (default: random inputs; --int8 needs it)")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(min=1), help="ONNX opset (17 or newer)")
 @click.option("--exporter", default="auto", show_default=True, type=click.Choice(["auto", "dynamo", "torchscript"]),

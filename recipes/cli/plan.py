@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from compressor.cost import FLOP_CONVENTION
-from recipes.cli._options import planning_options
+from recipes.cli._options import corruption_from_flags, planning_options
 from recipes.plan import Plan
 
 
@@ -28,18 +28,21 @@ def print_plan(plan: Plan) -> None:
 @planning_options
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="also write the plan as YAML")
 def command(teacher, teacher_arch, budgets, data, recipe, method, family, gap_threshold, epochs, latency_threads,
-            seed, preset, trust, output) -> None:
+            seed, preset, trust, label_noise, imbalance, imbalance_gamma, output) -> None:
     """Plan a compression (student search, recipe, stages) and explain it; trains nothing."""
     from recipes.api import plan_compression
 
+    corruption = corruption_from_flags(label_noise, imbalance, imbalance_gamma)
     if preset:
         plan = Plan.load(preset)
     else:
-        plan, _ = plan_compression(
+        plan, inputs = plan_compression(
             teacher=teacher, budgets=budgets, data=data, teacher_arch=teacher_arch, recipe=recipe, method=method,
             family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed, latency_threads=latency_threads,
-            trust=trust,
+            trust=trust, corruption=corruption,
         )
+        for note in inputs.notes:
+            click.echo(note, err=True)
     print_plan(plan)
     if output:
         plan.save(output)

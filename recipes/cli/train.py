@@ -7,6 +7,7 @@ import click
 from compressor.trainer.config import AMP_MODES
 from compressor.trainer.optim import OPTIMIZERS
 from compressor.trainer.schedule import SCHEDULES
+from recipes.cli._options import corruption_from_flags, corruption_options
 
 
 def _milestones(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -20,7 +21,7 @@ def _milestones(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 @click.command("train")
 @click.option("--arch", required=True, help="zoo architecture, e.g. resnet110, resnet8x4, wrn_40_2 (see `kdcompress zoo`)")
-@click.option("--data", default="digits", show_default=True, help="digits | cifar10:DIR | cifar100:DIR | imagefolder:DIR")
+@click.option("--data", default="digits", show_default=True, help="digits | fashion-mnist[:DIR] | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="the model file to write; its training state goes to OUTPUT.state, its metrics to OUTPUT.jsonl")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="default: the dataset's protocol")
@@ -43,19 +44,22 @@ def _milestones(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--deterministic", is_flag=True, help="CUDA: deterministic kernels (slower)")
 @click.option("--resume", is_flag=True, help="continue from OUTPUT.state (after the last finished epoch)")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar and no per-epoch lines")
+@corruption_options
 def command(arch, data, output, epochs, lr, batch_size, optimizer, schedule, milestones, gamma, momentum, nesterov,
             weight_decay, warmup_epochs, label_smoothing, grad_clip, val_fraction, seed, device, amp, deterministic, resume,
-            quiet) -> None:
+            quiet, label_noise, imbalance, imbalance_gamma) -> None:
     """Train ARCH on DATA with cross-entropy; the file written is a teacher for every later command.
 
     Under `torchrun --nproc_per_node N` it trains with distributed data parallel (gloo on CPU,
-    NCCL on GPU); rank 0 writes the files.
+    NCCL on GPU); rank 0 writes the files. With --label-noise/--imbalance the teacher learns from
+    the same seeded corrupted labels its students get from the same flags and --seed.
     """
     from recipes.training import train_vanilla
 
+    corruption = corruption_from_flags(label_noise, imbalance, imbalance_gamma)
     echo = None if quiet else (lambda line: click.echo(line, err=True))
     result = train_vanilla(
-        arch, data, output, val_fraction=val_fraction, resume=resume, echo=echo,
+        arch, data, output, val_fraction=val_fraction, resume=resume, echo=echo, corruption=corruption,
         epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, schedule=schedule, milestones=milestones,
         gamma=gamma, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
         label_smoothing=label_smoothing, grad_clip=grad_clip, seed=seed, device=device, amp=amp, deterministic=deterministic or None,
