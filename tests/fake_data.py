@@ -121,8 +121,9 @@ IDX_NAMES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 
 def idx_bytes(array: np.ndarray) -> bytes:
     """An IDX file as LeCun documents it: 0x0000 0x08 (unsigned byte) ndim, big-endian sizes, data."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    from compressor.data.idx import encode_idx
+
+    return encode_idx(array)
 
 
 def write_idx(root: Path, *, per_class_train: int = 3, per_class_test: int = 1, num_classes: int = 10,

@@ -155,6 +155,14 @@ def read_split(files: dict[str, Path], split: str, num_classes: int) -> tuple[to
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels)
 
 
+def encode_idx(array: np.ndarray) -> bytes:
+    """The IDX file of a uint8 array (the inverse of :func:`read_idx`): for writing subsets and test files."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    magic = 0x00000800 | array.ndim
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.tobytes()
+
+
 def debian_dir() -> Path | None:
     """Where ``dataset-fashion-mnist`` put its files: the packaged path, else what ``dpkg -L`` lists."""
     if _find_file(DEBIAN_DIR, FILES["train"][0]) is not None:
