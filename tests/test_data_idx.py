@@ -184,7 +184,7 @@ def test_train_cli_on_mnist_uses_its_protocol(cli, tmp_path, monkeypatch):
     from compressor.trainer import learning_guard
 
     # one step on 60 images cannot learn; this test is about the protocol the run records
-    monkeypatch.setattr(learning_guard, "CHANCE_FACTOR", 0.0)
+    monkeypatch.setattr(learning_guard, "CHANCE_FACTOR", -1.0)
 
     write_idx(tmp_path / "data", per_class_train=6, per_class_test=1, layout="MNIST")
     out = tmp_path / "t.pt"
