@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from compressor.checkpoint import LoadedModel, load_model
@@ -18,10 +19,15 @@ class RunInputs:
     num_classes: int
     input_shape: tuple[int, int, int]
     teacher: LoadedModel | None
-    teacher_cost: Cost | None
     source: Any | None = None  # compressor.data.DataSource once loaded
     corruption: Corruption = field(default_factory=Corruption)  # what the training split was corrupted with
     notes: list[str] = field(default_factory=list)  # warnings for the user (one line each), not errors
+
+    @cached_property
+    def teacher_cost(self) -> Cost | None:
+        """The teacher's FLOPs and parameters (fvcore), measured when first asked: a plain
+        distillation never asks, planning and the main command's report do."""
+        return measure(self.teacher.model, self.input_shape) if self.teacher is not None else None
 
 
 def load_teacher(path: str | None, arch: str | None = None, trust: bool = False) -> LoadedModel | None:
@@ -49,13 +55,11 @@ def resolve_inputs(teacher_path: str | None, data: str | None, *, arch: str | No
         num_classes, shape = source.num_classes, tuple(source.input_shape)
     else:
         num_classes, shape = teacher.meta.num_classes, teacher.meta.input_shape
-    cost = None
     notes: list[str] = []
     if teacher is not None:
         notes += check_teacher_fits(teacher, num_classes, shape, spec, source.class_names if source else None)
         notes += corruption_notes(teacher, corruption, seed)
-        cost = measure(teacher.model, shape)
-    return RunInputs(spec, num_classes, shape, teacher, cost, source, corruption, notes)
+    return RunInputs(spec, num_classes, tuple(shape), teacher, source, corruption, notes)
 
 
 def same_corruption(recorded: Corruption, given: Corruption | None, what: str) -> Corruption:

@@ -44,9 +44,12 @@ def export_with_data(
     from export.io import metadata_from_model_meta
     from export.pipeline import export_model, quantize_model
 
+    from compressor.threads import threads_for
+
     inputs = source.sample("test", PARITY_SAMPLES, seed=seed).x.cpu()
-    report = export_model(model.cpu().eval(), out_path, inputs=inputs, inputs_from_data=True,
-                          metadata=metadata_from_model_meta(meta, source_checkpoint), simplify=simplify, log=log)
+    with threads_for(model.cpu().eval(), tuple(inputs.shape[1:]), PARITY_SAMPLES):  # the parity runs' threads
+        report = export_model(model, out_path, inputs=inputs, inputs_from_data=True,
+                              metadata=metadata_from_model_meta(meta, source_checkpoint), simplify=simplify, log=log)
     deployment = Deployment(onnx=report.to_dict(), lines=report.summary_lines())
     if int8_path is not None:
         calibration = source.sample("train", CALIBRATION_SAMPLES, seed=seed).x.cpu()

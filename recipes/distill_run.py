@@ -67,7 +67,9 @@ def distill(
         plan = distill_plan(DistillRequest(
             data=inputs.data_spec, student=student, num_classes=inputs.num_classes, input_shape=inputs.input_shape,
             teacher=teacher, teacher_arch=inputs.teacher.meta.arch if inputs.teacher else None,
-            teacher_flops=inputs.teacher_cost.flops if inputs.teacher_cost else None, scheme=scheme, method=method,
+            # only a chain's sizes are checked against the teacher's FLOPs: no fvcore pass otherwise
+            teacher_flops=inputs.teacher_cost.flops if inputs.teacher is not None and chain else None,
+            scheme=scheme, method=method,
             chain=chain, dgkd=dgkd, seed=seed, options=dict(options or {}), train=overrides,
         ))
         plan.corruption = inputs.corruption.to_dict()

@@ -19,6 +19,7 @@ from typing import Any, Callable
 from compressor.checkpoint import LoadedModel, ModelMeta, load_model, save_model
 from compressor.data.corruptions import Corruption
 from compressor.errors import UserError
+from compressor.threads import threads_for
 from compressor.trainer import EvalResult, TrainConfig, TrainResult, default_state_path, evaluate, fit, session
 from compressor.trainer.evaluate import Renormalize, check_fits, class_names_warning
 from compressor.trainer.seeding import seed_everything
@@ -123,5 +124,6 @@ def evaluate_checkpoint(
     model.to(dev)
     source.to(dev)
     batches = source.loader(split, batch_size, shuffle=False, augment=False)
-    result = evaluate(model, batches, source.num_classes)
+    with threads_for(model, tuple(source.input_shape), batch_size, device_type=dev.type):
+        result = evaluate(model, batches, source.num_classes)
     return CheckpointScore(loaded, spec, split, result, list(source.class_names), renorm, [warning] if warning else [])

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from compressor.batch import Batch
 from compressor.errors import UserError
 from compressor.schemes.base import Scheme
+from compressor.threads import ThreadGovernor, measure_work, requested
 from compressor.trainer import distributed
 from compressor.trainer.config import TrainConfig
 from compressor.trainer.distributed import DistContext
@@ -225,17 +226,27 @@ def fit(
     ``state_path``: the training state written after every epoch (rank 0), read by ``resume``.
     ``log_path``: the JSONL file that gets one line per epoch (rank 0). ``echo``: where one summary
     line per epoch goes (rank 0; None = silent). Under torchrun the process group is started here
-    if the caller has not, and lives until the process exits.
+    if the caller has not, and lives until the process exits. CPU threads follow
+    :mod:`compressor.threads` for the run (``--threads`` wins) and are put back afterwards.
     """
     run = _Run(scheme, source, config, state_path=state_path, log_path=log_path,
                ctx=ctx or distributed.setup(config.device), echo=echo)
-    run.start(resume)
-    try:
-        for epoch in range(run.start_epoch, config.epochs):
-            run.epoch(epoch)
-    finally:
-        run.tap.close()
-    return run.finish()
+    with ThreadGovernor(_work_per_op(scheme, source, run), say=run.say, device_type=run.device.type) as run.threads:
+        run.start(resume)
+        try:
+            for epoch in range(run.start_epoch, config.epochs):
+                run.epoch(epoch)
+        finally:
+            run.tap.close()
+        return run.finish()
+
+
+def _work_per_op(scheme: Scheme, source: DataSourceLike, run: "_Run"):
+    """The largest op of the trained models at this rank's batch (CPU runs choosing their threads)."""
+    shape = getattr(source, "input_shape", None)
+    if run.device.type != "cpu" or requested() is not None or shape is None:
+        return None
+    return measure_work(list(scheme.eval_models().values()), tuple(shape), run.batch)
 
 
 class _Run:
@@ -288,6 +299,7 @@ class _Run:
         # one CPU process; on an accelerator or across ranks it would stall the pipeline
         self.sync_every = 1 if device.type == "cpu" and not ctx.enabled else 25
         self.bar_on = show_bar(config.progress, ctx.is_main)
+        self.threads: ThreadGovernor | None = None  # set by fit for the run
 
     def start(self, resume: bool) -> None:
         """Continue from the saved training state when asked and there is one; else start afresh."""
@@ -349,6 +361,8 @@ class _Run:
         for step, batch in enumerate(loader):
             if step >= steps:
                 break
+            if self.threads is not None:
+                self.threads.poll()
             self.schedule.apply(optimizer, epoch, step, steps)
             batch = Batch(precision.prepare_input(batch.x), batch.y, batch.index)
             self.tap.arm()
@@ -390,6 +404,7 @@ class _Run:
             "train_top1": train["top1"],
             "images_per_s": train["images"] / max(train_time, 1e-9),
             "train_time_s": train_time,
+            "threads": torch.get_num_threads(),  # at the epoch's end (compressor.threads may change it mid-run)
         }
 
     def validate(self) -> dict[str, Any]:

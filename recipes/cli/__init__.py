@@ -13,7 +13,7 @@ import click
 
 from compressor.errors import UserError
 from compressor.plugins import import_submodules
-from recipes.cli._options import corruption_from_flags, planning_options
+from recipes.cli._options import corruption_from_flags, planning_options, threads_option
 
 
 class _Group(click.Group):
@@ -39,10 +39,11 @@ class _Group(click.Group):
 @click.option("--force", is_flag=True, help="replace a finished or broken run in the output directory")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present, else CPU), cpu, cuda:N")
 @click.option("--dry-run", is_flag=True, help="print the plan and stop (same as `kdcompress plan`)")
+@threads_option
 @click.pass_context
 def cli(ctx: click.Context, teacher, teacher_arch, budgets, data, recipe, method, family, gap_threshold, epochs,
         latency_threads, seed, preset, trust, label_noise, imbalance, imbalance_gamma, out, int8, baseline, search,
-        probe_k, resume_dir, force, device, dry_run) -> None:
+        probe_k, resume_dir, force, device, dry_run, threads) -> None:
     """kdcompress: distil a big classifier into a small one that fits a budget, then export and time it.
 
     \b
@@ -52,6 +53,9 @@ def cli(ctx: click.Context, teacher, teacher_arch, budgets, data, recipe, method
 
     FLOPs follow fvcore's convention: one fused multiply-add counts as one FLOP.
     """
+    from compressor.threads import request
+
+    ctx.with_resource(request(threads))  # --threads before a sub-command holds for it too
     if ctx.invoked_subcommand is not None:
         return
     corruption = corruption_from_flags(label_noise, imbalance, imbalance_gamma)

@@ -1,11 +1,46 @@
-"""Parsing helpers shared by several commands (not a command module: the name starts with _)."""
+"""Parsing helpers shared by several commands (not a command module: the name starts with _).
+
+Nothing here (or at the top of a command module) imports torch, onnx or the data sources: the
+CLI is built on every call, and ``kdcompress --help`` must not pay seconds for them.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable, Iterable
+
 import click
 
-from compressor.data.corruptions import Corruption
 from compressor.errors import UserError
+
+if TYPE_CHECKING:
+    from compressor.data.corruptions import Corruption
+
+
+class LazyChoice(click.Choice):
+    """A ``click.Choice`` whose names come from a registry that is imported only when they are needed
+    (parsing the option, or this command's own --help), not when the CLI is built."""
+
+    def __init__(self, load: Callable[[], Iterable[str]]) -> None:
+        self._load = load
+        self._names: tuple[str, ...] | None = None
+        super().__init__((), case_sensitive=True)
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        if self._names is None:
+            self._names = tuple(self._load())
+        return self._names
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ assigns the (empty) placeholder
+        pass
+
+
+threads_option = click.option(
+    "--threads", type=click.IntRange(min=1), default=None,
+    help="CPU intra-op threads (default: the cores this process can use that no other process is busy on, "
+         "one for small ops; see compressor/threads.py)",
+)
 
 
 def parse_input_shape(text: str) -> tuple[int, int, int]:
@@ -57,6 +92,8 @@ def corruption_from_flags(label_noise: float | None, imbalance: float | None,
     """The checked corruption, or None when no flag was given (a resumed run or a preset keeps its own)."""
     if label_noise is None and imbalance is None and imbalance_gamma is None:
         return None
+    from compressor.data.corruptions import Corruption
+
     return Corruption.create(label_noise, imbalance, imbalance_gamma)
 
 

@@ -6,8 +6,6 @@ import json
 
 import click
 
-from compressor.data import SPLITS, load_source
-
 
 @click.command("data-info")
 @click.argument("spec")
@@ -21,6 +19,8 @@ from compressor.data import SPLITS, load_source
 def command(spec: str, val_fraction: float, seed: int, label_noise: float, imbalance: float,
             imbalance_gamma: float | None, input_size: int | None, as_json: bool) -> None:
     """Show what SPEC resolves to. SPEC forms: digits, fashion-mnist[:DIR], mnist:DIR, cifar10:DIR, cifar100:DIR, imagefolder:DIR."""
+    from compressor.data import SPLITS, load_source
+
     extra = {"input_size": input_size, "num_workers": 0} if spec.strip().lower().startswith("imagefolder") else {}
     src = load_source(spec, val_fraction=val_fraction, seed=seed, label_noise=label_noise, imbalance=imbalance,
                       imbalance_gamma=imbalance_gamma, **extra)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from compressor.errors import UserError
-from recipes.cli._options import corruption_from_flags, corruption_options, trust_option
+from recipes.cli._options import corruption_from_flags, corruption_options, threads_option, trust_option
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -43,12 +43,14 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present, else CPU), cpu, cuda:N")
 @click.option("--resume", is_flag=True, help="continue OUTPUT.run at the stage and epoch where it stopped")
 @click.option("-q", "--quiet", is_flag=True, help="no per-epoch lines")
+@threads_option
 @trust_option
 @corruption_options
 def command(teacher, teacher_arch, student, method, data, output, scheme, chain, dgkd, drop_rate, cohort, aggregator,
             peers, k, alpha, memory, students, hierarchical, preset, epochs, lr, batch_size, seed, device, resume, quiet,
-            trust, label_noise, imbalance, imbalance_gamma) -> None:
+            threads, trust, label_noise, imbalance, imbalance_gamma) -> None:
     """Distil TEACHER into STUDENT on DATA and save the student; prints teacher and student test accuracy."""
+    from compressor.threads import request
     from recipes.distill_run import distill
 
     corruption = corruption_from_flags(label_noise, imbalance, imbalance_gamma)
@@ -59,11 +61,12 @@ def command(teacher, teacher_arch, student, method, data, output, scheme, chain,
     if cohort is not None and cohort < 2:
         raise UserError(f"a cohort needs at least 2 peers (got --cohort {cohort})")
     echo = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
-    summary = distill(
-        teacher=teacher, teacher_arch=teacher_arch, student=student, method=method, data=data, output=output,
-        scheme=scheme, chain=_csv(chain) if chain is not None else (), dgkd=dgkd, options=options, preset=preset,
-        train={"epochs": epochs, "lr": lr, "batch_size": batch_size}, seed=seed, device=device, resume=resume,
-        trust=trust, corruption=corruption, echo=echo, warn=lambda line: click.echo(line, err=True),
-    )
+    with request(threads):
+        summary = distill(
+            teacher=teacher, teacher_arch=teacher_arch, student=student, method=method, data=data, output=output,
+            scheme=scheme, chain=_csv(chain) if chain is not None else (), dgkd=dgkd, options=options, preset=preset,
+            train={"epochs": epochs, "lr": lr, "batch_size": batch_size}, seed=seed, device=device, resume=resume,
+            trust=trust, corruption=corruption, echo=echo, warn=lambda line: click.echo(line, err=True),
+        )
     for line in summary:
         click.echo(line)

@@ -68,10 +68,13 @@ def command(checkpoint: str, output: str, data: str | None, opset: int, exporter
     shape = parse_input_shape(input_shape) if input_shape else None
     if shape is None and inputs is None and meta.input_size is None:
         raise UserError(f"{checkpoint} does not record its input size: give --input CxHxW or --data SPEC")
-    report = export_model(model, out, inputs=inputs, inputs_from_data=inputs is not None, metadata=meta,
-                          input_shape=shape,
-                          opset=opset, exporter=exporter, simplify=simplify, atol=atol,
-                          log=lambda m: click.echo(m, err=True))
+    from compressor.threads import threads_for
+
+    probe = tuple(inputs.shape[1:]) if inputs is not None else shape or (meta.in_chans or 3, *meta.input_size)
+    with threads_for(model.eval(), probe, 32):  # the parity check's threads (onnxruntime follows torch's)
+        report = export_model(model, out, inputs=inputs, inputs_from_data=inputs is not None, metadata=meta,
+                              input_shape=shape, opset=opset, exporter=exporter, simplify=simplify, atol=atol,
+                              log=lambda m: click.echo(m, err=True))
     for line in report.summary_lines():
         click.echo(line)
     result = {"export": report.to_dict()}

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
-from compressor.cost import FLOP_CONVENTION
 from recipes.cli._options import corruption_from_flags, planning_options
-from recipes.plan import Plan
+
+if TYPE_CHECKING:
+    from recipes.plan import Plan
 
 
 def print_plan(plan: Plan) -> None:
+    from compressor.cost import FLOP_CONVENTION
+
     click.echo(f"recipe: {plan.recipe}   data: {plan.data}   budget: {', '.join(plan.budgets) or '-'}")
     click.echo("why:")
     for reason in plan.reasons:
@@ -31,6 +36,7 @@ def command(teacher, teacher_arch, budgets, data, recipe, method, family, gap_th
             seed, preset, trust, label_noise, imbalance, imbalance_gamma, output) -> None:
     """Plan a compression (student search, recipe, stages) and explain it; trains nothing."""
     from recipes.api import plan_compression
+    from recipes.plan import Plan
 
     corruption = corruption_from_flags(label_noise, imbalance, imbalance_gamma)
     if preset:

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import click
 
-from compressor.cost import FLOP_CONVENTION, format_flops, measure, measure_arch
 from compressor.errors import UserError
-from compressor.models import aliases_of, list_models, model_family
 from recipes.cli._options import input_shape_option, parse_input_shape, trust_option
 
 
@@ -19,6 +17,9 @@ from recipes.cli._options import input_shape_option, parse_input_shape, trust_op
 @click.option("--sort", "sort_key", type=click.Choice(["flops", "params", "name"]), default="flops", show_default=True)
 def zoo_command(input_shape: str, num_classes: int, family: str | None, sort_key: str) -> None:
     """List the model zoo with parameters and FLOPs measured by fvcore."""
+    from compressor.cost import FLOP_CONVENTION, measure_arch
+    from compressor.models import aliases_of, list_models, model_family
+
     shape = parse_input_shape(input_shape)
     names = list_models(family=family, aliases=False)
     if not names:
@@ -45,6 +46,7 @@ def zoo_command(input_shape: str, num_classes: int, family: str | None, sort_key
 def flops_command(model: str, input_shape: str | None, num_classes: int | None, arch: str | None, trust: bool) -> None:
     """Parameters and FLOPs of one model name or checkpoint file."""
     from compressor.checkpoint import load_model
+    from compressor.cost import FLOP_CONVENTION, format_flops, measure
     from compressor.models import create
 
     if Path(model).exists():
