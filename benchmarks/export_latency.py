@@ -15,6 +15,9 @@ eager/fp32 (what exporting buys) and fp32/int8 (what quantizing buys), on the wa
 on the calling thread's CPU time (at one thread all work runs on it; CPU time leaves out the
 time the thread sat descheduled, which on a loaded shared machine stretches long forwards more
 than short ones and so distorts wall-clock ratios).
+Also: the multiply-adds per second each back end achieves (fvcore FLOPs x batch / p50) and its
+share of the CPU's nominal peak at that thread count (export/peak.py: cores x clock x the vector
+unit's multiply-adds per cycle), so the headroom is visible.
 Writes benchmarks/results/export_latency.json.
 """
 
@@ -33,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compressor.models import create  # noqa: E402
 from export.latency import Samples, Timing, machine_info, measure, onnx_runner, sample, summarize, torch_runner  # noqa: E402
 from export.parity import random_inputs  # noqa: E402
+from export.peak import achieved, detect_peak  # noqa: E402
+from export.runtime import all_cores  # noqa: E402
 from export.pipeline import export_model  # noqa: E402
 from export.quantize import quantize_int8  # noqa: E402
 
@@ -79,6 +84,7 @@ def bench_student(name: str, folder: Path, calibration: torch.Tensor, args) -> d
                          cpu_times=t.cpu)
         for label, t in times.items()
     }
+    compute = achieved(stats.values(), report.metadata.flops, detect_peak(all_cores()), batch=args.batch)
     e, f, q = (stats[k].p50_ms for k in ("eager", "fp32", "int8"))
     ec, fc, qc = (stats[k].cpu_p50_ms for k in ("eager", "fp32", "int8"))
     return {
@@ -94,6 +100,8 @@ def bench_student(name: str, folder: Path, calibration: torch.Tensor, args) -> d
         "cpu_eager_over_fp32": ec / fc,
         "cpu_fp32_over_int8": fc / qc,
         "cpu_eager_over_int8": ec / qc,
+        "macs_per_image": report.metadata.flops,
+        "compute": {c.label: c.to_dict() for c in compute},
     }
 
 
@@ -116,6 +124,8 @@ def main() -> None:
               f"{'fp32/int8':>10}")
     print(f"batch {args.batch}, {args.threads} intra-op thread(s), 3x32x32, wall times in ms; ratios of medians "
           "(wall clock, then calling-thread CPU time)")
+    peak = detect_peak(all_cores())
+    print(f"nominal peak: {peak.describe() if peak else 'unknown'}")
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory(prefix="kdcompress-bench-") as tmp:
@@ -127,6 +137,10 @@ def main() -> None:
                   f"{s['eager']['mean_ms']:>11.3f} {s['fp32']['mean_ms']:>10.3f} {s['int8']['mean_ms']:>10.3f} "
                   f"{row['eager_over_fp32']:>10.2f}x {row['fp32_over_int8']:>9.2f}x {row['eager_over_int8']:>10.2f}x "
                   f"{row['cpu_eager_over_fp32']:>11.2f}x {row['cpu_fp32_over_int8']:>9.2f}x", flush=True)
+            shares = [f"{label} {c['macs_per_s'] / 1e9:.2f} G/s" + (f" ({100 * c['share_of_peak']:.1f}%)"
+                                                                    if c["share_of_peak"] else "")
+                      for label, c in row["compute"].items()]
+            print(f"{'':<12} multiply-adds/s (share of the {args.threads}-thread peak): {', '.join(shares)}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine_info(), "args": vars(args), "method": __doc__.strip(),

@@ -320,6 +320,7 @@ class BenchmarkReport:
     timing: Timing = Timing()
     machine: dict = field(default_factory=machine_info)
     notes: list[str] = field(default_factory=list)
+    compute: dict | None = None  # achieved multiply-adds/s at batch 1 beside the peak (export/peak.py)
 
     def baseline(self, stats: LatencyStats) -> LatencyStats | None:
         """The eager run at the same batch and thread count, if there is one."""
@@ -337,8 +338,11 @@ class BenchmarkReport:
                 "speedup_vs_eager_p50": (base.p50_ms / r.p50_ms) if base else None,
                 "speedup_vs_eager_mean": (base.mean_ms / r.mean_ms) if base else None,
             })
-        return {"machine": self.machine, "timing": asdict(self.timing), "method": __doc__.strip(),
-                "notes": self.notes, "results": rows}
+        out = {"machine": self.machine, "timing": asdict(self.timing), "method": __doc__.strip(),
+               "notes": self.notes, "results": rows}
+        if self.compute is not None:
+            out["compute"] = self.compute
+        return out
 
     def table(self) -> str:
         header = ("model", "backend", "provider", "batch", "thr", "runs", "mean ms", "p50", "p90", "p99", "min",

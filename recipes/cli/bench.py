@@ -67,11 +67,14 @@ def command(model: str, batch: int, threads: str, runs: int, min_time: float, wa
                 torch_model = None
         result = benchmark(onnx_models, torch_model=torch_model, input_shape=shape, batches=[1, batch],
                            threads=counts, timing=timing, provider=provider, torch_device=torch_device)
+        compute = _compute_lines(result, meta.flops if kind == "onnx" else None, torch_model, shape, onnx_models)
     result.notes += notes
     machine = result.machine
     click.echo(f"{machine['cpu']}, {machine['cores']} cores; onnxruntime {machine['onnxruntime']}, torch {machine['torch']}; "
                f"warm-up {warmup}, then >= {runs} runs and >= {min_time:g} s each; times in ms per batch")
     click.echo(result.table())
+    for line in compute:
+        click.echo(line)
     for note in result.notes:
         click.echo(f"note: {note}")
     if json_path:
@@ -100,3 +103,29 @@ def _recorded_source(meta, trust: bool):
         return None, f"no eager comparison: the recorded source checkpoint {source} does not exist here"
     model, _ = load_for_export(source, trust=trust)
     return model, None
+
+
+def _compute_lines(result, recorded_flops: int | None, torch_model, shape, onnx_models: dict[str, str]) -> list[str]:
+    """Achieved multiply-adds/s of each back end at batch 1 beside the CPU's nominal peak; also
+    stored in ``result.compute`` for --json. FLOPs: the ONNX file's record, else fvcore on the model."""
+    from compressor.cost import format_flops, measure
+    from export.latency import onnx_input_shape
+    from export.peak import achieved, detect_peak
+
+    macs = recorded_flops
+    if macs is None and torch_model is not None:
+        probe = shape or onnx_input_shape(next(iter(onnx_models.values())))
+        macs = measure(torch_model, probe).flops
+    if not macs:
+        return ["compute: no FLOPs (the ONNX file records none and there is no source model to count)"]
+    peak = detect_peak(result.machine["cores"])
+    rows = achieved(result.results, macs, peak)
+    result.compute = {"macs_per_image": macs, "peak": None if peak is None else {**peak.__dict__,
+                      "macs_per_s_all_cores": peak.macs_per_s(peak.cores)}, "rows": [r.to_dict() for r in rows]}
+    lines = [f"compute at batch 1: {format_flops(macs)} per image (1 FLOP = 1 multiply-add, fvcore); "
+             + (f"nominal peak {peak.describe()}" if peak else "peak unknown (no clock in /proc/cpuinfo)")]
+    for r in rows:
+        share = f", {100 * r.share_of_peak:.1f}% of the {r.threads}-thread peak" if r.share_of_peak else ""
+        int8 = " (int8 ops: the fp32 peak is a lower bar)" if "int8" in r.label else ""
+        lines.append(f"  {r.label} ({r.backend}, {r.threads} thr): {r.macs_per_s / 1e9:.2f} G multiply-adds/s{share}{int8}")
+    return lines
