@@ -15,9 +15,9 @@ on 256-bit units) reach half, and the clock is the highest the machine reports (
 else the largest "cpu MHz" in /proc/cpuinfo, which on a VM is the base clock: a core boosting above
 it can show more than 100%, as can int8, whose VNNI units do 4x the fp32 multiply-adds). Multiply-adds are
 counted as fvcore counts FLOPs (1 FLOP = 1 multiply-add), so model FLOPs / latency compares directly.
-A small model at batch 1 reaches a few per cent of it: its ops are too small to fill the vector
-units and the per-op overhead dominates; that gap is the headroom a bigger batch or a fused runtime
-can take.
+Measured here (AMD EPYC, AVX-512, 1 thread, batch 1, loaded machine): eager PyTorch reached 4% of it on
+the digits ResNet-20 and 15% on ResNet-20 at 32x32 (per-op overhead dominates small ops), onnxruntime
+61% and 94%: the gap between the two is the headroom an export buys.
 """
 
 from __future__ import annotations
