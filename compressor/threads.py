@@ -82,6 +82,20 @@ def _fmt(macs: float) -> str:
     return f"{macs:.0f}"
 
 
+def usable_cores(cores: int, affinity: int | None, quota: float | None, env: str | None = None) -> int:
+    """The smallest of: CPUs online, the affinity mask, the cgroup quota (rounded down, at least 1)
+    and ``OMP_NUM_THREADS``."""
+    limits = [max(1, cores)]
+    if affinity:
+        limits.append(affinity)
+    if quota is not None and quota > 0:
+        limits.append(max(1, math.floor(quota)))
+    env_threads = parse_env_threads(env)
+    if env_threads:
+        limits.append(env_threads)
+    return min(limits)
+
+
 def choose_threads(cores: int, affinity: int | None, quota: float | None, env: str | None, work: OpWork | None,
                    *, busy: int = 0, ceiling: int | None = None, requested: int | None = None) -> ThreadChoice:
     """The intra-op thread count for a run (see the module docstring for the rule).
@@ -91,15 +105,7 @@ def choose_threads(cores: int, affinity: int | None, quota: float | None, env: s
     ``work``: the largest op per batch (None: unknown, no cap); ``busy``: other runnable tasks on
     the machine; ``ceiling``: the count the process already runs at; ``requested``: ``--threads``.
     """
-    limits = [max(1, cores)]
-    if affinity:
-        limits.append(affinity)
-    if quota is not None and quota > 0:
-        limits.append(max(1, math.floor(quota)))
-    env_threads = parse_env_threads(env)
-    if env_threads:
-        limits.append(env_threads)
-    usable = min(limits)
+    usable = usable_cores(cores, affinity, quota, env)
     if requested is not None:
         return ThreadChoice(int(requested), usable, f"--threads {requested}")
     if ceiling is not None and ceiling > 0:
@@ -276,6 +282,12 @@ def request(threads: int | None) -> Iterator[None]:
         yield
     finally:
         _requested = saved
+
+
+def machine_cores() -> int:
+    """Cores this process may run on: affinity and cgroup quota (not ``OMP_NUM_THREADS``: that is a
+    thread setting, and a benchmark's "all cores" should not follow it)."""
+    return usable_cores(os.cpu_count() or 1, read_affinity(), read_quota())
 
 
 def machine_choice(work: OpWork | None, *, ceiling: int | None, busy: int | None = None) -> ThreadChoice:

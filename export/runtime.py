@@ -25,11 +25,11 @@ def available_providers() -> list[str]:
 
 
 def all_cores() -> int:
-    """Cores this process may run on (the container's share, not the host's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    """Cores this process may run on (the container's share, not the host's): its affinity mask and
+    cgroup CPU quota (compressor.threads)."""
+    from compressor.threads import machine_cores
+
+    return machine_cores()
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:

@@ -181,3 +181,8 @@ def test_importing_the_cli_loads_no_heavy_library():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+def test_usable_cores_for_a_benchmark_ignore_the_thread_setting():
+    assert tp.usable_cores(8, 8, 2.0) == 2 and tp.usable_cores(8, 3, None) == 3 and tp.usable_cores(8, 8, None, "1") == 1
+    assert tp.machine_cores() == tp.usable_cores(os.cpu_count() or 1, tp.read_affinity(), tp.read_quota())
