@@ -94,7 +94,7 @@ def all_outputs(s_layout, t_layout, n=N, seed=0, grad=False):
 
 
 def test_registered_with_kind_and_paper_weights():
-    expected = {"hinton": 0.9, "dkd": 1.0, "bss": 1.0, "fitnet": 100.0, "at": 1000.0, "fsp": 50.0, "semckd": 400.0}
+    expected = {"hinton": 0.9, "dkd": 1.0, "bss": 1.0, "fitnet": 100.0, "at": 1000.0, "fsp": 1.0, "semckd": 400.0}
     for name, weight in expected.items():
         cls = loss_class(name)
         assert cls.default_weight == weight, name
