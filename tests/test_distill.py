@@ -327,3 +327,4 @@ def test_an_init_term_that_does_not_train_the_student_trains_only_its_own_parts(
     assert (config.epochs, config.schedule, config.warmup_epochs, config.plateau_patience, config.select) == (
         4, "constant", 0, 0, "last")
     assert config.extra["phase"] == "init" and config.lr == TrainConfig().lr
+    assert not config.stop_when_not_learning  # the classifier idles: chance accuracy is expected

@@ -43,11 +43,13 @@ def bind_train_labels(scheme: Scheme, source: Any) -> None:
 def init_config(config: TrainConfig, epochs: int) -> TrainConfig:
     """The init phase's recipe: the run's optimiser at a constant rate for ``epochs`` epochs.
 
-    ``extra["phase"] = "init"`` tells per-epoch checks that judge classification (train accuracy
-    at chance is expected here: nothing trains the classifier) which phase they are watching.
+    The learning guard is off: the classifier does not train in this phase, so accuracy at
+    chance is expected (the main run that follows is guarded as usual). ``extra["phase"] =
+    "init"`` tells any other per-epoch check which phase it is watching.
     """
     return dataclasses.replace(config, epochs=epochs, schedule="constant", milestones=(), warmup_epochs=0,
-                               plateau_patience=0, select="last", extra={**config.extra, "phase": INIT})
+                               plateau_patience=0, select="last", stop_when_not_learning=False,
+                               extra={**config.extra, "phase": INIT})
 
 
 def sibling(path: str | Path | None, tag: str) -> Path | None:
