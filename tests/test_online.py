@@ -282,6 +282,7 @@ CASES = [("cohort", {"aggregator": a}) for a in AGGREGATORS] + [("osakd", {}), (
 def test_every_scheme_lowers_its_loss_on_digits_and_deploys_one_plain_student(kind, options, digits_batches, tmp_path):
     source, batches = digits_batches
     scheme = _scheme(kind, source, **options).train()
+    scheme.bind_train_labels(source.targets("train"))  # as fit does: ModReduce's CRD draws by class
     opt = torch.optim.SGD(scheme.trainable_parameters(), lr=0.02, momentum=0.9)
     first = None
     for step in range(6):

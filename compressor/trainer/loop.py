@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from compressor.batch import Batch
 from compressor.errors import UserError
 from compressor.schemes.base import Scheme
-from compressor.trainer import distributed
+from compressor.trainer import distributed, init_phase
 from compressor.trainer.config import TrainConfig
 from compressor.trainer.distributed import DistContext
 from compressor.trainer.evaluate import EvalResult, evaluate, evaluate_many
@@ -227,8 +227,14 @@ def fit(
     line per epoch goes (rank 0; None = silent). Under torchrun the process group is started here
     if the caller has not, and lives until the process exits.
     """
-    run = _Run(scheme, source, config, state_path=state_path, log_path=log_path,
-               ctx=ctx or distributed.setup(config.device), echo=echo)
+    ctx = ctx or distributed.setup(config.device)
+    # --- before the main run (init_phase.py): training labels for class-aware losses (CRD),
+    # and the init phase of a two-stage method (FSP), resumable on its own state file
+    init_phase.bind_train_labels(scheme, source)
+    init_phase.run_init_phase(scheme, source, config, state_path=state_path, log_path=log_path, resume=resume,
+                              echo=echo, ctx=ctx)
+    # ---
+    run = _Run(scheme, source, config, state_path=state_path, log_path=log_path, ctx=ctx, echo=echo)
     run.start(resume)
     try:
         for epoch in range(run.start_epoch, config.epochs):
