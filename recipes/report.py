@@ -100,13 +100,16 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"| {p['name']} | {p['round']} | {_fmt(p.get('score'))} |" for p in probe]
     cands = result.get("candidates") or []
     if cands:
-        lines += ["", "## Candidates", "", "| model | family | MFLOPs | params (M) | latency (ms) | fits |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "## Candidates", "", "Widths marked * were solved for the budget (not grid members).", "",
+                  "| model | family | MFLOPs | params (M) | latency (ms) | budget use | fits |",
+                  "|---|---|---|---|---|---|---|"]
         for c in cands:
             mark = "**chosen**" if c["name"] == s.get("search_name", s["arch"]) else ("yes" if c.get("fits") else
                                                                                       "no: " + "; ".join(c.get("rejected_by") or []))
-            lines.append(f"| {c['name']} | {c['family']} | {c['flops'] / 1e6:.2f} | {c['params'] / 1e6:.3f} | "
-                         f"{_fmt(c.get('latency_ms'), 3)} | {mark} |")
+            use = ", ".join(f"{v:.0%} of {k}" for k, v in (c.get("utilization") or {}).items()) or "-"
+            name = c["name"] + ("*" if c.get("solved") else "")
+            lines.append(f"| {name} | {c['family']} | {c['flops'] / 1e6:.2f} | {c['params'] / 1e6:.3f} | "
+                         f"{_fmt(c.get('latency_ms'), 3)} | {use} | {mark} |")
     plots = [p for k, p in (result.get("files") or {}).items() if k.startswith("plot:")]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots]
