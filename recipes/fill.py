@@ -6,7 +6,8 @@ largest grid member under a 2 MFLOPs budget used 15% of it. Every family that de
 the FLOPs/params budgets (depth and every other setting kept from a grid member, the anchor):
 
   * anchor = the family's largest grid member that fits, solved upwards towards the next grid
-    width at its depth (the member the pick rule would have taken, widened to the budget);
+    width at its depth (the member the pick rule would have taken, widened to the budget), or
+    at most to twice its width past the grid's widest (the grids double widths: no wilder);
   * if none fits, anchor = the family's smallest member, solved downwards to the family's
     narrowest sane width.
 
@@ -139,6 +140,7 @@ class _FamilySolver:
 
     def _bisect(self, kwargs: dict, lo: _Point, hi: _Point | None) -> _Point | None:
         best = lo if lo.name is not None else None
+        widest = 2 * lo.k  # used only without a measured upper end
         span_before = None
         while self.probes < self.max_probes and (hi is None or hi.k - lo.k > 1):
             span = None if hi is None else hi.k - lo.k
@@ -146,7 +148,9 @@ class _FamilySolver:
                 k = (lo.k + hi.k) // 2  # the last interpolation left more than half: bisect once
             else:
                 k = self._guess(lo, hi)
-            k = max(k, lo.k + 1) if hi is None else min(max(k, lo.k + 1), hi.k - 1)
+            k = min(max(k, lo.k + 1), widest if hi is None else hi.k - 1)
+            if k <= lo.k:
+                break  # already at twice the anchor's width
             span_before = span
             width = round(k * self.scaling.step, 6)
             name = self.scaling.name({**kwargs, self.scaling.width_key: width})
@@ -155,7 +159,7 @@ class _FamilySolver:
             point = _Point(k, cost.flops, cost.params, name)
             if self._fits(cost.flops, cost.params):
                 lo = best = point
-                if self._use(point) >= GOOD_ENOUGH:
+                if self._use(point) >= GOOD_ENOUGH or (hi is None and k >= widest):
                     break
             else:
                 hi = point

@@ -86,7 +86,8 @@ def make_plan(request: PlanRequest, latency: LatencyFn | None = None) -> Plan:
         + " (FLOPs measured with fvcore, 1 multiply-add = 1 FLOP)"
     )
     if filled.probes:
-        solved = ", ".join(f"{c.name} ({c.flops / 1e6:.3g} MFLOPs, {c.params / 1e6:.3g} M params)" for c in filled.members)
+        solved = ", ".join(f"{c.name} ({c.flops / 1e6:.3g} MFLOPs, {c.params / 1e6:.3g} M params)"
+                           for c in filled.members)
         reasons.append(
             f"beside the {grid_size} grid models, {len(filled.members)} with a width solved to fill the budget"
             + (f": {solved}" if solved else "")

@@ -32,14 +32,14 @@ def cache_dir(tmp_path_factory):
         os.environ["KDCOMPRESS_CACHE"] = old
 
 
-def _plan(shape, budgets, teacher_arch=None, family=None):
+def _plan(shape, budgets, teacher_arch=None, family=None, latency=None):
     teacher = measure_arch(teacher_arch, 10, shape) if teacher_arch else None
     return make_plan(PlanRequest(
         data="digits", budgets=parse_budgets(budgets), input_shape=shape, num_classes=10,
         teacher="t.pt" if teacher_arch else None, teacher_arch=teacher_arch,
         teacher_flops=teacher.flops if teacher else None, teacher_params=teacher.params if teacher else None,
         family=family,
-    ))
+    ), latency)
 
 
 def _measured(arch: str, shape) -> int:
@@ -84,6 +84,25 @@ def test_solved_members_are_measured_fitting_and_few():
     # resnet: no grid member fits, so the smallest (depth 8) is narrowed; its depth is kept
     assert re.fullmatch(r"resnet_d8_w0\.\d+", next(m.name for m in result.members if m.family == "resnet_cifar"))
     assert all(0 < n <= MAX_PROBES for n in result.probes.values())
+
+
+def test_past_the_grid_a_width_at_most_doubles():
+    grid = [Candidate("mobilenetv2_w1.4", "mobilenetv2", *_cost("mobilenetv2_w1.4"))]
+    result = fill_budget(grid, parse_budgets(["1GFLOPs"]), None, 10, FMNIST)
+    assert [m.name for m in result.members] == ["mobilenetv2_w2.8"] and result.measurements == 1
+
+
+def test_solved_members_are_timed_like_the_grid_under_a_latency_budget():
+    timed = []
+
+    def latency(name: str) -> float:  # a stand-in for onnxruntime: 1 ms per MFLOP, never below the grid's
+        timed.append(name)
+        return measure_arch(name, 10, DIGITS).flops / 1e6
+
+    plan = _plan(DIGITS, ["1MFLOPs", "0.9ms"], "resnet110", family="resnet_cifar", latency=latency)
+    solved = next(c for c in plan.candidates if c["solved"])
+    assert solved["name"] in timed and solved["rejected_by"] == ["0.9ms"]  # 0.94 MFLOPs -> 0.94 ms
+    assert plan.final.arch == "resnet_d26_w0.5" and len(timed) <= 4  # the largest grid member under 0.9 ms
 
 
 def test_a_latency_only_budget_solves_nothing():

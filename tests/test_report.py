@@ -34,6 +34,7 @@ def test_the_training_loss_panel_has_the_run_s_loss(one_epoch_history, tmp_path)
 
 
 def test_epochs_without_a_value_are_left_out_not_drawn_as_nan():
-    history = [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": float("nan"), "val_top1": 50.0}, {"epoch": 3, "loss": 1.0}]
+    history = [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": float("nan"), "val_top1": 50.0},
+               {"epoch": 3, "loss": 1.0}]
     panels = curve_data({"stages": [{"name": "ta1", "history": history}, {"name": "student", "history": []}]})
     assert panels == {"training loss": {"ta1": ([1, 3], [2.0, 1.0])}, "validation top-1 (%)": {"ta1": ([2], [50.0])}}

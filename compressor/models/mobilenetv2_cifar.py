@@ -131,7 +131,8 @@ def width_name(width_mult: float) -> str:
 
 for _w in SEARCH_WIDTHS:
     add_model(width_name(_w), mobilenetv2, family="mobilenetv2", searchable=True, width_mult=_w)
-register_scaling("mobilenetv2", WidthScaling("width_mult", lambda kw: width_name(kw["width_mult"]), min_width=0.25))
+register_scaling("mobilenetv2", WidthScaling(
+    "width_mult", lambda kw: width_name(kw["width_mult"]), min_width=0.25))
 register_alias("MobileNetV2", width_name(0.5))
 register_alias("mobile_half", width_name(0.5))  # RepDistiller's own function name
 register_pattern(
