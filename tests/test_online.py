@@ -420,3 +420,21 @@ def test_cli_cohort_end_to_end_deploys_the_peer_chosen_on_validation(tmp_path, c
     assert record["val_chosen"] == max(peers, key=peers.get) and record["val_top1"] == max(peers.values())
     loaded = load_model(out)
     assert loaded.meta.arch == "resnet8" and type(loaded.model).__name__ == "CifarResNet"
+
+
+def test_build_aggregator_names_a_bad_option_but_lets_a_bug_inside_a_constructor_through(monkeypatch):
+    """Only a keyword the constructor does not take is the user's mistake; a TypeError raised
+    inside the constructor is a bug and must keep its traceback."""
+    from compressor.schemes.aggregators import base
+    from compressor.schemes.aggregators.dml import DeepMutualLearning
+
+    class Buggy(DeepMutualLearning):
+        def __init__(self, info, temperature=None, kd_weight=1.0):
+            super().__init__(info, temperature, kd_weight)
+            len(None)  # a bug: TypeError from inside
+
+    monkeypatch.setitem(base._AGGREGATORS, "buggy", Buggy)
+    with pytest.raises(TypeError, match="NoneType"):
+        build_aggregator("buggy", _info())
+    with pytest.raises(UserError, match=r"aggregator 'dml' takes no option 'hidden'"):
+        build_aggregator("dml", _info(), hidden=8)
