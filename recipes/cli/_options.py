@@ -79,7 +79,8 @@ def planning_options(func):
         click.option("--latency-threads", default=1, show_default=True, type=click.IntRange(min=1),
                      help="onnxruntime intra-op threads for latency budgets"),
         click.option("--seed", default=0, show_default=True, type=int),
-        click.option("--preset", default=None, type=click.Path(dir_okay=False), help="run a hand-written plan YAML instead of planning"),
+        click.option("--preset", default=None, type=click.Path(dir_okay=False),
+                     help="a bundled preset name (recipes/presets) or a plan YAML, run instead of planning"),
         trust_option,
     ]
     for option in reversed(options):

@@ -24,6 +24,21 @@ def print_plan(plan: Plan) -> None:
     click.echo(f"({FLOP_CONVENTION})")
 
 
+def preset_for_plan(preset: str, *, teacher: str | None, teacher_arch: str | None, data: str | None,
+                    method: str | None, seed: int | None, epochs: int | None, trust: bool) -> Plan:
+    """A bundled preset (by name) or a plan file, its blanks filled from the command line as the main
+    command and `distill` fill them; the teacher is read (for its dataset), the data is not opened
+    unless given."""
+    from recipes.context import resolve_inputs
+    from recipes.distill_plan import load_preset, preset_plan
+
+    teacher = teacher or load_preset(preset).get("teacher")  # a saved plan names its teacher
+    if teacher is not None or data is not None:
+        data = resolve_inputs(teacher, data, arch=teacher_arch, trust=trust, load_data=False, seed=seed or 0).data_spec
+    return preset_plan(preset, teacher=teacher, data=data, teacher_arch=teacher_arch, method=method, seed=seed,
+                       train={"epochs": epochs})
+
+
 @click.command("plan")
 @planning_options
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="also write the plan as YAML")
@@ -34,7 +49,8 @@ def command(teacher, teacher_arch, budgets, data, recipe, method, family, gap_th
 
     corruption = corruption_from_flags(label_noise, imbalance, imbalance_gamma)
     if preset:
-        plan = Plan.load(preset)
+        plan = preset_for_plan(preset, teacher=teacher, teacher_arch=teacher_arch, data=data, method=method,
+                               seed=seed, epochs=epochs, trust=trust)
     else:
         plan, inputs = plan_compression(
             teacher=teacher, budgets=budgets, data=data, teacher_arch=teacher_arch, recipe=recipe, method=method,
