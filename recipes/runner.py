@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from compressor.checkpoint import LoadedModel, ModelMeta, load_model, save_model
 from compressor.errors import UserError
+from compressor.features import strip_taps
 from compressor.schemes import SchemeRequest, build_scheme
 from recipes.plan import TEACHER, Plan, Stage
 
@@ -103,7 +104,7 @@ def run_plan(
                          resume=resume, echo=echo)
         except NotLearning as err:
             raise StageNotLearning(stage, err, run_dir, [r.name for r in results]) from None
-        deployable = result.deployable
+        deployable = strip_taps(result.deployable)  # plain, for the checkpoint and as a later stage's teacher
         meta = ModelMeta.from_source(getattr(deployable, "kd_arch", stage.arch), source,
                                      **getattr(deployable, "kd_arch_kwargs", {}))
         extra = {"stage": stage.name, "scheme": stage.scheme, "method": stage.method, "teachers": stage.teachers,

@@ -405,3 +405,60 @@ def test_dgkd_resumed_run_repeats_the_uninterrupted_run(digits, tmp_path):
     run(1, resume=False)
     resumed = run(2, resume=True)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+# ---------------------------------------------------------------- the runner: a stage's model as the next one's teacher
+
+
+def hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _chain_run(digits, tmp_path, monkeypatch, stage_train=None):
+    """teacher -> ta1 (offline) -> student (DGKD from teacher and ta1), one epoch each; returns the
+    run and every SchemeRequest the runner built, with the hooks its teachers carried on arrival."""
+    from compressor.checkpoint import LoadedModel, ModelMeta
+    from recipes import runner
+    from recipes.plan import Plan, Stage
+
+    seen = []
+    real = runner.build_scheme
+
+    def spy(name, request):
+        seen.append((name, request, [hook_count(t) for t in request.options["teachers"]]))
+        return real(name, request)
+
+    monkeypatch.setattr(runner, "build_scheme", spy)
+    teacher = LoadedModel(tiny("resnet8", seed=1).eval(), ModelMeta.from_source("resnet8", digits))
+    train = {"epochs": 1, "batch_size": 256, "optimizer": "adam", "lr": 0.01, "schedule": "constant",
+             "weight_decay": 0.0, "augment": False, "progress": "off", "device": "cpu", **(stage_train or {})}
+    plan = Plan(data="digits", teacher="t.pt", stages=[
+        Stage("ta1", "offline", TINY, ["teacher"], "hinton", {}, dict(train)),
+        Stage("student", "dgkd", TINY, ["teacher", "ta1"], "hinton", {}, dict(train)),
+    ])
+    result = runner.run_plan(plan, digits, tmp_path / "run", teacher=teacher, echo=lambda _: None)
+    return result, seen
+
+
+def test_a_stages_model_reaches_the_next_stage_and_the_caller_without_feature_tap_hooks(digits, tmp_path,
+                                                                                         monkeypatch):
+    result, seen = _chain_run(digits, tmp_path, monkeypatch)
+    assert [hooks for _, _, hooks in seen] == [[0], [0, 0]]  # ta1 as a teacher carries no taps
+    assert hook_count(result.final.model) == 0  # nor does the final (DGKD) student
+
+
+def test_strip_taps_leaves_other_hooks_and_works_on_a_deep_copy():
+    import copy
+
+    from compressor.features import FeatureTaps, strip_taps
+
+    model = tiny()
+    calls = count_forwards(model)  # a user's own hook: not a tap, must survive
+    taps = FeatureTaps(model, SHAPE)
+    clone = strip_taps(copy.deepcopy(model))
+    tapped = len(taps.stage_names) + 1 + (1 if taps.stem_name else 0)  # stages, classifier input, stem
+    assert hook_count(clone) == 1 and hook_count(model) == 1 + tapped
+    clone(batch().x)
+    assert calls == [1]  # the user's hook survived on the copy (deepcopy shares the function)
+    out = taps(batch().x)  # the original's taps still fire
+    assert len(out.features) == len(taps.stage_names) and calls == [2]
