@@ -95,9 +95,10 @@ def run_plan(
             student_arch=stage.arch, num_classes=source.num_classes, input_shape=tuple(source.input_shape),
             num_train=source.num_train, teacher=teachers[0] if teachers else None, method=stage.method,
             options={"batch_size": settings.get("batch_size", TrainConfig.batch_size) // int(os.environ.get("WORLD_SIZE", "1")),
-                     **stage.options, "teachers": teachers},
+                     **stage.options, **_label_smoothing(stage, settings), "teachers": teachers},
         )
         scheme = build_scheme(stage.scheme, request)
+        _check_label_smoothing(stage, scheme, request.options.get("label_smoothing"))
         config = TrainConfig(**settings)
         try:
             result = fit(scheme, source, config, state_path=folder / "state.pt", log_path=folder / "log.jsonl",
@@ -140,6 +141,24 @@ class StageNotLearning(UserError):
             f"{kept}resuming the run in {run_dir} after the fix retrains this stage"
         )
         self.stage = stage.name
+
+
+def _label_smoothing(stage: Stage, settings: dict[str, Any]) -> dict[str, Any]:
+    """``train.label_smoothing`` (a trainer setting) goes to the scheme, which owns the cross-entropy."""
+    value = settings.get("label_smoothing")
+    if value is None:
+        return {}
+    given = stage.options.get("label_smoothing")
+    if given is not None and float(given) != float(value):
+        raise UserError(f"stage {stage.name!r} sets label_smoothing twice ({value} in train, {given} in options): keep one")
+    return {"label_smoothing": float(value)}
+
+
+def _check_label_smoothing(stage: Stage, scheme: nn.Module, value: float | None) -> None:
+    """A scheme honours label smoothing by exposing ``label_smoothing``; asking one that does not is an error."""
+    if value and getattr(scheme, "label_smoothing", None) != value:
+        raise UserError(f"stage {stage.name!r} asks for label_smoothing={value}, which the {stage.scheme} scheme does "
+                        "not apply (vanilla, offline, dgkd and tcn do): remove it")
 
 
 def _teacher_model(name: str, teacher: LoadedModel | None, done: dict[str, LoadedModel]) -> nn.Module:

@@ -462,3 +462,39 @@ def test_strip_taps_leaves_other_hooks_and_works_on_a_deep_copy():
     assert calls == [1]  # the user's hook survived on the copy (deepcopy shares the function)
     out = taps(batch().x)  # the original's taps still fire
     assert len(out.features) == len(taps.stage_names) and calls == [2]
+
+
+@pytest.mark.parametrize("scheme", ["vanilla", "offline"])
+def test_a_plans_train_label_smoothing_reaches_the_schemes_cross_entropy(scheme, digits, tmp_path, monkeypatch):
+    from compressor.checkpoint import LoadedModel, ModelMeta
+    from recipes import runner
+    from recipes.plan import Plan, Stage
+
+    built = []
+    real = runner.build_scheme
+    monkeypatch.setattr(runner, "build_scheme", lambda name, request: built.append(real(name, request)) or built[-1])
+    teacher = LoadedModel(tiny("resnet8", seed=1).eval(), ModelMeta.from_source("resnet8", digits))
+    train = {"epochs": 1, "batch_size": 256, "optimizer": "adam", "lr": 0.01, "schedule": "constant",
+             "augment": False, "progress": "off", "device": "cpu", "label_smoothing": 0.3}
+    teachers = ["teacher"] if scheme == "offline" else []
+    plan = Plan(data="digits", teacher="t.pt", stages=[Stage("student", scheme, TINY, teachers, None, {}, train)])
+    runner.run_plan(plan, digits, tmp_path / "run", teacher=teacher, echo=lambda _: None)
+    (made,) = built
+    b = batch()
+    made.eval()
+    student = made.deployable()
+    expected = F.cross_entropy(student(b.x), b.y, label_smoothing=0.3)
+    terms = made(b)
+    ce = terms["ce"] / (made.ce_weight if scheme == "offline" else 1.0)
+    assert torch.allclose(ce, expected, atol=1e-6)
+
+
+def test_label_smoothing_a_scheme_cannot_apply_is_refused(digits, tmp_path):
+    from recipes.plan import Plan, Stage
+    from recipes.runner import run_plan
+
+    train = {"epochs": 1, "progress": "off", "device": "cpu", "label_smoothing": 0.1}
+    plan = Plan(data="digits", stages=[Stage("student", "osakd", TINY, [], None, {}, train)])
+    with pytest.raises(UserError, match="label_smoothing.*osakd"):
+        run_plan(plan, digits, tmp_path / "run", echo=lambda _: None)
+    assert not (tmp_path / "run" / "stages" / "student" / "log.jsonl").exists()

@@ -84,11 +84,13 @@ class Offline(Scheme):
         num_train: int,
         ce_weight: float = 1.0,
         loss_options: Mapping[str, Mapping[str, Any]] | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         self.teacher = freeze(teacher)
         self.student = student
         self.ce_weight = float(ce_weight)
+        self.label_smoothing = float(label_smoothing)  # on the hard-label term only (the trainer's setting)
         self.teacher_taps = FeatureTaps(teacher, input_shape)
         self.student_taps = FeatureTaps(student, input_shape)
         self.losses = knowledge_losses(
@@ -125,7 +127,8 @@ class Offline(Scheme):
         student_out = self.student_taps(batch.x)
         terms = {}
         if self.ce_weight and self.phase == "main":
-            terms["ce"] = self.ce_weight * F.cross_entropy(student_out.logits, batch.y)
+            terms["ce"] = self.ce_weight * F.cross_entropy(student_out.logits, batch.y,
+                                                           label_smoothing=self.label_smoothing)
         for name in self._active():
             terms[name] = self.weights[name] * self.losses[name](student_out, teacher_out, batch)
         return terms
@@ -175,6 +178,7 @@ def build_offline(request: SchemeRequest, student: nn.Module | None = None) -> O
     return Offline(
         request.teacher, student, spec.terms, input_shape=request.input_shape, num_classes=request.num_classes,
         num_train=request.num_train, ce_weight=spec.ce_weight, loss_options=loss_options_of(request),
+        label_smoothing=float(request.options.get("label_smoothing") or 0.0),
     )
 
 
