@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from compressor.errors import UserError
+from compressor.schemes.modreduce import MODREDUCE_TRAIN_DEFAULTS, check_no_method
 from recipes.budget import Budget
 from recipes.fill import fill_budget
 from recipes.plan import TEACHER, Plan, Stage
@@ -59,6 +60,8 @@ def make_plan(request: PlanRequest, latency: LatencyFn | None = None) -> Plan:
         raise UserError(f"unknown recipe {request.recipe!r}; known: {', '.join(RECIPES)}")
     if request.teacher is None and request.recipe in ("single", "takd", "dgkd", "modreduce", "tcn"):
         raise UserError(f"recipe {request.recipe!r} distils from a teacher: give --teacher")
+    if request.recipe == "modreduce":
+        check_no_method(request.method)
     reasons: list[str] = []
     candidates = measure_candidates(request.num_classes, request.input_shape)
     if request.family is not None:
@@ -130,8 +133,9 @@ def _stages(request: PlanRequest, student: Candidate, candidates: list[Candidate
     forced = request.recipe
     if forced in ("modreduce", "tcn"):
         reasons.append(f"--recipe {forced}")
-        return [Stage("student", forced, student.name, [TEACHER], method if forced == "modreduce" else None,
-                      opts, final_train, reasons[-1])], forced
+        if forced == "modreduce":
+            final_train = {**final_train, **MODREDUCE_TRAIN_DEFAULTS}
+        return [Stage("student", forced, student.name, [TEACHER], None, opts, final_train, reasons[-1])], forced
     if forced == "osakd" or forced == "cohort":
         raise UserError(f"recipe {forced!r} trains without a teacher: drop --teacher")
     assistants: list[Candidate] = []

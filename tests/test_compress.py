@@ -197,3 +197,12 @@ def test_plan_and_dry_run_take_a_bundled_preset_and_the_teacher(cache_dir, cifar
         assert [s.arch for s in plan.stages] == ["resnet20"] and plan.final.train["epochs"] == 240
     result = cli("plan", "--preset", "no_such_preset")
     assert result.exit_code == 2 and "unknown preset 'no_such_preset'" in result.output
+
+
+def test_planned_modreduce_records_no_method_and_refuses_one(cache_dir, cifar_teacher):
+    plan, _ = plan_compression(teacher=cifar_teacher, budgets=["0.1GFLOPs"], recipe="modreduce", family="resnet_cifar")
+    assert plan.final.scheme == "modreduce" and plan.final.method is None
+    assert plan.final.train["nesterov"] is True  # ModReduce App. A.3: SGD with Nesterov momentum 0.9
+    with pytest.raises(UserError, match="modreduce.*--method"):
+        plan_compression(teacher=cifar_teacher, budgets=["0.1GFLOPs"], recipe="modreduce", method="hinton",
+                         family="resnet_cifar")

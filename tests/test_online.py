@@ -438,3 +438,37 @@ def test_build_aggregator_names_a_bad_option_but_lets_a_bug_inside_a_constructor
         build_aggregator("buggy", _info())
     with pytest.raises(UserError, match=r"aggregator 'dml' takes no option 'hidden'"):
         build_aggregator("dml", _info(), hidden=8)
+
+
+def test_modreduce_refuses_a_method_it_cannot_take(tmp_path, cli):
+    """Its three students' knowledge is fixed (Hinton; SemCKD + KD; CRD + KD): a method would be
+    recorded in the plan and silently ignored, so it is refused, before anything is written."""
+    src = type("S", (), {"num_classes": 10, "input_shape": SHAPE, "num_train": 64})()
+    torch.manual_seed(1)
+    teacher = create("resnet8", num_classes=10, in_chans=1).eval()
+    with pytest.raises(UserError, match="modreduce.*--method"):
+        build_scheme("modreduce", SchemeRequest("resnet8", 10, SHAPE, 64, teacher=teacher, method="hinton+crd",
+                                                options={"batch_size": 32}))
+    assert _scheme("modreduce", src).students.names  # no method: the paper's three students
+    from compressor.checkpoint import ModelMeta, save_model
+    from compressor.data import load_source
+
+    save_model(tmp_path / "t.pt", teacher, ModelMeta.from_source("resnet8", load_source("digits")))
+    result = cli("distill", "--scheme", "modreduce", "--method", "hinton", "--student", "resnet8",
+                 "--teacher", str(tmp_path / "t.pt"), "-o", str(tmp_path / "s.pt"), "--epochs", "1", "-q")
+    assert result.exit_code == 2 and "--method" in result.output, result.output
+    assert not (tmp_path / "s.pt.run").exists()
+
+
+def test_modreduce_stage_trains_with_nesterov_sgd_unless_told_otherwise():
+    """ModReduce App. A.3: the CRD benchmark's protocol with Nesterov momentum."""
+    from recipes.distill_plan import DistillRequest, distill_plan
+
+    def plan(**train):
+        return distill_plan(DistillRequest(data="cifar100:/nowhere", student="resnet20", num_classes=100,
+                                           input_shape=(3, 32, 32), teacher="t.pt", scheme="modreduce", train=train))
+
+    train = plan().final.train
+    assert train["nesterov"] is True and train["optimizer"] == "sgd" and train["momentum"] == 0.9
+    assert (train["lr"], train["epochs"], train["milestones"], train["batch_size"]) == (0.05, 240, [150, 180, 210], 64)
+    assert plan(epochs=3).final.train["epochs"] == 3
