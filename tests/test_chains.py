@@ -498,3 +498,64 @@ def test_label_smoothing_a_scheme_cannot_apply_is_refused(digits, tmp_path):
     with pytest.raises(UserError, match="label_smoothing.*osakd"):
         run_plan(plan, digits, tmp_path / "run", echo=lambda _: None)
     assert not (tmp_path / "run" / "stages" / "student" / "log.jsonl").exists()
+
+
+# ---------------------------------------------------------------- the official TAKD and DGKD protocols as presets
+
+
+def official_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
+    """Their ``nn.KLDivLoss()(log_softmax(s / T), softmax(t / T))``: PyTorch's default reduction
+    averages over every element, batch AND classes (written out, without the deprecation warning)."""
+    p_t = F.softmax(teacher_logits / t, dim=1)
+    return (p_t * (p_t.log() - F.log_softmax(student_logits / t, dim=1))).sum() / student_logits.numel()
+
+
+def _preset(name):
+    from recipes.distill_plan import preset_plan
+
+    return preset_plan(name, teacher="t.pt", data=None, teacher_arch=None, method=None, seed=None, train={})
+
+
+def test_takd_preset_is_the_official_chain_and_loss():
+    plan = _preset("cifar100_takd_resnet110_resnet20_resnet8")
+    assert plan.recipe == "takd" and plan.teacher_arch == "resnet110"
+    assert [(s.arch, s.scheme, s.teachers) for s in plan.stages] == [
+        ("resnet20", "offline", ["teacher"]), ("resnet8", "offline", ["ta1"])]
+    train = plan.final.train
+    assert (train["epochs"], train["batch_size"], train["lr"], train["milestones"], train["weight_decay"]) == (
+        160, 128, 0.01, [120], 1e-4)
+    assert train["nesterov"] is False and train["augment"] is False
+    # (1 - lambda) CE + lambda T^2 KLDivLoss(), lambda = 1, T = 5, on CIFAR-100's 100 classes
+    stage = plan.final
+    teacher, b = tiny("resnet8", classes=100, seed=1).eval(), batch()
+    scheme = build_scheme("offline", SchemeRequest(TINY, 100, SHAPE, 64, teacher=teacher, method=stage.method,
+                                                   options=dict(stage.options)))
+    scheme.eval()
+    ours = sum(scheme(b).values())
+    official = 25 * official_kl(scheme.student(b.x), teacher(b.x), 5.0)
+    assert torch.allclose(ours, official, rtol=1e-5)
+
+
+def test_dgkd_preset_is_the_official_chain_loss_and_drop():
+    plan = _preset("cifar100_dgkd_resnet26_resnet20_resnet14_resnet8")
+    assert plan.recipe == "dgkd" and plan.teacher_arch == "resnet_d26_w1"
+    assert [(s.arch, s.scheme, s.teachers) for s in plan.stages] == [
+        ("resnet20", "offline", ["teacher"]), ("resnet14", "dgkd", ["teacher", "ta1"]),
+        ("resnet8", "dgkd", ["teacher", "ta1", "ta2"])]
+    train = plan.final.train
+    assert (train["epochs"], train["batch_size"], train["lr"], train["milestones"], train["gamma"]) == (
+        160, 128, 0.1, [80, 120], 0.1)
+    assert train["weight_decay"] == 1e-4 and train["augment"] is False
+    # lambda = 1: no cross-entropy; T = 5; lambda T^2 sum over the kept teachers of KLDivLoss(); one dropped a batch
+    stage = plan.final
+    teachers = [tiny("resnet8", classes=100, seed=i).eval() for i in (1, 2, 3)]
+    b = batch()
+    scheme = build_scheme("dgkd", SchemeRequest(TINY, 100, SHAPE, 64, teacher=teachers[0], method=stage.method,
+                                                options={**stage.options, "teachers": teachers}))
+    scheme.eval()
+    torch.manual_seed(0)
+    terms = scheme(b)
+    assert "ce" not in terms and sum(scheme.last_dropped) == 1
+    s = scheme.student(b.x)
+    official = 25 * sum(official_kl(s, t(b.x), 5.0) for t, gone in zip(teachers, scheme.last_dropped) if not gone)
+    assert torch.allclose(sum(terms.values()), official, rtol=1e-5)
