@@ -472,3 +472,21 @@ def test_modreduce_stage_trains_with_nesterov_sgd_unless_told_otherwise():
     assert train["nesterov"] is True and train["optimizer"] == "sgd" and train["momentum"] == 0.9
     assert (train["lr"], train["epochs"], train["milestones"], train["batch_size"]) == (0.05, 240, [150, 180, 210], 64)
     assert plan(epochs=3).final.train["epochs"] == 3
+
+
+def test_attention_cohort_preset_is_the_papers_protocol():
+    """Sec. 4.1: N = 3, tau = 3, lambda = 1; Adam 1e-3, batch 32, 200 epochs, x0.1 at 80/140/170 and on
+    a 5-epoch plateau."""
+    from compressor.trainer import TrainConfig
+    from recipes.distill_plan import preset_plan
+
+    plan = preset_plan("cifar100_attention_cohort_resnet20", teacher=None, data=None, teacher_arch=None,
+                       method=None, seed=None, train={})
+    (stage,) = plan.stages
+    config = TrainConfig(**stage.train)
+    assert (config.optimizer, config.lr, config.batch_size, config.epochs) == ("adam", 1e-3, 32, 200)
+    assert (config.schedule, config.milestones, config.gamma) == ("step", (80, 140, 170), 0.1)
+    assert (config.plateau_patience, config.plateau_factor) == (5, 0.1)
+    scheme = build_scheme(stage.scheme, SchemeRequest("resnet8", 10, SHAPE, 64, options=dict(stage.options)))
+    assert len(scheme.group) == 3 and scheme.aggregator.name == "attention"
+    assert scheme.aggregator.temperature == 3.0 and scheme.aggregator.kd_weight == 1.0
