@@ -58,7 +58,7 @@ def distill_plan(req: DistillRequest) -> Plan:
 
         check_no_method(req.method)
         overrides = {k: v for k, v in req.train.items() if v is not None}
-        train = {**default_train(req.data, req.student), **MODREDUCE_TRAIN_DEFAULTS, **overrides}
+        train = {**train, **MODREDUCE_TRAIN_DEFAULTS, **overrides}  # the command line still wins
     teachers = [TEACHER] if req.teacher else []
     stage = Stage("student", scheme, req.student, teachers, req.method, dict(req.options), train,
                   f"kdcompress distill --scheme {scheme}")
