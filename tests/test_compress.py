@@ -195,6 +195,9 @@ def test_plan_and_dry_run_take_a_bundled_preset_and_the_teacher(cache_dir, cifar
         plan = Plan.from_yaml(result.output.split("--- plan.yaml ---", 1)[1])
         assert plan.teacher == cifar_teacher and plan.data == "cifar100:/nowhere"
         assert [s.arch for s in plan.stages] == ["resnet20"] and plan.final.train["epochs"] == 240
+    result = cli("plan", "--preset", "cifar100_resnet110_resnet20", "--teacher", cifar_teacher, "--label-noise", "0.2")
+    assert result.exit_code == 0, result.output
+    assert Plan.from_yaml(result.output.split("--- plan.yaml ---", 1)[1]).corruption["label_noise"] == 0.2
     result = cli("plan", "--preset", "no_such_preset")
     assert result.exit_code == 2 and "unknown preset 'no_such_preset'" in result.output
 
