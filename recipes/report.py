@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.cost import FLOP_CONVENTION
-from compressor.atomic import write_text
+from compressor.atomic import atomic_output, write_text
 
 
 def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
@@ -148,10 +148,9 @@ def write_plots(result: dict[str, Any], folder: Path) -> dict[str, str]:
 
     def save(fig, name: str) -> None:
         path = folder / name
-        tmp = folder / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
-        tmp.replace(path)
         files[f"plot:{path.stem}"] = str(path)
 
     panels = curve_data(result)

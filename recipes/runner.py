@@ -64,8 +64,12 @@ def run_plan(
     device: str = "auto",
     echo: Echo = print,
     train_overrides: dict[str, Any] | None = None,
+    on_stage_end: Callable[[StageResult], None] | None = None,
 ) -> RunResult:
-    """Train every stage of ``plan`` on ``source``; return each stage's figures and the final model."""
+    """Train every stage of ``plan`` on ``source``; return each stage's figures and the final model.
+
+    ``on_stage_end`` is called with each stage's result once its model file is written (or found,
+    on resume): the main command drops a run it replaces only then."""
     from compressor.trainer import NotLearning, TrainConfig, fit, seed_everything
 
     plan.validate()
@@ -84,6 +88,8 @@ def run_plan(
             results.append(StageResult(stage.name, stage.arch, stage.scheme, str(model_path), loaded.metrics,
                                        [], resumed_from_file=True))
             echo(f"{label}: already trained, loaded {model_path}")
+            if on_stage_end is not None:
+                on_stage_end(results[-1])
             continue
         echo(label)
         teachers = [_teacher_model(name, teacher, done) for name in stage.teachers]
@@ -118,6 +124,8 @@ def run_plan(
         done[stage.name] = loaded
         results.append(StageResult(stage.name, stage.arch, stage.scheme, str(model_path), result.metrics(),
                                    result.history))
+        if on_stage_end is not None:
+            on_stage_end(results[-1])
     return RunResult(results, done[plan.final.name])
 
 

@@ -470,13 +470,14 @@ def _guard(bad_step: int | None, ctx: DistContext, epoch: int, step: int, steps:
         terms = f" ({shown})"
     done = len(history)
     if state_path is not None and done > 0:
-        kept = f"the last good training state (after epoch {done}) is kept at {state_path}"
+        kept = (f"the last good training state (after epoch {done}) is kept at {state_path}. Lower the learning "
+                "rate (or set grad_clip) and run again (--resume continues from the kept state)")
     else:
-        kept = "no epoch had finished, so there is no training state to keep"
+        kept = ("no epoch had finished, so there is no training state to keep. Lower the learning rate "
+                "(or set grad_clip) and run again")
     raise TrainingDiverged(
         f"training diverged: the loss became NaN or infinite at epoch {epoch + 1}, step {bad_step + 1} "
-        f"of {steps}{terms}; {kept}. Lower the learning rate (or set grad_clip) and run again "
-        "(--resume continues from the kept state)",
+        f"of {steps}{terms}; {kept}",
         epoch=epoch + 1, step=bad_step + 1, last_good_epoch=done,
     )
 

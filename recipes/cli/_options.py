@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from compressor.data.corruptions import Corruption
@@ -20,6 +22,13 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
     if len(dims) != 3 or min(dims) <= 0:
         raise UserError(f"input shape {text!r} is not CxHxW, e.g. 3x32x32 or 1x8x8")
     return dims[0], dims[1], dims[2]
+
+
+def positive_finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """A click callback: a positive finite float (click's FloatRange lets inf and nan through), one line if not."""
+    if value is not None and not 0 < value < math.inf:
+        raise UserError(f"{param.opts[-1]} must be a positive finite number (got {value})")
+    return value
 
 
 def input_shape_option(default: str | None = "3x32x32"):

@@ -7,7 +7,7 @@ import click
 from compressor.trainer.config import AMP_MODES
 from compressor.trainer.optim import OPTIMIZERS
 from compressor.trainer.schedule import SCHEDULES
-from recipes.cli._options import corruption_from_flags, corruption_options
+from recipes.cli._options import corruption_from_flags, corruption_options, positive_finite
 
 
 def _milestones(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -25,7 +25,7 @@ def _milestones(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="the model file to write; its training state goes to OUTPUT.state, its metrics to OUTPUT.jsonl")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="default: the dataset's protocol")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="initial learning rate")
+@click.option("--lr", type=float, callback=positive_finite, default=None, help="initial learning rate")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="global batch (split over torchrun processes)")
 @click.option("--optimizer", type=click.Choice(sorted(OPTIMIZERS)), default=None)
 @click.option("--schedule", type=click.Choice(sorted(SCHEDULES)), default=None)
