@@ -34,8 +34,9 @@ from compressor.schemes.offline import Offline, freeze
 EXTRA_WORK = {
     "bss": "attacks the teacher for boundary samples: up to 10 teacher forward+backward (to the input) passes "
            "on up to a quarter of the batch, then teacher and student forwards on them",
-    "crd": "projection heads plus a negative-sample memory: 16384 negatives per anchor scored against the "
-           "embeddings, and the memory update",
+    "crd": "projection heads plus a negative-sample memory: 16384 negatives per anchor, drawn from the other "
+           "classes without replacement (RepDistiller's exact mode), scored against the embeddings, and the "
+           "memory update",
 }
 
 
@@ -66,6 +67,7 @@ def method_step(args, method: str, teacher: torch.nn.Module) -> Callable[[Batch]
     student = create(args.student, num_classes=args.classes)
     scheme = Offline(teacher, student, [(method, 1.0)], input_shape=tuple(args.shape), num_classes=args.classes,
                      num_train=args.num_train, loss_options={"semckd": {"batch_size": args.batch}})
+    scheme.bind_train_labels(torch.arange(args.num_train) % args.classes)  # balanced, as CIFAR's
     scheme.train()
     scheme.teacher.eval()
     opt = torch.optim.SGD(list(scheme.trainable_parameters()), lr=0.01, momentum=0.9)

@@ -109,11 +109,12 @@ def report_row(folder: Path) -> Callable[[], dict[str, Any]]:
 def run_job(job: Job, log_dir: Path) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     t0 = time.perf_counter()
-    with open(log_dir / f"{job.name}.log", "w") as log:
+    log_path = log_dir / (job.name.replace("/", "-").replace(" ", "_") + ".log")
+    with open(log_path, "w") as log:
         proc = subprocess.run(job.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        tail = (log_dir / f"{job.name}.log").read_text().strip().splitlines()[-1:]
+        tail = log_path.read_text().strip().splitlines()[-1:]
         return {"error": tail[0] if tail else f"exit {proc.returncode}", "seconds": seconds}
     return {**job.read(), "seconds": seconds}
 

@@ -1,12 +1,19 @@
 """Nothing is written half: every file goes to a hidden temporary name beside its destination,
 and is renamed over it only once complete. A failure removes the temporary file and leaves
 whatever the user had.
+
+A process killed mid-write (SIGKILL, power loss) cannot clean up, so the temporary names carry
+the writer's pid: ``.NAME.PID.XXXXXXXX.tmp`` (export's simplified candidate adds ``.simplified``).
+The next write of the same target, and :func:`remove_stale_temporaries` at the start of a run,
+delete those whose process is gone; no other file matches the pattern, and a live writer's
+temporary is left alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,7 +32,8 @@ def atomic_output(path: str | os.PathLike, *, make_parents: bool = True) -> Iter
         dest.parent.mkdir(parents=True, exist_ok=True)
     elif not dest.parent.exists():
         raise UserError(f"folder {dest.parent} does not exist: create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    remove_stale_temporaries(dest.parent, target=dest.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -46,6 +54,46 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     with atomic_output(dst) as tmp:
         shutil.copyfile(src, tmp)
+
+
+# .NAME.PID.RANDOM.tmp (PID absent in files from before it was recorded); RANDOM is mkstemp's 8 characters
+_TEMPORARY = re.compile(r"\.(?P<target>.+?)\.(?:(?P<pid>\d+)\.)?[a-z0-9_]{8}\.tmp(?:\.simplified)?")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a temporary file name :func:`atomic_output` makes."""
+    return _TEMPORARY.fullmatch(name) is not None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, *, target: str | None = None,
+                             recursive: bool = False) -> list[Path]:
+    """Delete our temporaries in ``folder`` (of ``target`` only, if given) whose writer is gone."""
+    removed: list[Path] = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.rglob(".*") if recursive else folder.glob(".*"):
+        match = _TEMPORARY.fullmatch(path.name)
+        if match is None or (target is not None and match["target"] != target) or not path.is_file():
+            continue
+        if match["pid"] is not None and _alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # another user's process, or a pid we cannot ask about: leave its file
+    return True
 
 
 def _umask() -> int:

@@ -94,10 +94,10 @@ class FeatureTaps:
         self._embedding: Tensor | None = None
         self._handles = []
         for i, name in enumerate(self.stage_names):
-            self._handles.append(modules[name].register_forward_hook(self._stage_hook(i)))
+            self._handles.append(modules[name].register_forward_hook(_mark(self._stage_hook(i))))
         if stem_name:
-            self._handles.append(modules[stem_name].register_forward_hook(self._stem_hook))
-        self._handles.append(modules[classifier_name].register_forward_pre_hook(self._classifier_hook))
+            self._handles.append(modules[stem_name].register_forward_hook(_mark(self._stem_hook)))
+        self._handles.append(modules[classifier_name].register_forward_pre_hook(_mark(self._classifier_hook)))
         self._layout: TapLayout | None = None
 
     def _stage_hook(self, index: int):
@@ -146,6 +146,39 @@ class FeatureTaps:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+_TAP_MARK = "_kdcompress_feature_tap"
+
+
+def _mark(hook):
+    """Wrap a hook in a function marked as a feature tap, so :func:`strip_taps` can find it on the
+    model (or on any deep copy of it) without the :class:`FeatureTaps` that registered it."""
+
+    def tap(*args):
+        return hook(*args)
+
+    setattr(tap, _TAP_MARK, True)
+    return tap
+
+
+def strip_taps(model: nn.Module) -> nn.Module:
+    """Remove every feature-tap hook from ``model`` and its sub-modules, in place; returns it.
+
+    A scheme taps the models it trains; the model it hands out when training ends (the stage's
+    result, the next stage's teacher) must be plain: stale taps would keep firing on every forward,
+    hold the last batch's feature maps and be deep-copied along with the model.
+    """
+    tables = (("_forward_hooks", ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
+              ("_forward_pre_hooks", ("_forward_pre_hooks_with_kwargs",)))
+    for module in model.modules():
+        for name, companions in tables:
+            hooks = getattr(module, name)
+            for key in [k for k, hook in hooks.items() if getattr(hook, _TAP_MARK, False)]:
+                del hooks[key]
+                for companion in companions:
+                    getattr(module, companion, {}).pop(key, None)
+    return model
 
 
 def _dry_forward(fn, input_shape: tuple[int, ...]):

@@ -283,7 +283,7 @@ def thread_counts(spec: str | Sequence[int] | None) -> list[int]:
     counts: list[int] = []
     for item in items:
         text = str(item).strip().lower()
-        if text in ("all", "0", ""):
+        if text in ("all", ""):  # "0" is refused below: it is not a thread count
             value = all_cores()
         elif text.isdigit() and int(text) > 0:
             value = int(text)

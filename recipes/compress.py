@@ -11,7 +11,6 @@ over this function.
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,10 @@ from recipes.distill_plan import load_preset, preset_plan
 from recipes.distill_run import teacher_accuracy
 from recipes.plan import Plan, Stage
 from recipes.report import summary_rows, write_report
+from recipes.run_folder import RunFolder
 from recipes.runner import run_plan
 
 Echo = Callable[[str], None]
-RUN_MARKERS = ("plan.yaml", "report.json", "stages")
 
 
 @dataclass
@@ -52,17 +51,6 @@ def default_out_dir(teacher: str | None, budgets: Sequence[str]) -> Path:
     stem = Path(teacher).stem if teacher else "cohort"
     slug = re.sub(r"[^A-Za-z0-9.]+", "", "-".join(budgets)) or "nobudget"
     return Path("runs") / f"{stem}-{slug}"
-
-
-def _check_out_dir(out: Path, resume: bool, force: bool) -> bool:
-    """Refuse a folder that holds another run; True when --force will replace it (once planning worked)."""
-    holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
-    if holds_run and not (resume or force):
-        raise UserError(f"{out} holds another run: pass --resume {out} to continue it, --force to replace it, "
-                        "or choose another --out")
-    if resume and not (out / "plan.yaml").is_file():
-        raise UserError(f"{out} holds no run to resume (no plan.yaml)")
-    return holds_run and force and not resume
 
 
 def compress(
@@ -97,7 +85,8 @@ def compress(
     out_dir = Path(out) if out is not None else default_out_dir(teacher, budget)
     if not resume and not preset:
         parse_budgets(budget)  # a bad budget fails before anything is read or written
-    replace = _check_out_dir(out_dir, resume, force)
+    folder = RunFolder(out_dir)
+    folder.check(resume=resume, force=force)  # before minutes of planning; again under the lock
     if resume:
         plan = Plan.load(out_dir / "plan.yaml")
         teacher = teacher or plan.teacher
@@ -121,13 +110,22 @@ def compress(
                                          corruption)
     for note in inputs.notes:
         echo(note)
-    if not resume:  # the folder appears (or is replaced) only once the inputs made a plan
-        if replace:
-            shutil.rmtree(out_dir)
-        plan.save(out_dir / "plan.yaml")
-    for reason in plan.reasons:
-        echo(f"plan: {reason}")
-    run = run_plan(plan, inputs.source, out_dir, teacher=inputs.teacher, resume=resume, device=device, echo=echo)
+    # the folder appears (or its earlier run is set aside) only once the inputs made a plan
+    with folder.claim(resume=resume, force=force) as stage_done:
+        if not resume:
+            plan.save(out_dir / "plan.yaml")
+        for reason in plan.reasons:
+            echo(f"plan: {reason}")
+        run = run_plan(plan, inputs.source, out_dir, teacher=inputs.teacher, resume=resume, device=device,
+                       echo=echo, on_stage_end=stage_done)
+        return _deliver(plan, inputs, run, probe_rows, out_dir, teacher, started, resume=resume, baseline=baseline,
+                        int8=int8, latency_threads=latency_threads, device=device, echo=echo)
+
+
+def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, out_dir: Path, teacher: str | None,
+             started: float, *, resume: bool, baseline: bool, int8: bool, latency_threads: int, device: str,
+             echo: Echo) -> CompressResult:
+    """After the stages: the student file, the baseline, ONNX (+ int8), latency and the report."""
     student_path = out_dir / "student.pt"
     copy_file(run.stages[-1].checkpoint, student_path)
     student = load_model(student_path)

@@ -53,6 +53,12 @@ def distill_plan(req: DistillRequest) -> Plan:
         return _chain_plan(req, train)
     if scheme == "tcn":
         return _tcn_plan(req)
+    if scheme == "modreduce":
+        from compressor.schemes.modreduce import MODREDUCE_TRAIN_DEFAULTS, check_no_method
+
+        check_no_method(req.method)
+        overrides = {k: v for k, v in req.train.items() if v is not None}
+        train = {**train, **MODREDUCE_TRAIN_DEFAULTS, **overrides}  # the command line still wins
     teachers = [TEACHER] if req.teacher else []
     stage = Stage("student", scheme, req.student, teachers, req.method, dict(req.options), train,
                   f"kdcompress distill --scheme {scheme}")

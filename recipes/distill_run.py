@@ -8,10 +8,12 @@ from typing import Any, Callable, Sequence
 from compressor.atomic import copy_file
 from compressor.data.corruptions import Corruption
 from compressor.errors import UserError
+from compressor.lock import check_free, file_lock, hold
 from recipes.context import resolve_inputs, same_corruption
 from recipes.distill_plan import DistillRequest, distill_plan, load_preset, preset_plan
 from recipes.plan import Plan
 from recipes.runner import RunResult, run_plan
+from recipes.training import check_batch_size
 
 
 def run_dir_for(output: str | Path) -> Path:
@@ -47,8 +49,14 @@ def distill(
         raise UserError("give the student architecture with --student (or a --preset that names one)")
     output = Path(output)
     run_dir = run_dir_for(output)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise UserError(f"{run_dir} holds an earlier run: pass --resume to continue it, or remove it")
+    lock = file_lock(output)
+    check_free(lock, output)  # before the data is read; taken for real once there is a plan
+
+    def check_run_dir() -> None:
+        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+            raise UserError(f"{run_dir} holds an earlier run: pass --resume to continue it, or remove it")
+
+    check_run_dir()
     overrides = {k: v for k, v in (train or {}).items() if v is not None}
     if preset:
         raw = load_preset(preset)
@@ -60,6 +68,7 @@ def distill(
                             corruption=corruption)
     for note in inputs.notes:
         (warn or echo)(note)
+    check_batch_size(overrides.get("batch_size"), inputs.source)
     if preset:
         plan = preset_plan(preset, teacher=teacher, data=inputs.data_spec, teacher_arch=teacher_arch, method=method,
                            seed=seed, train=overrides, corruption=inputs.corruption)
@@ -73,10 +82,13 @@ def distill(
             chain=chain, dgkd=dgkd, seed=seed, options=dict(options or {}), train=overrides,
         ))
         plan.corruption = inputs.corruption.to_dict()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    plan.save(run_dir / "plan.yaml")
-    result = run_plan(plan, inputs.source, run_dir, teacher=inputs.teacher, resume=resume, device=device, echo=echo)
-    copy_file(result.stages[-1].checkpoint, output)
+    with hold(lock, output):
+        check_run_dir()  # another run may have written it meanwhile
+        run_dir.mkdir(parents=True, exist_ok=True)
+        plan.save(run_dir / "plan.yaml")
+        result = run_plan(plan, inputs.source, run_dir, teacher=inputs.teacher, resume=resume, device=device,
+                          echo=echo)
+        copy_file(result.stages[-1].checkpoint, output)
     lines = []
     if inputs.teacher is not None:
         lines.append(f"teacher {inputs.teacher.meta.arch}: test top-1 {teacher_accuracy(inputs):.2f}%")

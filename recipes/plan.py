@@ -17,6 +17,7 @@ import yaml
 
 from compressor.atomic import write_text
 from compressor.data.corruptions import Corruption
+from compressor.trainer.config import TrainConfig
 
 from compressor.errors import UserError
 
@@ -71,7 +72,11 @@ class Plan:
             if stage.method:
                 from compressor.knowledge.spec import parse_method_spec
 
-                parse_method_spec(stage.method)  # a bad method fails here, before anything runs
+                spec = parse_method_spec(stage.method)  # a bad method fails here, before anything runs
+                if all(weight == 0 for _, weight in spec.as_list()):
+                    raise UserError(f"the method {stage.method!r} of stage {stage.name!r} gives every weight 0: "
+                                    "the loss would be 0 and nothing would train; give one term a weight > 0")
+            TrainConfig.from_dict({k: v for k, v in stage.train.items() if v is not None})  # a bad setting (e.g. a learning rate of inf) fails here too
             for t in stage.teachers:
                 if t != TEACHER and t not in seen:
                     raise UserError(f"stage {stage.name!r} learns from {t!r}, which is not an earlier stage")

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from compressor.errors import UserError
+from compressor.schemes.modreduce import MODREDUCE_TRAIN_DEFAULTS, check_no_method
 from recipes.budget import Budget
+from recipes.fill import fill_budget
 from recipes.plan import TEACHER, Plan, Stage
 from recipes.protocols import default_train
 from recipes.search import (
@@ -58,6 +60,8 @@ def make_plan(request: PlanRequest, latency: LatencyFn | None = None) -> Plan:
         raise UserError(f"unknown recipe {request.recipe!r}; known: {', '.join(RECIPES)}")
     if request.teacher is None and request.recipe in ("single", "takd", "dgkd", "modreduce", "tcn"):
         raise UserError(f"recipe {request.recipe!r} distils from a teacher: give --teacher")
+    if request.recipe == "modreduce":
+        check_no_method(request.method)
     reasons: list[str] = []
     candidates = measure_candidates(request.num_classes, request.input_shape)
     if request.family is not None:
@@ -65,11 +69,10 @@ def make_plan(request: PlanRequest, latency: LatencyFn | None = None) -> Plan:
         if request.family not in known:
             raise UserError(f"no searchable family {request.family!r}; families: {', '.join(known)}")
         candidates = [c for c in candidates if c.family == request.family]
-    if request.teacher_flops is not None:
-        # a student is never larger than its teacher (checked before any latency is timed)
-        for c in candidates:
-            if c.flops >= request.teacher_flops:
-                c.rejected_by.append("not smaller than the teacher")
+    grid_size = len(candidates)
+    filled = fill_budget(candidates, request.budgets, request.teacher_flops, request.num_classes, request.input_shape)
+    candidates += filled.members
+    # a student is never larger than its teacher (checked with the budgets, before any latency is timed)
     apply_budgets(candidates, request.budgets, request.teacher_flops, latency)
     check_budget_range(candidates, request.budgets, request.teacher_flops, request.teacher_params)
     family = teacher_family_of(request.teacher_arch)
@@ -85,7 +88,16 @@ def make_plan(request: PlanRequest, latency: LatencyFn | None = None) -> Plan:
         + ", ".join(b.describe() for b in request.budgets)
         + " (FLOPs measured with fvcore, 1 multiply-add = 1 FLOP)"
     )
-    reasons.append(why)
+    if filled.probes:
+        solved = ", ".join(f"{c.name} ({c.flops / 1e6:.3g} MFLOPs, {c.params / 1e6:.3g} M params)"
+                           for c in filled.members)
+        reasons.append(
+            f"beside the {grid_size} grid models, {len(filled.members)} with a width solved to fill the budget"
+            + (f": {solved}" if solved else "")
+            + f" ({filled.measurements} widths measured over {len(filled.probes)} scalable families)"
+        )
+    uses = student.uses(request.budgets)
+    reasons.append(f"{why}; {uses}" if uses else why)
     stages, recipe = _stages(request, student, candidates, reasons)
     clip = stages[-1].train.get("grad_clip") if request.teacher is not None else None
     if clip:
@@ -121,8 +133,9 @@ def _stages(request: PlanRequest, student: Candidate, candidates: list[Candidate
     forced = request.recipe
     if forced in ("modreduce", "tcn"):
         reasons.append(f"--recipe {forced}")
-        return [Stage("student", forced, student.name, [TEACHER], method if forced == "modreduce" else None,
-                      opts, final_train, reasons[-1])], forced
+        if forced == "modreduce":
+            final_train = {**final_train, **MODREDUCE_TRAIN_DEFAULTS}
+        return [Stage("student", forced, student.name, [TEACHER], None, opts, final_train, reasons[-1])], forced
     if forced == "osakd" or forced == "cohort":
         raise UserError(f"recipe {forced!r} trains without a teacher: drop --teacher")
     assistants: list[Candidate] = []

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.cost import FLOP_CONVENTION
-from compressor.atomic import write_text
+from compressor.atomic import atomic_output, write_text
 
 
 def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
@@ -100,17 +100,40 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"| {p['name']} | {p['round']} | {_fmt(p.get('score'))} |" for p in probe]
     cands = result.get("candidates") or []
     if cands:
-        lines += ["", "## Candidates", "", "| model | family | MFLOPs | params (M) | latency (ms) | fits |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "## Candidates", "", "Widths marked * were solved for the budget (not grid members).", "",
+                  "| model | family | MFLOPs | params (M) | latency (ms) | budget use | fits |",
+                  "|---|---|---|---|---|---|---|"]
         for c in cands:
             mark = "**chosen**" if c["name"] == s.get("search_name", s["arch"]) else ("yes" if c.get("fits") else
                                                                                       "no: " + "; ".join(c.get("rejected_by") or []))
-            lines.append(f"| {c['name']} | {c['family']} | {c['flops'] / 1e6:.2f} | {c['params'] / 1e6:.3f} | "
-                         f"{_fmt(c.get('latency_ms'), 3)} | {mark} |")
+            use = ", ".join(f"{v:.0%} of {k}" for k, v in (c.get("utilization") or {}).items()) or "-"
+            name = c["name"] + ("*" if c.get("solved") else "")
+            lines.append(f"| {name} | {c['family']} | {c['flops'] / 1e6:.2f} | {c['params'] / 1e6:.3f} | "
+                         f"{_fmt(c.get('latency_ms'), 3)} | {use} | {mark} |")
     plots = [p for k, p in (result.get("files") or {}).items() if k.startswith("plot:")]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+# panel title -> the key of the trainer's per-epoch record (compressor.trainer.loop: ``train_epoch``
+# writes "loss", the summed training loss; ``validate`` writes "val_top1"); the JSONL log holds the same
+CURVES = (("training loss", "loss"), ("validation top-1 (%)", "val_top1"))
+
+
+def curve_data(result: dict[str, Any]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """Panel title -> stage name -> (epochs, values): the points the training-curves plot draws.
+
+    Epochs whose record lacks the value (e.g. no validation split) are left out, not drawn as NaN.
+    """
+    panels: dict[str, dict[str, tuple[list[int], list[float]]]] = {title: {} for title, _ in CURVES}
+    for st in result.get("stages") or []:
+        for title, key in CURVES:
+            points = [(int(h["epoch"]), float(h[key])) for h in st.get("history") or []
+                      if isinstance(h.get(key), (int, float)) and math.isfinite(h[key])]
+            if points:
+                panels[title][st["name"]] = ([e for e, _ in points], [v for _, v in points])
+    return panels
 
 
 def write_plots(result: dict[str, Any], folder: Path) -> dict[str, str]:
@@ -118,28 +141,33 @@ def write_plots(result: dict[str, Any], folder: Path) -> dict[str, str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
 
     def save(fig, name: str) -> None:
         path = folder / name
-        tmp = folder / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
-        tmp.replace(path)
         files[f"plot:{path.stem}"] = str(path)
 
-    stages = [st for st in result.get("stages") or [] if st.get("history")]
-    if stages:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        for st in stages:
-            epochs = [h["epoch"] for h in st["history"]]
-            axes[0].plot(epochs, [h.get("train_loss", math.nan) for h in st["history"]], label=st["name"])
-            axes[1].plot(epochs, [h.get("val_top1", math.nan) for h in st["history"]], label=st["name"])
-        axes[0].set(title="training loss", xlabel="epoch")
-        axes[1].set(title="validation top-1 (%)", xlabel="epoch")
-        axes[1].legend(fontsize=8)
+    panels = curve_data(result)
+    if any(panels.values()):
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+        for ax, (title, curves) in zip(axes, panels.items()):
+            for name, (epochs, values) in curves.items():
+                # markers: a one-epoch run is a single point, which a bare line does not draw
+                ax.plot(epochs, values, marker="o", ms=4, label=name)
+            ax.set(title=title, xlabel="epoch")
+            epochs_drawn = sorted({e for epochs, _ in curves.values() for e in epochs})
+            if 0 < len(epochs_drawn) <= 12:  # epochs are whole numbers: tick each one of a short run
+                ax.set_xticks(epochs_drawn)
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if curves:
+                ax.legend(fontsize=8)
         save(fig, "training_curves.png")
 
     cands = result.get("candidates") or []

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from compressor.checkpoint import LoadedModel, ModelMeta, load_model, save_model
 from compressor.errors import UserError
+from compressor.features import strip_taps
 from compressor.schemes import SchemeRequest, build_scheme
 from recipes.plan import TEACHER, Plan, Stage
 
@@ -63,8 +64,12 @@ def run_plan(
     device: str = "auto",
     echo: Echo = print,
     train_overrides: dict[str, Any] | None = None,
+    on_stage_end: Callable[[StageResult], None] | None = None,
 ) -> RunResult:
-    """Train every stage of ``plan`` on ``source``; return each stage's figures and the final model."""
+    """Train every stage of ``plan`` on ``source``; return each stage's figures and the final model.
+
+    ``on_stage_end`` is called with each stage's result once its model file is written (or found,
+    on resume): the main command drops a run it replaces only then."""
     from compressor.trainer import NotLearning, TrainConfig, fit, seed_everything
 
     plan.validate()
@@ -83,6 +88,8 @@ def run_plan(
             results.append(StageResult(stage.name, stage.arch, stage.scheme, str(model_path), loaded.metrics,
                                        [], resumed_from_file=True))
             echo(f"{label}: already trained, loaded {model_path}")
+            if on_stage_end is not None:
+                on_stage_end(results[-1])
             continue
         echo(label)
         teachers = [_teacher_model(name, teacher, done) for name in stage.teachers]
@@ -94,16 +101,17 @@ def run_plan(
             student_arch=stage.arch, num_classes=source.num_classes, input_shape=tuple(source.input_shape),
             num_train=source.num_train, teacher=teachers[0] if teachers else None, method=stage.method,
             options={"batch_size": settings.get("batch_size", TrainConfig.batch_size) // int(os.environ.get("WORLD_SIZE", "1")),
-                     **stage.options, "teachers": teachers},
+                     **stage.options, **_label_smoothing(stage, settings), "teachers": teachers},
         )
         scheme = build_scheme(stage.scheme, request)
+        _check_label_smoothing(stage, scheme, request.options.get("label_smoothing"))
         config = TrainConfig(**settings)
         try:
             result = fit(scheme, source, config, state_path=folder / "state.pt", log_path=folder / "log.jsonl",
                          resume=resume, echo=echo)
         except NotLearning as err:
             raise StageNotLearning(stage, err, run_dir, [r.name for r in results]) from None
-        deployable = result.deployable
+        deployable = strip_taps(result.deployable)  # plain, for the checkpoint and as a later stage's teacher
         meta = ModelMeta.from_source(getattr(deployable, "kd_arch", stage.arch), source,
                                      **getattr(deployable, "kd_arch_kwargs", {}))
         extra = {"stage": stage.name, "scheme": stage.scheme, "method": stage.method, "teachers": stage.teachers,
@@ -116,6 +124,8 @@ def run_plan(
         done[stage.name] = loaded
         results.append(StageResult(stage.name, stage.arch, stage.scheme, str(model_path), result.metrics(),
                                    result.history))
+        if on_stage_end is not None:
+            on_stage_end(results[-1])
     return RunResult(results, done[plan.final.name])
 
 
@@ -139,6 +149,24 @@ class StageNotLearning(UserError):
             f"{kept}resuming the run in {run_dir} after the fix retrains this stage"
         )
         self.stage = stage.name
+
+
+def _label_smoothing(stage: Stage, settings: dict[str, Any]) -> dict[str, Any]:
+    """``train.label_smoothing`` (a trainer setting) goes to the scheme, which owns the cross-entropy."""
+    value = settings.get("label_smoothing")
+    if value is None:
+        return {}
+    given = stage.options.get("label_smoothing")
+    if given is not None and float(given) != float(value):
+        raise UserError(f"stage {stage.name!r} sets label_smoothing twice ({value} in train, {given} in options): keep one")
+    return {"label_smoothing": float(value)}
+
+
+def _check_label_smoothing(stage: Stage, scheme: nn.Module, value: float | None) -> None:
+    """A scheme honours label smoothing by exposing ``label_smoothing``; asking one that does not is an error."""
+    if value and getattr(scheme, "label_smoothing", None) != value:
+        raise UserError(f"stage {stage.name!r} asks for label_smoothing={value}, which the {stage.scheme} scheme does "
+                        "not apply (vanilla, offline, dgkd and tcn do): remove it")
 
 
 def _teacher_model(name: str, teacher: LoadedModel | None, done: dict[str, LoadedModel]) -> nn.Module:

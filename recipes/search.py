@@ -4,6 +4,8 @@ Pick rule (documented in the README): restrict to ``--family`` if given; otherwi
 teacher's family when one of its members fits (a student of the same family inherits the
 teacher's inductive biases, which makes feature distillation easiest); then take the member
 with the most FLOPs that fits (capacity is what distillation cannot add), fewer params on ties.
+The candidates are the zoo grid plus, per scalable family, a member whose width was solved for
+the budget (recipes.fill), so the pick can use most of the budget.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ class Candidate:
     latency_ms: float | None = None
     rejected_by: list[str] = field(default_factory=list)  # the budgets it breaks
     timed: bool = False
+    solved: bool = False  # a width solved for this budget (recipes.fill), not a grid member
+    utilization: dict[str, float] = field(default_factory=dict)  # budget text -> cost / limit
+
+    def uses(self, budgets: Sequence[Budget]) -> str:
+        """``uses 93% of <= 2 MFLOPs``: how much of each FLOPs/params budget this candidate takes."""
+        parts = [f"{self.utilization[b.text]:.0%} of {_limit_text(b)}" for b in budgets if b.text in self.utilization]
+        return f"uses {', '.join(parts)}" if parts else ""
 
     @property
     def fits(self) -> bool:
@@ -52,6 +61,39 @@ def measure_candidates(
     return out
 
 
+def _limit_text(budget: Budget) -> str:
+    return f"the FLOPs {budget.text!r} allows" if budget.kind == "factor" else budget.describe()
+
+
+def cost_limits(budgets: Sequence[Budget], teacher_flops: int | None) -> list[tuple[str, str, float]]:
+    """(budget text, "flops" | "params", ceiling) of every budget a measured cost can break."""
+    limits = []
+    for b in budgets:
+        if b.kind == "params":
+            limits.append((b.text, "params", float(b.value)))
+        elif b.kind in ("flops", "factor"):
+            limits.append((b.text, "flops", float(b.flops_limit(teacher_flops))))
+    return limits
+
+
+def cost_rejections(flops: int, params: int, budgets: Sequence[Budget], teacher_flops: int | None) -> list[str]:
+    """What a measured cost breaks: a student is never as large as its teacher, nor over a budget.
+
+    Latency is no cost here: it is timed (``apply_budgets``), never derived from FLOPs.
+    """
+    out = ["not smaller than the teacher"] if teacher_flops is not None and flops >= teacher_flops else []
+    for text, metric, limit in cost_limits(budgets, teacher_flops):
+        if (flops if metric == "flops" else params) > limit:
+            out.append(text)
+    return out
+
+
+def utilization(flops: int, params: int, budgets: Sequence[Budget], teacher_flops: int | None) -> dict[str, float]:
+    """Budget text -> the fraction of its ceiling this cost takes (FLOPs and params budgets only)."""
+    return {text: (flops if metric == "flops" else params) / limit
+            for text, metric, limit in cost_limits(budgets, teacher_flops)}
+
+
 def apply_budgets(
     candidates: list[Candidate],
     budgets: Sequence[Budget],
@@ -59,20 +101,17 @@ def apply_budgets(
     latency: LatencyFn | None = None,
     max_timed_per_family: int = 4,
 ) -> None:
-    """Mark each candidate with the budgets it breaks; latency is timed, never estimated.
+    """Mark each candidate with the budgets it breaks (and whether it is smaller than the teacher)
+    and with how much of each FLOPs/params budget it uses; latency is timed, never estimated.
 
     Latency is measured only for the largest survivors of the other budgets, family by family,
     until one meets it (at most ``max_timed_per_family`` per family); the untimed members are
     marked as such and never picked.
     """
     for c in candidates:
-        if c.rejected_by:
-            continue  # already out (e.g. not smaller than the teacher): no need to time it
-        for b in budgets:
-            if b.kind == "params" and c.params > b.value:
-                c.rejected_by.append(b.text)
-            elif b.kind in ("flops", "factor") and c.flops > b.flops_limit(teacher_flops):
-                c.rejected_by.append(b.text)
+        c.utilization = utilization(c.flops, c.params, budgets, teacher_flops)
+        c.rejected_by += [r for r in cost_rejections(c.flops, c.params, budgets, teacher_flops)
+                          if r not in c.rejected_by]
     latency_budgets = [b for b in budgets if b.kind == "latency"]
     if not latency_budgets:
         return

@@ -19,6 +19,7 @@ from typing import Any, Callable
 from compressor.checkpoint import LoadedModel, ModelMeta, load_model, save_model
 from compressor.data.corruptions import Corruption
 from compressor.errors import UserError
+from compressor.lock import file_lock, hold
 from compressor.threads import threads_for
 from compressor.trainer import EvalResult, TrainConfig, TrainResult, default_state_path, evaluate, fit, session
 from compressor.trainer.evaluate import Renormalize, check_fits, class_names_warning
@@ -65,17 +66,28 @@ def train_vanilla(
     with session(config.device) as ctx:
         seed_everything(config.seed)
         source = load_source(data, val_fraction=val_fraction, seed=config.seed, **(corruption or Corruption()).to_dict())
+        check_batch_size(overrides.get("batch_size"), source)
         model = create(arch, num_classes=source.num_classes, in_chans=source.input_shape[0])
-        result = fit(Vanilla(model, label_smoothing=config.label_smoothing), source, config,
-                     state_path=default_state_path(output), log_path=log_path_for(output), resume=resume,
-                     echo=echo, ctx=ctx)
-        if ctx.is_main:
-            meta = ModelMeta.from_source(arch, source)
-            save_model(output, result.deployable, meta, metrics=result.metrics(),
-                       extra={"train": config.to_dict(), "data": source.describe(), "history": result.history,
-                              "world_size": ctx.world_size})
+        with hold(file_lock(output), output):  # one run per output file (its .state and .jsonl too)
+            result = fit(Vanilla(model, label_smoothing=config.label_smoothing), source, config,
+                         state_path=default_state_path(output), log_path=log_path_for(output), resume=resume,
+                         echo=echo, ctx=ctx)
+            if ctx.is_main:
+                meta = ModelMeta.from_source(arch, source)
+                save_model(output, result.deployable, meta, metrics=result.metrics(),
+                           extra={"train": config.to_dict(), "data": source.describe(), "history": result.history,
+                                  "world_size": ctx.world_size})
         ctx.barrier()
     return result
+
+
+def check_batch_size(batch_size: int | None, source: Any) -> None:
+    """A batch asked for (``--batch-size``) larger than the training split would train on one short
+    batch per epoch without saying so: refuse it before anything is written."""
+    available = source.split_size("train")
+    if batch_size is not None and batch_size > available:
+        raise UserError(f"batch size {batch_size} is larger than the training set ({available} images after the "
+                        f"validation hold-out): give --batch-size {available} or less")
 
 
 @dataclass

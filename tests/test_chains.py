@@ -405,3 +405,157 @@ def test_dgkd_resumed_run_repeats_the_uninterrupted_run(digits, tmp_path):
     run(1, resume=False)
     resumed = run(2, resume=True)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+# ---------------------------------------------------------------- the runner: a stage's model as the next one's teacher
+
+
+def hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _chain_run(digits, tmp_path, monkeypatch, stage_train=None):
+    """teacher -> ta1 (offline) -> student (DGKD from teacher and ta1), one epoch each; returns the
+    run and every SchemeRequest the runner built, with the hooks its teachers carried on arrival."""
+    from compressor.checkpoint import LoadedModel, ModelMeta
+    from recipes import runner
+    from recipes.plan import Plan, Stage
+
+    seen = []
+    real = runner.build_scheme
+
+    def spy(name, request):
+        seen.append((name, request, [hook_count(t) for t in request.options["teachers"]]))
+        return real(name, request)
+
+    monkeypatch.setattr(runner, "build_scheme", spy)
+    teacher = LoadedModel(tiny("resnet8", seed=1).eval(), ModelMeta.from_source("resnet8", digits))
+    train = {"epochs": 1, "batch_size": 256, "optimizer": "adam", "lr": 0.01, "schedule": "constant",
+             "weight_decay": 0.0, "augment": False, "progress": "off", "device": "cpu", **(stage_train or {})}
+    plan = Plan(data="digits", teacher="t.pt", stages=[
+        Stage("ta1", "offline", TINY, ["teacher"], "hinton", {}, dict(train)),
+        Stage("student", "dgkd", TINY, ["teacher", "ta1"], "hinton", {}, dict(train)),
+    ])
+    result = runner.run_plan(plan, digits, tmp_path / "run", teacher=teacher, echo=lambda _: None)
+    return result, seen
+
+
+def test_a_stages_model_reaches_the_next_stage_and_the_caller_without_feature_tap_hooks(digits, tmp_path,
+                                                                                         monkeypatch):
+    result, seen = _chain_run(digits, tmp_path, monkeypatch)
+    assert [hooks for _, _, hooks in seen] == [[0], [0, 0]]  # ta1 as a teacher carries no taps
+    assert hook_count(result.final.model) == 0  # nor does the final (DGKD) student
+
+
+def test_strip_taps_leaves_other_hooks_and_works_on_a_deep_copy():
+    import copy
+
+    from compressor.features import FeatureTaps, strip_taps
+
+    model = tiny()
+    calls = count_forwards(model)  # a user's own hook: not a tap, must survive
+    taps = FeatureTaps(model, SHAPE)
+    clone = strip_taps(copy.deepcopy(model))
+    tapped = len(taps.stage_names) + 1 + (1 if taps.stem_name else 0)  # stages, classifier input, stem
+    assert hook_count(clone) == 1 and hook_count(model) == 1 + tapped
+    clone(batch().x)
+    assert calls == [1]  # the user's hook survived on the copy (deepcopy shares the function)
+    out = taps(batch().x)  # the original's taps still fire
+    assert len(out.features) == len(taps.stage_names) and calls == [2]
+
+
+@pytest.mark.parametrize("scheme", ["vanilla", "offline"])
+def test_a_plans_train_label_smoothing_reaches_the_schemes_cross_entropy(scheme, digits, tmp_path, monkeypatch):
+    from compressor.checkpoint import LoadedModel, ModelMeta
+    from recipes import runner
+    from recipes.plan import Plan, Stage
+
+    built = []
+    real = runner.build_scheme
+    monkeypatch.setattr(runner, "build_scheme", lambda name, request: built.append(real(name, request)) or built[-1])
+    teacher = LoadedModel(tiny("resnet8", seed=1).eval(), ModelMeta.from_source("resnet8", digits))
+    train = {"epochs": 1, "batch_size": 256, "optimizer": "adam", "lr": 0.01, "schedule": "constant",
+             "augment": False, "progress": "off", "device": "cpu", "label_smoothing": 0.3}
+    teachers = ["teacher"] if scheme == "offline" else []
+    plan = Plan(data="digits", teacher="t.pt", stages=[Stage("student", scheme, TINY, teachers, None, {}, train)])
+    runner.run_plan(plan, digits, tmp_path / "run", teacher=teacher, echo=lambda _: None)
+    (made,) = built
+    b = batch()
+    made.eval()
+    student = made.deployable()
+    expected = F.cross_entropy(student(b.x), b.y, label_smoothing=0.3)
+    terms = made(b)
+    ce = terms["ce"] / (made.ce_weight if scheme == "offline" else 1.0)
+    assert torch.allclose(ce, expected, atol=1e-6)
+
+
+def test_label_smoothing_a_scheme_cannot_apply_is_refused(digits, tmp_path):
+    from recipes.plan import Plan, Stage
+    from recipes.runner import run_plan
+
+    train = {"epochs": 1, "progress": "off", "device": "cpu", "label_smoothing": 0.1}
+    plan = Plan(data="digits", stages=[Stage("student", "osakd", TINY, [], None, {}, train)])
+    with pytest.raises(UserError, match="label_smoothing.*osakd"):
+        run_plan(plan, digits, tmp_path / "run", echo=lambda _: None)
+    assert not (tmp_path / "run" / "stages" / "student" / "log.jsonl").exists()
+
+
+# ---------------------------------------------------------------- the official TAKD and DGKD protocols as presets
+
+
+def official_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
+    """Their ``nn.KLDivLoss()(log_softmax(s / T), softmax(t / T))``: PyTorch's default reduction
+    averages over every element, batch AND classes (written out, without the deprecation warning)."""
+    p_t = F.softmax(teacher_logits / t, dim=1)
+    return (p_t * (p_t.log() - F.log_softmax(student_logits / t, dim=1))).sum() / student_logits.numel()
+
+
+def _preset(name):
+    from recipes.distill_plan import preset_plan
+
+    return preset_plan(name, teacher="t.pt", data=None, teacher_arch=None, method=None, seed=None, train={})
+
+
+def test_takd_preset_is_the_official_chain_and_loss():
+    plan = _preset("cifar100_takd_resnet110_resnet20_resnet8")
+    assert plan.recipe == "takd" and plan.teacher_arch == "resnet110"
+    assert [(s.arch, s.scheme, s.teachers) for s in plan.stages] == [
+        ("resnet20", "offline", ["teacher"]), ("resnet8", "offline", ["ta1"])]
+    train = plan.final.train
+    assert (train["epochs"], train["batch_size"], train["lr"], train["milestones"], train["weight_decay"]) == (
+        160, 128, 0.01, [120], 1e-4)
+    assert train["nesterov"] is False and train["augment"] is False
+    # (1 - lambda) CE + lambda T^2 KLDivLoss(), lambda = 1, T = 5, on CIFAR-100's 100 classes
+    stage = plan.final
+    teacher, b = tiny("resnet8", classes=100, seed=1).eval(), batch()
+    scheme = build_scheme("offline", SchemeRequest(TINY, 100, SHAPE, 64, teacher=teacher, method=stage.method,
+                                                   options=dict(stage.options)))
+    scheme.eval()
+    ours = sum(scheme(b).values())
+    official = 25 * official_kl(scheme.student(b.x), teacher(b.x), 5.0)
+    assert torch.allclose(ours, official, rtol=1e-5)
+
+
+def test_dgkd_preset_is_the_official_chain_loss_and_drop():
+    plan = _preset("cifar100_dgkd_resnet26_resnet20_resnet14_resnet8")
+    assert plan.recipe == "dgkd" and plan.teacher_arch == "resnet_d26_w1"
+    assert [(s.arch, s.scheme, s.teachers) for s in plan.stages] == [
+        ("resnet20", "offline", ["teacher"]), ("resnet14", "dgkd", ["teacher", "ta1"]),
+        ("resnet8", "dgkd", ["teacher", "ta1", "ta2"])]
+    train = plan.final.train
+    assert (train["epochs"], train["batch_size"], train["lr"], train["milestones"], train["gamma"]) == (
+        160, 128, 0.1, [80, 120], 0.1)
+    assert train["weight_decay"] == 1e-4 and train["augment"] is False
+    # lambda = 1: no cross-entropy; T = 5; lambda T^2 sum over the kept teachers of KLDivLoss(); one dropped a batch
+    stage = plan.final
+    teachers = [tiny("resnet8", classes=100, seed=i).eval() for i in (1, 2, 3)]
+    b = batch()
+    scheme = build_scheme("dgkd", SchemeRequest(TINY, 100, SHAPE, 64, teacher=teachers[0], method=stage.method,
+                                                options={**stage.options, "teachers": teachers}))
+    scheme.eval()
+    torch.manual_seed(0)
+    terms = scheme(b)
+    assert "ce" not in terms and sum(scheme.last_dropped) == 1
+    s = scheme.student(b.x)
+    official = 25 * sum(official_kl(s, t(b.x), 5.0) for t, gone in zip(teachers, scheme.last_dropped) if not gone)
+    assert torch.allclose(sum(terms.values()), official, rtol=1e-5)

@@ -228,13 +228,43 @@ def test_imbalance_profiles_hand_computed():
     assert counts[0] == 5000 and counts[-1] == 250
 
 
-def test_imbalance_gives_stated_counts_on_train_only(digits):
+# the benchmark's CIFAR-10 class sizes (Sarfraz et al., Table VI): n_c = 5000 / (1 + 19 (c / 9)^gamma),
+# floored, 5000 down to 250, for each gamma of the table
+PAPER_COUNTS = {
+    0.2: [5000, 377, 331, 307, 291, 279, 269, 262, 255, 250],
+    0.6: [5000, 821, 574, 461, 394, 348, 314, 288, 267, 250],
+    1.0: [5000, 1607, 957, 681, 529, 432, 365, 316, 279, 250],
+    2.0: [5000, 4050, 2579, 1607, 1051, 728, 529, 400, 312, 250],
+}
+
+
+@pytest.mark.parametrize("gamma", sorted(PAPER_COUNTS))
+def test_imbalanced_cifar10_train_and_val_together_have_the_papers_class_sizes(gamma):
+    """CIFAR-10's 50000 training images (5000 a class): the kept images of each class, train and
+    validation together, are the paper's count; validation is a stratified 10% of them, so both
+    splits keep the paper's class proportions; the test split is untouched."""
+    from compressor.data.base import SplitOptions, split_training_pool
+
+    pool = torch.arange(10).repeat_interleave(5000)
+    options = SplitOptions(val_fraction=0.1, seed=3, imbalance=20.0, imbalance_gamma=gamma)
+    split = split_training_pool(pool, 10, options, hold_out_val=True)
+    train = torch.bincount(pool[split.train_positions], minlength=10)
+    val = torch.bincount(pool[split.val_positions], minlength=10)
+    assert (train + val).tolist() == PAPER_COUNTS[gamma] == imbalance_counts([5000] * 10, 20.0, gamma=gamma)
+    assert val[0] == 500 and val[-1] == 25  # 10% of 5000 and of 250
+    assert all(abs(v - 0.1 * n) <= 1 for v, n in zip(val.tolist(), PAPER_COUNTS[gamma]))
+    assert not set(split.train_positions.tolist()) & set(split.val_positions.tolist())
+
+
+def test_imbalance_gives_stated_counts_on_train_and_val_together(digits):
     for kwargs in ({"imbalance": 10.0}, {"imbalance": 8.0, "imbalance_gamma": 0.6}):
         src = load_source("digits", **kwargs)
-        available = digits.class_counts("train")
-        assert src.class_counts("train") == imbalance_counts(available, kwargs["imbalance"], kwargs.get("imbalance_gamma"))
-        assert set(src.rows["train"].tolist()) <= set(digits.rows["train"].tolist())
-        assert torch.equal(src.rows["val"], digits.rows["val"]) and torch.equal(src.rows["test"], digits.rows["test"])
+        pool = [t + v for t, v in zip(digits.class_counts("train"), digits.class_counts("val"))]
+        together = [t + v for t, v in zip(src.class_counts("train"), src.class_counts("val"))]
+        assert together == imbalance_counts(pool, kwargs["imbalance"], kwargs.get("imbalance_gamma"))
+        kept = set(digits.rows["train"].tolist()) | set(digits.rows["val"].tolist())
+        assert set(src.rows["train"].tolist()) | set(src.rows["val"].tolist()) <= kept
+        assert torch.equal(src.rows["test"], digits.rows["test"])
         assert src.num_train == sum(src.class_counts("train"))
 
 

@@ -47,10 +47,22 @@ def outputs(lay: TapLayout, b: int, requires_grad: bool = False, seed: int = 0) 
     return ModelOutputs(t(b, lay.num_classes), features, t(b, lay.embedding_dim))
 
 
+def labels_of(n: int) -> torch.Tensor:
+    """The toy training split's labels: sample i is of class i % 5."""
+    return torch.arange(n) % 5
+
+
 def batch_of(index: list[int] | torch.Tensor) -> Batch:
     index = torch.as_tensor(index, dtype=torch.long)
     b = index.numel()
-    return Batch(torch.zeros(b, 3, 16, 16), torch.zeros(b, dtype=torch.long), index)
+    return Batch(torch.zeros(b, 3, 16, 16), index % 5, index)
+
+
+def build(name: str, ctx: LossContext, **hparams) -> KnowledgeLoss:
+    """A loss with the training labels bound, as the trainer binds them (only CRD keeps them)."""
+    loss = build_loss(name, ctx, **hparams)
+    loss.set_train_labels(labels_of(ctx.num_train_samples))
+    return loss
 
 
 def embeddings(student: torch.Tensor, teacher: torch.Tensor) -> tuple[ModelOutputs, ModelOutputs]:
@@ -146,7 +158,7 @@ def test_sp_hand_computed():
     fs = torch.tensor([[1.0, 0.0], [1.0, 1.0]])[:, :, None, None]
     ft = torch.tensor([[1.0, 0.0], [0.0, 1.0]])[:, :, None, None]
     expected = ((1 / math.sqrt(2) - 1) ** 2 + 0.5 + 0.2 + (2 / math.sqrt(5) - 1) ** 2) / 4
-    loss = build_loss("sp", emb_ctx(2, 2))
+    loss = build("sp", emb_ctx(2, 2))
     s = ModelOutputs(torch.zeros(2, 5), [fs], fs.flatten(1))
     t = ModelOutputs(torch.zeros(2, 5), [ft], ft.flatten(1))
     assert loss(s, t, batch_of([0, 1])).item() == pytest.approx(expected, rel=1e-6)
@@ -154,22 +166,22 @@ def test_sp_hand_computed():
 
 def test_sp_matches_reference_on_last_stage():
     s, t = outputs(STUDENT, 6, seed=1), outputs(TEACHER, 6, seed=2)
-    loss = build_loss("sp", context())
+    loss = build("sp", context())
     assert loss(s, t, batch_of(range(6))).item() == pytest.approx(ref_sp(s.features[-1], t.features[-1]), rel=1e-5)
-    first = build_loss("sp", context(), stage=0)
+    first = build("sp", context(), stage=0)
     assert first(s, t, batch_of(range(6))).item() == pytest.approx(ref_sp(s.features[0], t.features[0]), rel=1e-5)
 
 
 def test_sp_rejects_missing_stage():
     with pytest.raises(UserError, match="stage 5"):
-        build_loss("sp", context(), stage=5)
+        build("sp", context(), stage=5)
 
 
 def test_rkd_distance_hand_computed():
     # student 0,1,2 / teacher 0,1,3 on a line: normalised distances (.75,1.5,.75) vs (.5,1.5,1);
     # two pairs differ by .25 -> 4 ordered entries of Huber .03125 over 9 entries, times w_d = 25
     s, t = embeddings(torch.tensor([[0.0], [1.0], [2.0]]), torch.tensor([[0.0], [1.0], [3.0]]))
-    loss = build_loss("rkd_d", emb_ctx(1, 1))
+    loss = build("rkd_d", emb_ctx(1, 1))
     assert loss(s, t, batch_of([0, 1, 2])).item() == pytest.approx(25 * 4 * 0.5 * 0.25**2 / 9, rel=1e-5)
 
 
@@ -180,7 +192,7 @@ def test_rkd_angle_hand_computed():
         torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3) / 2]]),
     )
     expected = 50 * (2 * 0.5 * 0.5**2 + 4 * 0.5 * (0.5 - 1 / math.sqrt(2)) ** 2) / 27
-    loss = build_loss("rkd_a", emb_ctx(2, 2))
+    loss = build("rkd_a", emb_ctx(2, 2))
     assert loss(s, t, batch_of([0, 1, 2])).item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -193,10 +205,10 @@ def test_rkd_matches_reference(offset):
     ctx = emb_ctx(8, 24)
     d, a = ref_rkd_d(fs, ft), ref_rkd_a(fs, ft)
     batch = batch_of(range(7))
-    assert build_loss("rkd_d", ctx)(s, t, batch).item() == pytest.approx(25 * d, rel=1e-4)
-    assert build_loss("rkd_a", ctx)(s, t, batch).item() == pytest.approx(50 * a, rel=1e-4)
-    assert build_loss("rkd_da", ctx)(s, t, batch).item() == pytest.approx(25 * d + 50 * a, rel=1e-4)
-    custom = build_loss("rkd_da", ctx, w_d=1.0, w_a=2.0)
+    assert build("rkd_d", ctx)(s, t, batch).item() == pytest.approx(25 * d, rel=1e-4)
+    assert build("rkd_a", ctx)(s, t, batch).item() == pytest.approx(50 * a, rel=1e-4)
+    assert build("rkd_da", ctx)(s, t, batch).item() == pytest.approx(25 * d + 50 * a, rel=1e-4)
+    custom = build("rkd_da", ctx, w_d=1.0, w_a=2.0)
     assert custom(s, t, batch).item() == pytest.approx(d + 2 * a, rel=1e-4)
 
 
@@ -205,7 +217,7 @@ def test_rkd_angle_degenerate_points_match_reference():
     fs = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
     ft = torch.tensor([[0.0, 1.0], [2.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
     s, t = embeddings(fs, ft)
-    loss = build_loss("rkd_a", emb_ctx(2, 2))(s, t, batch_of(range(4)))
+    loss = build("rkd_a", emb_ctx(2, 2))(s, t, batch_of(range(4)))
     assert torch.isfinite(loss)
     assert loss.item() == pytest.approx(50 * ref_rkd_a(fs, ft), rel=1e-5)
 
@@ -213,13 +225,13 @@ def test_rkd_angle_degenerate_points_match_reference():
 def test_pkt_hand_computed():
     # student orthogonal: kernel rows (1, .5) -> p = (2/3, 1/3); teacher parallel: p = (.5, .5)
     s, t = embeddings(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [2.0, 0.0]]))
-    loss = build_loss("pkt", emb_ctx(2, 2))
+    loss = build("pkt", emb_ctx(2, 2))
     assert loss(s, t, batch_of([0, 1])).item() == pytest.approx(math.log(1.125) / 4, rel=1e-5)
 
 
 def test_pkt_matches_reference():
     s, t = outputs(STUDENT, 9, seed=4), outputs(TEACHER, 9, seed=5)
-    loss = build_loss("pkt", context())
+    loss = build("pkt", context())
     assert loss(s, t, batch_of(range(9))).item() == pytest.approx(ref_pkt(s.embedding, t.embedding), rel=1e-4)
 
 
@@ -227,7 +239,7 @@ def test_pkt_matches_reference():
 def test_zero_when_student_equals_teacher(name):
     same = outputs(STUDENT, 6, seed=6)
     student = ModelOutputs(same.logits, [f.clone() for f in same.features], same.embedding.clone())
-    loss = build_loss(name, context(student=STUDENT, teacher=STUDENT))
+    loss = build(name, context(student=STUDENT, teacher=STUDENT))
     assert loss(student, same, batch_of(range(6))).item() == pytest.approx(0.0, abs=1e-6)
     other = outputs(STUDENT, 6, seed=7)
     assert loss(other, same, batch_of(range(6))).item() > 1e-4
@@ -238,7 +250,7 @@ def test_relation_losses_ignore_the_scale_of_the_representation(name):
     # every one of these compares normalised structure: scaling the student changes nothing
     s, t = outputs(STUDENT, 6, seed=8), outputs(TEACHER, 6, seed=9)
     scaled = ModelOutputs(s.logits, [3.0 * f for f in s.features], 3.0 * s.embedding)
-    loss = build_loss(name, context())
+    loss = build(name, context())
     batch = batch_of(range(6))
     assert loss(scaled, t, batch).item() == pytest.approx(loss(s, t, batch).item(), rel=1e-4)
 
@@ -247,7 +259,7 @@ def test_relation_losses_ignore_the_scale_of_the_representation(name):
 def test_autocast_does_not_lower_precision(name):
     s, t = outputs(STUDENT, 8, seed=10), outputs(TEACHER, 8, seed=11)
     torch.manual_seed(0)
-    loss = build_loss(name, context())
+    loss = build(name, context())
     loss.eval()  # CRD: no memory update, so both calls see the same banks
     batch = batch_of(range(8))
     torch.manual_seed(1)
@@ -264,7 +276,7 @@ def test_autocast_does_not_lower_precision(name):
 def test_tiny_last_batches_stay_finite(name, b):
     # an epoch's last batch may hold one or two samples: no NaN in the loss or its gradients
     s, t = outputs(STUDENT, b, requires_grad=True, seed=24), outputs(TEACHER, b, seed=25)
-    value = build_loss(name, context())(s, t, batch_of(range(b)))
+    value = build(name, context())(s, t, batch_of(range(b)))
     value.backward()
     assert torch.isfinite(value)
     assert all(torch.isfinite(x.grad).all() for x in (*s.features, s.embedding) if x.grad is not None)
@@ -276,7 +288,7 @@ def test_tiny_last_batches_stay_finite(name, b):
 @pytest.mark.parametrize("name", RELATION)
 def test_gradients_reach_student_and_loss_parameters_never_teacher(name):
     s, t = outputs(STUDENT, 6, requires_grad=True, seed=12), outputs(TEACHER, 6, requires_grad=True, seed=13)
-    loss = build_loss(name, context())
+    loss = build(name, context())
     loss(s, t, batch_of(range(6))).backward()
     student_grads = [x.grad for x in (*s.features, s.embedding) if x.grad is not None]
     assert student_grads and any(g.abs().sum() > 0 for g in student_grads)
@@ -292,7 +304,7 @@ def test_each_loss_trains(name):
     s0, t = outputs(STUDENT, 8, seed=14), outputs(TEACHER, 8, seed=15)
     features = [nn.Parameter(f.clone()) for f in s0.features]
     embedding = nn.Parameter(s0.embedding.clone())
-    loss = build_loss(name, context(n=16))
+    loss = build(name, context(n=16))
     optimiser = torch.optim.Adam([*features, embedding, *loss.parameters()], lr=0.05)
     batch = batch_of(range(8))
     values = []
@@ -334,7 +346,7 @@ def test_heterogeneous_models_through_feature_taps(name):
     ctx = LossContext(s_taps.layout((3, 8, 8)), t_taps.layout((3, 8, 8)), 5, 20)
     assert ctx.student.stages[-1] != ctx.teacher.stages[-1]
     assert ctx.student.embedding_dim != ctx.teacher.embedding_dim
-    loss = build_loss(name, ctx)
+    loss = build(name, ctx)
     x = torch.randn(6, 3, 8, 8)
     value = loss(s_taps(x), t_taps(x), batch_of([1, 4, 7, 9, 12, 19]))
     value.backward()
@@ -345,40 +357,46 @@ def test_heterogeneous_models_through_feature_taps(name):
 # ---------------------------------------------------------------- CRD
 
 
-def test_crd_matches_reference_nce():
-    for shared in (True, False):
-        torch.manual_seed(0)
-        crd = build_loss("crd", context(n=30), num_negatives=50, shared_negatives=shared)
-        s, t = outputs(STUDENT, 5, seed=16), outputs(TEACHER, 5, seed=17)
-        index = torch.tensor([3, 8, 11, 20, 29])
-        mem_s, mem_t = crd.memory_student.clone().double(), crd.memory_teacher.clone().double()
-        torch.manual_seed(42)
-        value = crd(s, t, batch_of(index))
-        torch.manual_seed(42)
-        negatives = crd.draw_negatives(index)
-        if shared:
-            negatives = negatives.expand(5, -1)
-        all_idx = torch.cat([index[:, None], negatives], dim=1)  # (b, 1 + K), positive first
-        v_s = crd.embed_student(s.embedding).detach().double()
-        v_t = crd.embed_teacher(t.embedding).detach().double()
-        n, k, tau, eps = 30, 50, 0.07, 1e-7
+@pytest.mark.parametrize("dense", [True, False], ids=["whole-bank", "gathered-rows"])
+def test_crd_matches_reference_nce(dense):
+    torch.manual_seed(0)
+    crd = build("crd", context(n=30), num_negatives=20)
+    crd._dense = lambda b: dense  # both ways of scoring give the authors' numbers
+    s, t = outputs(STUDENT, 5, seed=16), outputs(TEACHER, 5, seed=17)
+    index = torch.tensor([3, 8, 11, 20, 29])
+    mem_s, mem_t = crd.memory_student.clone().double(), crd.memory_teacher.clone().double()
+    torch.manual_seed(42)
+    value = crd(s, t, batch_of(index))
+    torch.manual_seed(42)
+    negatives = crd.draw_negatives(index, index % 5)
+    all_idx = torch.cat([index[:, None], negatives], dim=1)  # (b, 1 + K), positive first
+    v_s = crd.embed_student(s.embedding).detach().double()
+    v_t = crd.embed_teacher(t.embedding).detach().double()
+    n, k, tau, eps = 30, 20, 0.07, 1e-7
 
-        def side(anchor: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, float]:
-            out = torch.exp(torch.einsum("bkd,bd->bk", memory[all_idx], anchor) / tau)
-            z = float(out.mean()) * n  # the normalisation constant, set on this first batch
-            p = out / z
-            log_d1 = torch.log(p[:, 0] / (p[:, 0] + k / n + eps))
-            log_d0 = torch.log((k / n) / (p[:, 1:] + k / n + eps))
-            return -(log_d1.sum() + log_d0.sum()) / 5, z
+    def side(anchor: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, float]:
+        out = torch.exp(torch.einsum("bkd,bd->bk", memory[all_idx], anchor) / tau)
+        z = float(out.mean()) * n  # the normalisation constant, set on this first batch
+        p = out / z
+        log_d1 = torch.log(p[:, 0] / (p[:, 0] + k / n + eps))
+        log_d0 = torch.log((k / n) / (p[:, 1:] + k / n + eps))
+        return -(log_d1.sum() + log_d0.sum()) / 5, z
 
-        loss_s, z_s = side(v_s, mem_t)  # student anchor against the teacher's memory
-        loss_t, z_t = side(v_t, mem_s)
-        assert value.item() == pytest.approx(float(loss_s + loss_t), rel=1e-4)
-        assert crd.log_z.tolist() == pytest.approx([math.log(z_s), math.log(z_t)], rel=1e-5)
+    loss_s, z_s = side(v_s, mem_t)  # student anchor against the teacher's memory
+    loss_t, z_t = side(v_t, mem_s)
+    assert value.item() == pytest.approx(float(loss_s + loss_t), rel=1e-4)
+    assert crd.log_z.tolist() == pytest.approx([math.log(z_s), math.log(z_t)], rel=1e-5)
+
+
+def test_crd_scores_the_whole_bank_only_where_that_is_smaller():
+    crd = build("crd", context(n=50000))  # CIFAR: 50000 x (64 + 128) values against 64 x 16384 x 128
+    assert crd._dense(64)
+    big = build("crd", context(n=1_281_167))  # ImageNet: gathering the rows is smaller
+    assert not big._dense(64)
 
 
 def test_crd_normalisation_constant_is_fixed_after_the_first_batch():
-    crd = build_loss("crd", context(n=30), num_negatives=20)
+    crd = build("crd", context(n=30), num_negatives=20)
     assert torch.isnan(crd.log_z).all()
     crd(outputs(STUDENT, 4, seed=18), outputs(TEACHER, 4, seed=19), batch_of([0, 1, 2, 3]))
     first = crd.log_z.clone()
@@ -388,7 +406,7 @@ def test_crd_normalisation_constant_is_fixed_after_the_first_batch():
 
 
 def test_crd_memory_momentum_update_at_batch_indices_only():
-    crd = build_loss("crd", context(n=20), num_negatives=10)
+    crd = build("crd", context(n=20), num_negatives=10)
     s, t = outputs(STUDENT, 3, seed=22), outputs(TEACHER, 3, seed=23)
     index = torch.tensor([2, 9, 17])
     before_s, before_t = crd.memory_student.clone(), crd.memory_teacher.clone()
@@ -408,55 +426,87 @@ def test_crd_memory_momentum_update_at_batch_indices_only():
     assert torch.equal(crd.memory_student, frozen)
 
 
-def test_crd_shared_negatives_exclude_the_batch_and_cover_the_rest():
-    crd = build_loss("crd", context(n=12), num_negatives=6000)
-    index = torch.tensor([3, 7, 0, 7])
-    negatives = crd.draw_negatives(index)
-    assert negatives.shape == (6000,)
-    counts = torch.bincount(negatives, minlength=12)
-    assert counts[[0, 3, 7]].sum() == 0
-    allowed = counts[[i for i in range(12) if i not in (0, 3, 7)]]
-    assert (allowed > 0.8 * 6000 / 9).all() and (allowed < 1.2 * 6000 / 9).all()  # uniform
+# RepDistiller dataset/cifar100.py, CIFAR100InstanceSample(mode='exact'): for each sample, k indices
+# from cls_negative[target] (every sample of the other classes), replace = k > len(cls_negative[target])
 
 
-def test_crd_per_sample_negatives_exclude_only_the_own_index():
-    crd = build_loss("crd", context(n=5), num_negatives=3000, shared_negatives=False)
-    index = torch.tensor([0, 4, 2])
-    negatives = crd.draw_negatives(index)
-    assert negatives.shape == (3, 3000)
+def test_crd_negatives_come_from_other_classes_without_repeats():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 2, 2, 3])  # 12 samples; class 2 has 5, class 3 one
+    crd = build_loss("crd", LossContext(STUDENT, TEACHER, num_classes=4, num_train_samples=12), num_negatives=6)
+    crd.set_train_labels(labels)
+    index = torch.tensor([0, 4, 9, 11, 3])
+    negatives = crd.draw_negatives(index, labels[index])
+    assert negatives.shape == (5, 6) and negatives.dtype == torch.long  # K per sample
     for row, own in zip(negatives, index.tolist()):
-        counts = torch.bincount(row, minlength=5)
-        assert counts[own] == 0
-        others = counts[[i for i in range(5) if i != own]]
-        assert (others > 0.8 * 3000 / 4).all() and (others < 1.2 * 3000 / 4).all()
+        assert (labels[row] != labels[own]).all(), "a negative of the sample's own class"
+        assert len(set(row.tolist())) == 6, "a repeat within one sample's draw from a large enough pool"
+
+
+def test_crd_negatives_cover_the_other_classes_uniformly():
+    crd = build("crd", context(n=20), num_negatives=5)  # class c holds 4 samples; 16 in each pool
+    torch.manual_seed(3)
+    index = torch.tensor([2] * 2000)  # class 2
+    negatives = crd.draw_negatives(index, index % 5)
+    counts = torch.bincount(negatives.flatten(), minlength=20)
+    own = labels_of(20) == 2
+    assert counts[own].sum() == 0
+    expected = 2000 * 5 / 16
+    assert (counts[~own] > 0.9 * expected).all() and (counts[~own] < 1.1 * expected).all()
+    assert all(len(set(row.tolist())) == 5 for row in negatives)
+
+
+def test_crd_negatives_repeat_only_when_the_other_classes_hold_fewer_than_k():
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2])  # class 0's pool: 3 samples; class 2's: 8
+    crd = build_loss("crd", LossContext(STUDENT, TEACHER, num_classes=3, num_train_samples=9), num_negatives=5)
+    crd.set_train_labels(labels)
+    torch.manual_seed(4)
+    index = torch.tensor([0, 8, 2, 8])
+    negatives = crd.draw_negatives(index, labels[index])
+    for row, own in zip(negatives, index.tolist()):
+        assert (labels[row] != labels[own]).all()
+    small = torch.cat([negatives[0], negatives[2]])
+    assert set(small.tolist()) == {6, 7, 8}  # with replacement over the 3 others: all of them come up
+    assert len(set(negatives[1].tolist())) == 5 and len(set(negatives[3].tolist())) == 5  # 8 >= 5: no repeat
 
 
 def test_crd_negatives_follow_the_seed_or_a_generator():
-    crd = build_loss("crd", context(n=100), num_negatives=64)
+    crd = build("crd", context(n=100), num_negatives=64)
     index = torch.tensor([5, 6])
     torch.manual_seed(1)
-    a = crd.draw_negatives(index)
+    a = crd.draw_negatives(index, index % 5)
     torch.manual_seed(1)
-    assert torch.equal(crd.draw_negatives(index), a)
+    assert torch.equal(crd.draw_negatives(index, index % 5), a)
+    torch.manual_seed(2)
+    assert not torch.equal(crd.draw_negatives(index, index % 5), a)
     crd.generator = torch.Generator().manual_seed(9)
-    b = crd.draw_negatives(index)
+    b = crd.draw_negatives(index, index % 5)
     crd.generator = torch.Generator().manual_seed(9)
-    assert torch.equal(crd.draw_negatives(index), b)
+    assert torch.equal(crd.draw_negatives(index, index % 5), b)
+
+
+def test_crd_class_pools_are_compact():
+    from compressor.knowledge.crd import ClassPools
+
+    labels = torch.tensor([2, 0, 1, 0, 2, 2])
+    pools = ClassPools(labels, num_classes=4)
+    assert pools.order.tolist() == [1, 3, 2, 0, 4, 5]  # indices by class, stable
+    assert pools.offsets.tolist() == [0, 2, 3, 6, 6]  # class 3 is empty
+    assert pools.order.numel() == labels.numel() and pools.offsets.numel() == 5
 
 
 def test_crd_memory_bytes_per_sample():
-    crd = build_loss("crd", context(n=50))
+    crd = build("crd", context(n=50))
     assert crd.memory_bytes_per_sample == 512  # 2 banks x 128 dims x 2 bytes (float16)
     assert crd.memory_student.nbytes + crd.memory_teacher.nbytes == 512 * 50
     assert crd.memory_student.dtype == torch.float16 and crd.memory_student.shape == (50, 128)
-    wide = build_loss("crd", context(n=50), feat_dim=64, memory_dtype="float32")
+    wide = build("crd", context(n=50), feat_dim=64, memory_dtype="float32")
     assert wide.memory_bytes_per_sample == 2 * 64 * 4
     assert wide.memory_student.nbytes + wide.memory_teacher.nbytes == 512 * 50
 
 
 def test_crd_state_dict_round_trips_banks_and_resumes_exactly():
     torch.manual_seed(0)
-    crd = build_loss("crd", context(n=24), num_negatives=30)
+    crd = build("crd", context(n=24), num_negatives=30)
     for step in range(3):
         crd(outputs(STUDENT, 4, seed=step), outputs(TEACHER, 4, seed=50 + step), batch_of([step, 5 + step, 10, 20]))
     buffer = io.BytesIO()
@@ -467,7 +517,7 @@ def test_crd_state_dict_round_trips_banks_and_resumes_exactly():
     assert not any(k.startswith("memory") for k, _ in crd.named_parameters())
 
     torch.manual_seed(123)  # a differently initialised copy
-    resumed = build_loss("crd", context(n=24), num_negatives=30)
+    resumed = build("crd", context(n=24), num_negatives=30)
     resumed.load_state_dict(state)
     for key, value in crd.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
@@ -481,12 +531,17 @@ def test_crd_state_dict_round_trips_banks_and_resumes_exactly():
 
 def test_crd_user_errors():
     with pytest.raises(UserError, match="at least 2 training samples"):
-        build_loss("crd", context(n=1))
+        build("crd", context(n=1))
     with pytest.raises(UserError, match="memory_dtype"):
-        build_loss("crd", context(n=10), memory_dtype="int8")
+        build("crd", context(n=10), memory_dtype="int8")
     crd = build_loss("crd", context(n=4), num_negatives=5)
-    with pytest.raises(UserError, match="every training sample"):
-        crd.draw_negatives(torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(RuntimeError, match="set_train_labels"):
+        crd.draw_negatives(torch.tensor([0, 1]), torch.tensor([0, 1]))
+    with pytest.raises(UserError, match="4 training samples but 3 labels"):
+        crd.set_train_labels(torch.tensor([0, 1, 2]))
+    crd.set_train_labels(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(UserError, match="one class"):
+        crd.draw_negatives(torch.tensor([0, 1]), torch.tensor([0, 0]))
 
 
 # ---------------------------------------------------------------- method spec
@@ -561,6 +616,44 @@ def test_parse_bad_specs(spec, message):
     assert "\n" not in str(info.value)
     if "weight" in message or "empty" in message or "name" in message:
         assert "accepted forms" in str(info.value)
+
+
+REFERENCE_WEIGHTS = [
+    # RepDistiller scripts/run_cifar_distill.sh: the KD row is -r 0.1 -a 0.9
+    ("hinton", [("hinton", 0.9)], 0.1),
+    # CRD+KD: -r 1 -a 1 -b 0.8; SemCKD's scripts run KD at -a 1 beside their term too
+    ("hinton+crd", [("hinton", 1.0), ("crd", 0.8)], 1.0),
+    ("crd+hinton", [("crd", 0.8), ("hinton", 1.0)], 1.0),
+    ("hinton+semckd", [("hinton", 1.0), ("semckd", 400.0)], 1.0),
+    ("hinton+sp+crd", [("hinton", 1.0), ("sp", 3000.0), ("crd", 0.8)], 1.0),
+    # any other method alone: -a 0 -b W, CE at -r's default 1
+    ("crd", [("crd", 0.8)], 1.0),
+    # explicit weights win; what is not given keeps the combination's default
+    ("hinton:0.9,ce:1.0", [("hinton", 0.9)], 1.0),
+    ("hinton:0.5", [("hinton", 0.5)], 0.1),
+    ("hinton+ce", [("hinton", 0.9)], 0.1),
+    ("hinton:0.9+crd", [("hinton", 0.9), ("crd", 0.8)], 1.0),
+    ("hinton+crd,ce:0.5", [("hinton", 1.0), ("crd", 0.8)], 0.5),
+]
+
+
+@pytest.mark.parametrize("spec,terms,ce", REFERENCE_WEIGHTS)
+def test_hinton_weights_follow_repdistillers_scripts(spec, terms, ce):
+    parsed = parse_method_spec(spec)
+    assert list(parsed.terms) == terms and parsed.ce_weight == ce
+    assert parse_method_spec(str(parsed)) == parsed
+
+
+def test_readme_method_table_is_the_parsers():
+    from pathlib import Path
+
+    from compressor.knowledge.spec import method_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = method_table()
+    assert table in readme, "README's method table is stale: paste compressor.knowledge.spec.method_table()"
+    assert "| `hinton` | `hinton:0.9,ce:0.1` |" in table
+    assert "| `hinton+crd` | `hinton:1,crd:0.8,ce:1` |" in table
 
 
 def test_method_spec_str_is_explicit_and_exact():

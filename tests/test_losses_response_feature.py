@@ -94,7 +94,7 @@ def all_outputs(s_layout, t_layout, n=N, seed=0, grad=False):
 
 
 def test_registered_with_kind_and_paper_weights():
-    expected = {"hinton": 0.9, "dkd": 1.0, "bss": 1.0, "fitnet": 100.0, "at": 1000.0, "fsp": 50.0, "semckd": 400.0}
+    expected = {"hinton": 0.9, "dkd": 1.0, "bss": 1.0, "fitnet": 100.0, "at": 1000.0, "fsp": 1.0, "semckd": 400.0}
     for name, weight in expected.items():
         cls = loss_class(name)
         assert cls.default_weight == weight, name
@@ -241,11 +241,12 @@ def test_fsp_projects_only_mismatched_channels_and_drops_a_missing_stem():
 def test_fitnet_identity_regressor_gives_zero_and_the_hand_value():
     loss = build_loss("fitnet", make_ctx(SAME, SAME))  # hint_layer=2 -> second stage
     conv = loss.regressor.conv
-    assert conv.stride == (1, 1) and conv.in_channels == conv.out_channels == 16
+    assert conv.kernel_size == (1, 1) and conv.in_channels == conv.out_channels == 16  # equal grids: 1x1
     with torch.no_grad():
         conv.weight.zero_()
+        conv.bias.zero_()
         for c in range(16):
-            conv.weight[c, c, 1, 1] = 1.0
+            conv.weight[c, c, 0, 0] = 1.0
     loss.eval()  # BN with its initial statistics: x / sqrt(1 + eps)
     s_out, t_out, batch = all_outputs(SAME, SAME, seed=7)
     assert loss(s_out, clone_outputs(s_out), batch).item() == pytest.approx(0.0, abs=1e-8)
@@ -269,14 +270,55 @@ def test_fitnet_picks_stages_and_adapts_grids():
 
 
 def test_fitnet_relu_follows_the_hint_sign_and_survives_state_dict():
-    loss = build_loss("fitnet", make_ctx(SAME, SAME))
+    assert build_loss("fitnet", make_ctx(SAME, SAME)).relu_mode.item() == 1  # ConvReg's use_relu=True
+    loss = build_loss("fitnet", make_ctx(SAME, SAME), relu=None)
     s_out, t_out, batch = all_outputs(SAME, SAME, seed=8)
     t_out.features[1] = t_out.features[1] - 1.0  # negative hints: no ReLU
     loss(s_out, t_out, batch)
     assert loss.relu_mode.item() == 0
-    fresh = build_loss("fitnet", make_ctx(SAME, SAME))
+    fresh = build_loss("fitnet", make_ctx(SAME, SAME), relu=None)
     fresh.load_state_dict(loss.state_dict())
     assert fresh._relu is False
+
+
+@pytest.mark.parametrize(
+    "student_grid,teacher_grid,conv_type,kernel,stride,padding",
+    [
+        ((4, 4), (4, 4), nn.Conv2d, (1, 1), (1, 1), (0, 0)),  # equal: 1x1
+        ((8, 8), (4, 4), nn.Conv2d, (3, 3), (2, 2), (1, 1)),  # student twice as large: strided 3x3
+        ((2, 2), (4, 4), nn.ConvTranspose2d, (4, 4), (2, 2), (1, 1)),  # half as large: transposed 4x4
+        ((6, 5), (4, 4), nn.Conv2d, (3, 2), (1, 1), (0, 0)),  # larger otherwise: kernel 1 + difference
+    ],
+)
+def test_fitnet_regressor_is_repdistillers_convreg(student_grid, teacher_grid, conv_type, kernel, stride, padding):
+    # RepDistiller models/util.py ConvReg: conv, then BatchNorm, then ReLU
+    s_layout = make_layout([(6, 16, 16), (5, *student_grid)])
+    t_layout = make_layout([(8, 16, 16), (12, *teacher_grid)])
+    loss = build_loss("fitnet", make_ctx(s_layout, t_layout))
+    conv = loss.regressor.conv
+    assert type(conv) is conv_type
+    assert (conv.kernel_size, conv.stride, conv.padding) == (kernel, stride, padding)
+    assert conv.bias is not None  # ConvReg keeps the conv's bias
+    if conv_type is nn.ConvTranspose2d:
+        assert conv.weight.shape == (5, 12, *kernel)
+    else:
+        assert conv.weight.shape == (12, 5, *kernel)
+    assert isinstance(loss.regressor.bn, nn.BatchNorm2d) and loss.regressor.bn.num_features == 12
+    s_out, t_out, batch = all_outputs(s_layout, t_layout, seed=3)
+    pred, target = loss.regressor(s_out.features[1], t_out.features[1], relu=True)
+    assert pred.shape == target.shape == (N, 12, *teacher_grid)  # the hint's own grid, never pooled
+    assert (pred >= 0).all()
+
+
+def test_fitnet_regressor_pools_the_hint_where_convreg_has_no_rule():
+    s_layout = make_layout([(6, 16, 16), (5, 2, 2)])
+    t_layout = make_layout([(8, 16, 16), (12, 8, 8)])  # student a quarter of the teacher's grid
+    loss = build_loss("fitnet", make_ctx(s_layout, t_layout))
+    assert loss.regressor.conv.kernel_size == (1, 1) and loss.regressor.pool_hint
+    s_out, t_out, batch = all_outputs(s_layout, t_layout, seed=4)
+    pred, target = loss.regressor(s_out.features[1], t_out.features[1], relu=True)
+    assert pred.shape == target.shape == (N, 12, 2, 2)
+    assert torch.allclose(target, F.adaptive_avg_pool2d(t_out.features[1], 2))
 
 
 # ----------------------------------------------------------------------------- semckd
@@ -447,10 +489,28 @@ def test_bss_select_takes_correct_samples_and_non_top_targets():
         t_logits, s_logits = teacher(batch.x), student(batch.x)
     labels = batch.y.clone()
     labels[:8] = (labels[:8] + 1) % K  # the teacher is wrong on the first half
+    s_logits = t_logits + 0.01 * s_logits  # a student right wherever the teacher is
     idx, target = loss.select(s_logits, t_logits, labels)
     assert len(idx) == 4  # a quarter of 16
     assert (idx >= 8).all()
     assert (target != t_logits[idx].argmax(1)).all()
+
+
+def test_bss_base_samples_are_those_both_teacher_and_student_get_right():
+    # the authors' code: attack_flag = (teacher top-1 == y) & (student top-1 == y)
+    loss, *_ = bss_setup()
+    loss.attack_fraction = 1.0  # no cap: the base set itself
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    teacher_says = torch.tensor([0, 1, 2, 3, 2, 3])  # right on 0..3
+    student_says = torch.tensor([1, 1, 0, 3, 0, 1])  # right on 1, 3, 4, 5
+    t_logits = 5.0 * F.one_hot(teacher_says, K).float()
+    s_logits = 5.0 * F.one_hot(student_says, K).float()
+    idx, target = loss.select(s_logits, t_logits, labels)
+    assert sorted(idx.tolist()) == [1, 3]  # not 0, 2 (student wrong) nor 4, 5 (teacher wrong)
+    assert (target != labels[idx]).all()
+    # a teacher right everywhere does not make a base sample where the student is wrong
+    none, _ = loss.select(5.0 * F.one_hot((labels + 1) % K, K).float(), 5.0 * F.one_hot(labels, K).float(), labels)
+    assert none.numel() == 0
 
 
 def test_bss_attack_moves_samples_toward_the_teacher_boundary():

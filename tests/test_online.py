@@ -282,6 +282,7 @@ CASES = [("cohort", {"aggregator": a}) for a in AGGREGATORS] + [("osakd", {}), (
 def test_every_scheme_lowers_its_loss_on_digits_and_deploys_one_plain_student(kind, options, digits_batches, tmp_path):
     source, batches = digits_batches
     scheme = _scheme(kind, source, **options).train()
+    scheme.bind_train_labels(source.targets("train"))  # as fit does: ModReduce's CRD draws by class
     opt = torch.optim.SGD(scheme.trainable_parameters(), lr=0.02, momentum=0.9)
     first = None
     for step in range(6):
@@ -419,3 +420,73 @@ def test_cli_cohort_end_to_end_deploys_the_peer_chosen_on_validation(tmp_path, c
     assert record["val_chosen"] == max(peers, key=peers.get) and record["val_top1"] == max(peers.values())
     loaded = load_model(out)
     assert loaded.meta.arch == "resnet8" and type(loaded.model).__name__ == "CifarResNet"
+
+
+def test_build_aggregator_names_a_bad_option_but_lets_a_bug_inside_a_constructor_through(monkeypatch):
+    """Only a keyword the constructor does not take is the user's mistake; a TypeError raised
+    inside the constructor is a bug and must keep its traceback."""
+    from compressor.schemes.aggregators import base
+    from compressor.schemes.aggregators.dml import DeepMutualLearning
+
+    class Buggy(DeepMutualLearning):
+        def __init__(self, info, temperature=None, kd_weight=1.0):
+            super().__init__(info, temperature, kd_weight)
+            len(None)  # a bug: TypeError from inside
+
+    monkeypatch.setitem(base._AGGREGATORS, "buggy", Buggy)
+    with pytest.raises(TypeError, match="NoneType"):
+        build_aggregator("buggy", _info())
+    with pytest.raises(UserError, match=r"aggregator 'dml' takes no option 'hidden'"):
+        build_aggregator("dml", _info(), hidden=8)
+
+
+def test_modreduce_refuses_a_method_it_cannot_take(tmp_path, cli):
+    """Its three students' knowledge is fixed (Hinton; SemCKD + KD; CRD + KD): a method would be
+    recorded in the plan and silently ignored, so it is refused, before anything is written."""
+    src = type("S", (), {"num_classes": 10, "input_shape": SHAPE, "num_train": 64})()
+    torch.manual_seed(1)
+    teacher = create("resnet8", num_classes=10, in_chans=1).eval()
+    with pytest.raises(UserError, match="modreduce.*--method"):
+        build_scheme("modreduce", SchemeRequest("resnet8", 10, SHAPE, 64, teacher=teacher, method="hinton+crd",
+                                                options={"batch_size": 32}))
+    assert _scheme("modreduce", src).students.names  # no method: the paper's three students
+    from compressor.checkpoint import ModelMeta, save_model
+    from compressor.data import load_source
+
+    save_model(tmp_path / "t.pt", teacher, ModelMeta.from_source("resnet8", load_source("digits")))
+    result = cli("distill", "--scheme", "modreduce", "--method", "hinton", "--student", "resnet8",
+                 "--teacher", str(tmp_path / "t.pt"), "-o", str(tmp_path / "s.pt"), "--epochs", "1", "-q")
+    assert result.exit_code == 2 and "--method" in result.output, result.output
+    assert not (tmp_path / "s.pt.run").exists()
+
+
+def test_modreduce_stage_trains_with_nesterov_sgd_unless_told_otherwise():
+    """ModReduce App. A.3: the CRD benchmark's protocol with Nesterov momentum."""
+    from recipes.distill_plan import DistillRequest, distill_plan
+
+    def plan(**train):
+        return distill_plan(DistillRequest(data="cifar100:/nowhere", student="resnet20", num_classes=100,
+                                           input_shape=(3, 32, 32), teacher="t.pt", scheme="modreduce", train=train))
+
+    train = plan().final.train
+    assert train["nesterov"] is True and train["optimizer"] == "sgd" and train["momentum"] == 0.9
+    assert (train["lr"], train["epochs"], train["milestones"], train["batch_size"]) == (0.05, 240, [150, 180, 210], 64)
+    assert plan(epochs=3).final.train["epochs"] == 3
+
+
+def test_attention_cohort_preset_is_the_papers_protocol():
+    """Sec. 4.1: N = 3, tau = 3, lambda = 1; Adam 1e-3, batch 32, 200 epochs, x0.1 at 80/140/170 and on
+    a 5-epoch plateau."""
+    from compressor.trainer import TrainConfig
+    from recipes.distill_plan import preset_plan
+
+    plan = preset_plan("cifar100_attention_cohort_resnet20", teacher=None, data=None, teacher_arch=None,
+                       method=None, seed=None, train={})
+    (stage,) = plan.stages
+    config = TrainConfig(**stage.train)
+    assert (config.optimizer, config.lr, config.batch_size, config.epochs) == ("adam", 1e-3, 32, 200)
+    assert (config.schedule, config.milestones, config.gamma) == ("step", (80, 140, 170), 0.1)
+    assert (config.plateau_patience, config.plateau_factor) == (5, 0.1)
+    scheme = build_scheme(stage.scheme, SchemeRequest("resnet8", 10, SHAPE, 64, options=dict(stage.options)))
+    assert len(scheme.group) == 3 and scheme.aggregator.name == "attention"
+    assert scheme.aggregator.temperature == 3.0 and scheme.aggregator.kd_weight == 1.0

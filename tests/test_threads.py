@@ -124,7 +124,7 @@ def _threads_in_log(path: Path) -> list[int]:
 
 
 # one training step each: a run at 2 threads on a busy machine is what the policy avoids (slow)
-ONE_STEP = ["--arch", "resnet8", "--data", "digits", "--epochs", "1", "--batch-size", "512", "--val-fraction", "0.9"]
+ONE_STEP = ["--arch", "resnet8", "--data", "digits", "--epochs", "1", "--batch-size", "144", "--val-fraction", "0.9"]
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_train_threads_flag_is_honoured(cli, tmp_path):
 def test_distill_threads_flag_is_honoured(cli, auto_teacher, tmp_path):
     out = tmp_path / "s.pt"
     result = cli("distill", "--teacher", str(auto_teacher[0]), "--student", "resnet8", "--epochs", "1",
-                 "--batch-size", "2048", "--threads", "2", "-q", "-o", str(out))
+                 "--batch-size", "1294", "--threads", "2", "-q", "-o", str(out))
     assert result.exit_code == 0, result.output
     assert _threads_in_log(tmp_path / "s.pt.run" / "stages" / "student" / "log.jsonl") == [2]
     assert torch.get_num_threads() == 1

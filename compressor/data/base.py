@@ -1,7 +1,8 @@
 """The DataSource contract every spec resolves to, and the split logic shared by all sources.
 
-A source owns three splits: ``train`` (after the validation hold-out and the corruptions),
-``val`` (held out for every choice made during training) and ``test`` (touched once, at the end).
+A source owns three splits: ``train`` (after the corruptions and the validation hold-out),
+``val`` (held out for every choice made during training; under class imbalance, a stratified share
+of the imbalanced pool) and ``test`` (touched once, at the end).
 Its loaders yield :class:`compressor.batch.Batch` with ``x`` normalised on the source's device,
 ``y`` int64 and ``index`` = the sample's position within its split (stable across epochs).
 """
@@ -65,18 +66,23 @@ class TrainSplit:
 def split_training_pool(
     pool_labels: torch.Tensor, num_classes: int, options: SplitOptions, *, hold_out_val: bool
 ) -> TrainSplit:
-    """Hold out val (stratified, seeded by ``options.seed``), then imbalance, then label noise.
+    """Imbalance the whole pool, then hold out val (stratified, seeded by ``options.seed``) from what
+    is kept, then label noise on the training part only.
 
-    Corruptions only ever see the training part, so val and test stay clean.
+    Imbalance acts on train and val TOGETHER, so the class sizes are the robustness study's (CIFAR-10:
+    5000 down to 250 images a class, train + val) and val is a stratified ``val_fraction`` of each
+    class's kept images (500 of 5000, 25 of 250): an imbalanced val, the same proportions as train.
+    A balanced pool is split exactly as before. Label noise never reaches val or test.
     """
+    kept = apply_imbalance(pool_labels, num_classes, options.imbalance, options.imbalance_gamma, options.seed)
     if hold_out_val:
-        kept, val_pos = stratified_holdout(pool_labels, options.val_fraction, options.seed)
+        train_rel, val_rel = stratified_holdout(pool_labels[kept], options.val_fraction, options.seed)
+        train_pos, val_pos = kept[train_rel], kept[val_rel]
     else:
-        kept, val_pos = torch.arange(pool_labels.numel()), torch.zeros(0, dtype=torch.int64)
-    kept = kept[apply_imbalance(pool_labels[kept], num_classes, options.imbalance, options.imbalance_gamma, options.seed)]
-    clean = pool_labels[kept]
+        train_pos, val_pos = kept, torch.zeros(0, dtype=torch.int64)
+    clean = pool_labels[train_pos]
     noisy = apply_label_noise(clean, num_classes, options.label_noise, options.seed)
-    return TrainSplit(kept, noisy, clean, val_pos)
+    return TrainSplit(train_pos, noisy, clean, val_pos)
 
 
 def check_nonempty(sizes: dict[str, int], options: SplitOptions, pool_size: int) -> None:

@@ -115,7 +115,11 @@ def _images_labels(batch: dict[str, Any], layout: CifarLayout, path: Path) -> tu
     if "data" not in batch or layout.label_key not in batch:
         raise UserError(f"{path} lacks the '{layout.label_key}' or 'data' entry of a {layout.name} batch (found keys: {sorted(map(str, batch))})")
     data = np.asarray(batch["data"])
-    labels = np.asarray(batch[layout.label_key], dtype=np.int64)
+    raw_labels = np.asarray(batch[layout.label_key])
+    if raw_labels.ndim != 1 or (raw_labels.size and raw_labels.dtype.kind not in "iu"):
+        raise UserError(f"{path}: '{layout.label_key}' labels must be integers 0..{layout.num_classes - 1}, found "
+                        f"{raw_labels.dtype} values such as {raw_labels.ravel()[:1].tolist()}")
+    labels = raw_labels.astype(np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
         raise UserError(f"{path}: 'data' must be N x 3072 uint8 rows matching {labels.shape[0]} labels, found {data.dtype} {data.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= layout.num_classes):

@@ -1,12 +1,16 @@
 """Training-set corruptions of the KD robustness study (Sarfraz, Arani & Zonooz, "Knowledge
 Distillation Beyond Model Compression", ICPR 2020, Sec. "General-purpose training framework",
-Tables V and VI). Both act on the TRAIN split only (after the validation hold-out), are seeded,
-and never touch val or test. Imbalance is applied first (on the true labels), then label noise.
+Tables V and VI). Both are seeded and never touch test. Class imbalance acts on the training
+pool BEFORE the validation hold-out, so train and val together have the study's class sizes
+(CIFAR-10: 5000 down to 250) and val is a stratified share of each class (see
+:func:`compressor.data.base.split_training_pool`); label noise then acts on the train split only.
 
 Source note: the copy of the paper in /work/shared/papers is the slide version, which names sigma
 and gamma and their values but prints no formula; the definitions below follow the full paper
-(arXiv:2007.01922) as we read it and could not be re-checked against its text here. Whatever the
-paper's exact wording, the formulas below are what this code does, and the tests pin them.
+(arXiv:2007.01922) as we read it and could not be re-checked against its text here (a search of
+the stored public pages found only its abstract: arxiv.org/abs/2007.01922v1, paperswithcode). What
+the slides do fix is the CIFAR-10 range, 5000 down to 250 a class. Whatever the paper's exact
+wording, the formulas below are what this code does, and the tests pin them.
 
 Symmetric label noise at rate sigma (Table V: sigma in {0, 0.2, 0.4, 0.6}):
     exactly ``k = round_half_up(sigma * n)`` training samples, chosen uniformly without
@@ -17,8 +21,9 @@ Symmetric label noise at rate sigma (Table V: sigma in {0, 0.2, 0.4, 0.6}):
 
 Class imbalance at ratio rho = n_max / n_min (``imbalance``, 1 = balanced) with one of two profiles
 over the class index c = 0 .. C-1 (class 0 keeps the most samples). ``n_max`` is the smallest
-per-class count in the training split, so every class can supply its share; counts are floored
-(``floor(x + 1e-9)``) and at least 1:
+per-class count in the training pool (train + val; 5000 for CIFAR-10), so every class can supply its
+share; counts are floored (``floor(x + 1e-9)``) and at least 1 (the paper's rounding could not be
+checked; the end points 5000 and 250 are exact either way, a middle class may differ by one):
   * default, exponential long tail (Cui et al. 2019, "Class-Balanced Loss", CIFAR-LT):
         n_c = floor(n_max * rho ** (-c / (C - 1)))
   * ``imbalance_gamma=gamma`` (the paper's gamma of Table VI, {0.2, 0.6, 1, 2}): the power-law
@@ -26,7 +31,12 @@ per-class count in the training split, so every class can supply its share; coun
     n_{C-1} = n_max / rho, i.e.
         n_c = floor(n_max / (1 + (rho - 1) * (c / (C - 1)) ** gamma))
     Smaller gamma is harsher: most classes fall close to n_min (the paper's baseline accuracy
-    rises with gamma). The paper's CIFAR-10 setting is n_max = 5000, n_min = 250: rho = 20.
+    rises with gamma). The paper's CIFAR-10 setting is n_max = 5000, n_min = 250: rho = 20, which
+    gives these class sizes (train + val):
+        gamma 0.2: 5000 377 331 307 291 279 269 262 255 250
+        gamma 0.6: 5000 821 574 461 394 348 314 288 267 250
+        gamma 1:   5000 1607 957 681 529 432 365 316 279 250
+        gamma 2:   5000 4050 2579 1607 1051 728 529 400 312 250
 The kept samples of class c are a seeded uniform random subset of size n_c.
 """
 
@@ -104,7 +114,7 @@ class Corruption:
 
 
 def imbalance_counts(available: list[int], ratio: float, gamma: float | None = None) -> list[int]:
-    """Per-class training counts after imbalance (see the module docstring for the formula)."""
+    """Per-class counts of the pool (train + val) after imbalance (see the module docstring)."""
     num_classes = len(available)
     if ratio == 1.0 or num_classes < 2:
         return list(available)
@@ -118,7 +128,7 @@ def imbalance_counts(available: list[int], ratio: float, gamma: float | None = N
 
 
 def apply_imbalance(labels: torch.Tensor, num_classes: int, ratio: float, gamma: float | None, seed: int) -> torch.Tensor:
-    """Sorted positions of the training samples kept under the imbalance profile."""
+    """Sorted positions of the pool's samples (train + val, before the hold-out) kept under the profile."""
     available = [int((labels == c).sum()) for c in range(num_classes)]
     if ratio == 1.0:
         return torch.arange(labels.numel())

@@ -82,8 +82,12 @@ def scan_folder(directory: Path) -> tuple[tuple, tuple, tuple | None, list[str]]
     for d in (train_dir, val_dir):
         if not d.is_dir():
             raise UserError(f"{directory} is not an image folder: {d.name}/ is missing; {expected}")
-    if not _class_dirs(train_dir):
+    classes = _class_dirs(train_dir)
+    if not classes:
         raise UserError(f"{train_dir} has no class sub-folders; {expected}")
+    if len(classes) < 2:  # one class trains to "100%" while learning nothing
+        raise UserError(f"{train_dir} has one class sub-folder ({classes[0].name}/); a classifier needs at least 2 "
+                        f"classes; {expected}")
     train = scan_split(train_dir, None)
     class_names = train[2]
     class_to_idx = {n: i for i, n in enumerate(class_names)}

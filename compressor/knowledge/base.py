@@ -41,6 +41,18 @@ class KnowledgeLoss(nn.Module):
     needs_models: ClassVar[bool] = False  # True: the scheme calls bind_models() (e.g. BSS attacks)
     # weight of this term in `--method a+b` when none is given: the paper's (or RepDistiller's) setting
     default_weight: ClassVar[float] = 1.0
+    # where the reference runs this term differently next to another knowledge term (KD: 1, not 0.9),
+    # its weight there; None: default_weight either way (see compressor.knowledge.spec)
+    combined_weight: ClassVar[float | None] = None
+    # where the reference's run of this term ALONE sets the cross-entropy weight (KD row: 0.1), that
+    # weight; None: cross-entropy at 1
+    ce_weight_alone: ClassVar[float | None] = None
+    # > 0: a two-stage method (FSP; RepDistiller's AB, FT): the term acts only in an initialisation
+    # phase of this many epochs (RepDistiller's --init_epochs, 30) before ordinary training, and not
+    # after it. An instance may change it (``init_epochs`` option); 0 makes it an ordinary term.
+    init_epochs: int = 0
+    # what the init phase trains besides the loss's own parts: the student too (FSP, AB) or not (FT)
+    init_trains_student: ClassVar[bool] = True
 
     def __init__(self, ctx: LossContext) -> None:
         super().__init__()
@@ -51,6 +63,13 @@ class KnowledgeLoss(nn.Module):
 
     def bind_models(self, student: FeatureTaps, teacher: FeatureTaps) -> None:
         """Give a loss that must run the models itself (BSS) access to them."""
+
+    def set_train_labels(self, labels: Tensor) -> None:
+        """Receive the training split's labels (int64, by sample index) before training starts.
+
+        The trainer hands them over (:meth:`compressor.schemes.base.Scheme.bind_train_labels`);
+        losses that sample by class (CRD's negatives) keep what they need, the rest ignore it.
+        """
 
     def set_epoch(self, epoch: int, num_epochs: int) -> None:
         """Called by the scheme before each epoch (``epoch`` counts from 0, of ``num_epochs``).

@@ -35,9 +35,11 @@ class BSSLoss(KnowledgeLoss):
     teacher's and student's softmax at ``T = 3`` (no ``T^2``; the authors' soft cross-entropy,
     which differs from this KL by the teacher's entropy, a constant), and:
 
-    * base samples: those the teacher classifies correctly; at most ``attack_fraction`` of the
-      batch (64 of 256 in the paper), preferring the largest teacher/student disagreement on
-      the non-target classes, ``sum_{c != y} (p_t,c - p_s,c)^2``;
+    * base samples: those that the teacher AND the student both classify correctly (the
+      authors' train_BSS_distillation.py: ``attack_flag = condition1 & condition2``, teacher's
+      and student's top-1 equal to the label); at most ``attack_fraction`` of the batch (64 of
+      256 in the paper), preferring the largest teacher/student disagreement on the non-target
+      classes, ``sum_{c != y} (p_t,c - p_s,c)^2``;
     * target class: drawn among the teacher's non-top classes with probability proportional to
       their softmax scores;
     * attack on the TEACHER (Eq. 5): ``steps = 10`` iterations of
@@ -93,9 +95,10 @@ class BSSLoss(KnowledgeLoss):
     # -- the three parts of the method, public so they can be checked one by one ---------------
 
     def select(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Indices of the base samples and the target class drawn for each."""
+        """Indices of the base samples (right for teacher and student) and the target class drawn for each."""
         t_logits, s_logits = teacher_logits.detach().float(), student_logits.detach().float()
-        idx = (t_logits.argmax(dim=1) == labels).nonzero().flatten()
+        both_right = (t_logits.argmax(dim=1) == labels) & (s_logits.argmax(dim=1) == labels)
+        idx = both_right.nonzero().flatten()
         limit = max(1, round(self.attack_fraction * labels.shape[0]))
         p_t = F.softmax(t_logits[idx], dim=1)
         if idx.numel() > limit:

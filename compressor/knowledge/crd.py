@@ -6,14 +6,21 @@ which maximises a lower bound on the mutual information between the two represen
 Negatives come from two memory banks (one per side) holding a momentum average of every
 training sample's projected embedding, keyed on the sample's index in the training split.
 
+Negatives are RepDistiller's ``exact`` mode (dataset/cifar100.py, CIFAR100InstanceSample, the
+default of train_student.py): for each sample, K = 16384 indices drawn from the training samples of
+the OTHER classes, without replacement when that pool holds at least K samples and with
+replacement only when it is smaller. The training labels arrive from the trainer
+(:meth:`ContrastiveRepresentationDistillation.set_train_labels`) and are kept compactly, as
+:class:`ClassPools`: the sample indices sorted by class (one int tensor) and the class offsets.
+Draws run on the memory's device, vectorised over the batch.
+
 Memory: the banks are stored in float16 (unit vectors, so 11 significant bits are plenty), at
 ``2 banks x feat_dim x 2 bytes`` = 512 bytes per training sample with feat_dim = 128 (the
-authors' float32 banks take 1024). Scores are computed in float32. By default one draw of
-negatives is shared by the whole batch (``shared_negatives=True``): the gathered negatives
-then take K x feat_dim values instead of b x K x feat_dim (for b = 64, K = 16384, 8 MiB
-instead of 512 MiB per side in float32) and the scores are one matrix product. Each sample's
-negatives are still K uniform draws that never include its own index; set
-``shared_negatives=False`` for the paper's independent draw per sample.
+authors' float32 banks take 1024); the class pools add 8 bytes per sample. Scores are computed
+in float32. Gathering each sample's K negative rows, as the authors do, takes b x K x feat_dim
+values per side (for b = 64, K = 16384: 512 MiB in float32); where it is cheaper (N x (b +
+feat_dim) < b x K x feat_dim, e.g. CIFAR's N = 50000) the anchors are scored against the whole
+bank in one matrix product and the K scores picked from it, which gives the same numbers.
 """
 
 from __future__ import annotations
@@ -63,20 +70,79 @@ def nce_loss(scores: Tensor, log_z: Tensor, num_data: int, temperature: float) -
     return (positive + negative) / b
 
 
+class ClassPools:
+    """Training-sample indices grouped by class: ``order`` (indices sorted by class, stable) and
+    ``offsets`` (class c holds ``order[offsets[c]:offsets[c + 1]]``); 8 bytes per sample."""
+
+    def __init__(self, labels: Tensor, num_classes: int | None = None) -> None:
+        labels = labels.detach().long().flatten()
+        if labels.numel() and int(labels.min()) < 0:
+            raise UserError("crd: the training labels must be class indices >= 0")
+        classes = max(int(num_classes or 0), int(labels.max()) + 1 if labels.numel() else 0)
+        counts = torch.bincount(labels.cpu(), minlength=classes).to(labels.device)
+        self.order = torch.argsort(labels, stable=True)
+        self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        self.num_samples = labels.numel()
+
+    def to(self, device: torch.device) -> "ClassPools":
+        self.order, self.offsets = self.order.to(device), self.offsets.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.order.device
+
+    def draw_other_classes(self, classes: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """(b, k) sample indices, row r from the samples whose class is not ``classes[r]``.
+
+        Without replacement where that pool holds at least k samples: the k largest of one
+        uniform key per pool member (a uniformly random k-subset); with replacement where it is
+        smaller (RepDistiller's ``replace = k > len(cls_negative[target])``).
+        """
+        device = self.device
+        classes = classes.to(device).long()
+        n = self.num_samples
+        start, stop = self.offsets[classes], self.offsets[classes + 1]
+        pool = n - (stop - start)  # (b,) size of each row's other-class pool
+        if bool((pool < 1).any()):
+            raise UserError("crd: every training sample is of one class, so there is no negative to draw")
+        out = torch.empty(classes.shape[0], k, dtype=torch.long, device=device)
+        small = pool < k
+        big_rows = (~small).nonzero().flatten()
+        if big_rows.numel():
+            keys = torch.rand(big_rows.numel(), n, device=device, generator=generator)
+            position = torch.arange(n, device=device)
+            own = (position >= start[big_rows, None]) & (position < stop[big_rows, None])
+            keys.masked_fill_(own, -1.0)  # keys are in [0, 1): the own class is never among the top k
+            out[big_rows] = self.order[keys.topk(k, dim=1, sorted=False).indices]
+        small_rows = small.nonzero().flatten()
+        if small_rows.numel():
+            m = pool[small_rows, None]
+            draw = (torch.rand(small_rows.numel(), k, device=device, generator=generator) * m).long()
+            draw = torch.minimum(draw, m - 1)
+            # positions in `order` below the own class stay, the others move past it
+            width = (stop - start)[small_rows, None]
+            position = draw + (draw >= start[small_rows, None]).long() * width
+            out[small_rows] = self.order[position]
+        return out
+
+
 @register_loss("crd", "relation")
 class ContrastiveRepresentationDistillation(KnowledgeLoss):
     """L_CRD = NCE(student anchor, teacher memory) + NCE(teacher anchor, student memory).
 
-    Tian et al., Sec. 3.2-3.4 and the authors' code (crd/): both embeddings go through a linear
-    head to ``feat_dim`` and are L2-normalised; the critic is exp(g_T(t)' g_S(s) / tau) / Z with
-    tau = 0.07 and Z = N * mean(exp(score / tau)) fixed on the first batch; K = 16384 negatives
-    per sample drawn uniformly from the other training samples; after each training forward the
-    banks move to normalise(m * old + (1 - m) * new) at the batch's indices, m = 0.5. Weight 0.8
-    is the paper's CIFAR-100 setting (RepDistiller ``-b 0.8``).
+    Tian et al., Sec. 3.2-3.4 and the authors' code (RepDistiller crd/): both embeddings go
+    through a linear head to ``feat_dim`` and are L2-normalised; the critic is
+    exp(g_T(t)' g_S(s) / tau) / Z with tau = 0.07 and Z = N * mean(exp(score / tau)) fixed on the
+    first batch; K = 16384 negatives per sample drawn from the training samples of the other
+    classes (``exact`` mode, see the module docstring); after each training forward the banks
+    move to normalise(m * old + (1 - m) * new) at the batch's indices, m = 0.5. Weight 0.8 is
+    the paper's CIFAR-100 setting (RepDistiller ``-b 0.8``).
 
     The heads are trained with the student (the teacher's head too: it is part of the critic).
     The banks and Z are buffers, so a checkpoint resumes exactly; nothing is updated in eval
     mode, so a validation pass cannot write another split's samples into the training memory.
+    The class pools are not saved: the trainer binds them from the data source on every run.
     """
 
     default_weight: ClassVar[float] = 0.8
@@ -89,7 +155,6 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
         temperature: float = 0.07,
         momentum: float = 0.5,
         memory_dtype: str = "float16",
-        shared_negatives: bool = True,
     ) -> None:
         super().__init__(ctx)
         n = ctx.num_train_samples
@@ -104,9 +169,9 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
         self.num_negatives = num_negatives
         self.temperature = temperature
         self.momentum = momentum
-        self.shared_negatives = shared_negatives
         # None: the global RNG of the memory's device, so the trainer's seeding fixes the draws
         self.generator: torch.Generator | None = None
+        self.pools: ClassPools | None = None  # set_train_labels
         self.embed_student = ProjectionHead(ctx.student.embedding_dim, feat_dim)
         self.embed_teacher = ProjectionHead(ctx.teacher.embedding_dim, feat_dim)
         dtype = _DTYPES[memory_dtype]
@@ -122,42 +187,38 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
         """Bytes the two banks hold per training sample."""
         return 2 * self.feat_dim * self.memory_student.element_size()
 
-    def draw_negatives(self, index: Tensor) -> Tensor:
-        """K indices per sample, uniform over the training set without the sample's own index.
+    def set_train_labels(self, labels: Tensor) -> None:
+        labels = torch.as_tensor(labels)
+        if labels.numel() != self.num_data:
+            raise UserError(f"crd: the memory holds {self.num_data} training samples but {labels.numel()} labels came")
+        self.pools = ClassPools(labels, self.ctx.num_classes).to(self.memory_student.device)
 
-        Shared mode: one (K,) draw for the batch from the indices not in the batch. Per-sample
-        mode: a (b, K) draw, row r from every index but index[r]. Draws are with replacement,
-        as in the authors' sampler; the shift trick maps a draw from a smaller range onto the
-        allowed indices exactly uniformly.
-        """
+    def draw_negatives(self, index: Tensor, labels: Tensor) -> Tensor:
+        """(b, K) sample indices: for row r, K draws among the samples of classes other than labels[r]."""
+        if self.pools is None:
+            raise RuntimeError("crd draws negatives from the other classes and needs the training labels: "
+                               "call set_train_labels() first (the trainer does, from the data source)")
         device = self.memory_student.device
-        index = index.to(device)
-        k = self.num_negatives
-        if self.shared_negatives:
-            excluded = torch.unique(index)  # sorted
-            allowed = self.num_data - excluded.numel()
-            if allowed < 1:
-                raise UserError("crd: the batch holds every training sample, so no negative is left")
-            draw = torch.randint(0, allowed, (k,), device=device, generator=self.generator)
-            # the j-th excluded index (sorted) has excluded[j] - j allowed indices below it
-            below = excluded - torch.arange(excluded.numel(), device=device)
-            return draw + torch.searchsorted(below, draw, right=True)
-        draw = torch.randint(0, self.num_data - 1, (index.shape[0], k), device=device, generator=self.generator)
-        return draw + (draw >= index[:, None]).long()
+        if self.pools.device != device:
+            self.pools.to(device)
+        return self.pools.draw_other_classes(labels.to(device), self.num_negatives, self.generator)
+
+    def _dense(self, batch_size: int) -> bool:
+        """Score against the whole bank when that takes fewer values than gathering b x K rows."""
+        return self.num_data * (batch_size + self.feat_dim) < batch_size * self.num_negatives * self.feat_dim
 
     def _scores(self, anchor: Tensor, memory: Tensor, index: Tensor, negatives: Tensor) -> Tensor:
         """(b, 1 + K) dot products of each anchor with its positive and negative memory rows."""
-        positive = (memory[index].float() * anchor).sum(dim=1, keepdim=True)
-        if negatives.dim() == 1:
-            negative = anchor @ memory[negatives].float().t()
-        else:
-            rows = memory[negatives].float()  # (b, K, D)
-            negative = torch.bmm(rows, anchor.unsqueeze(2)).squeeze(2)
-        return torch.cat([positive, negative], dim=1)
+        rows = torch.cat([index[:, None], negatives], dim=1)
+        if self._dense(anchor.shape[0]):
+            bank = memory.to(torch.float32, copy=True)  # a copy: the memory update is in place
+            return torch.gather(anchor @ bank.t(), 1, rows)
+        gathered = memory[rows].float()  # (b, 1 + K, D)
+        return torch.bmm(gathered, anchor.unsqueeze(2)).squeeze(2)
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs, batch: Batch) -> Tensor:
         index = batch.index.to(self.memory_student.device).long()
-        negatives = self.draw_negatives(index)
+        negatives = self.draw_negatives(index, batch.y)
         with full_precision(student.embedding.device):
             v_s = self.embed_student(student.embedding.float())
             v_t = self.embed_teacher(teacher.embedding.detach().float())

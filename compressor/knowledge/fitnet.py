@@ -15,31 +15,47 @@ from compressor.knowledge.base import KnowledgeLoss, LossContext, register_loss
 
 
 class HintRegressor(nn.Module):
-    """Conv regressor from the guided (student) map to the hint's (teacher's) channels and grid.
+    """RepDistiller's ``ConvReg`` (models/util.py): conv from the guided (student) map to the
+    hint's (teacher's) channels and grid, then BatchNorm and (by default) ReLU.
 
-    A 3x3 conv; when the student map is an integer multiple larger, the conv strides by that
-    factor, and any remaining difference is closed by adaptive average pooling of the larger
-    side (the student output, or the teacher hint when the student is smaller). BatchNorm
-    follows as in RepDistiller's ``ConvReg``; the ReLU is applied when the hint itself is
-    non-negative (Romero et al. Sec. 2.2: the regressor's non-linearity matches the hint's).
+    The conv depends on the grids, as in ``ConvReg``:
+
+    * student grid twice the teacher's: 3x3 conv, stride 2, padding 1;
+    * student grid half the teacher's: 4x4 transposed conv, stride 2, padding 1;
+    * otherwise, student grid at least the teacher's: an unpadded conv of kernel
+      ``(1 + H_s - H_t, 1 + W_s - W_t)``, i.e. 1x1 when the grids are equal;
+    * any other smaller student grid (``ConvReg`` raises there): a 1x1 conv at the student's
+      grid and the hint adaptive-average-pooled down to it, so any pair of models still works.
+
+    The convs keep ``ConvReg``'s bias. ``ConvReg``'s ReLU is always on (``use_relu=True`` as
+    RepDistiller builds it); Romero et al. Sec. 2.2 match the regressor's non-linearity to the
+    hint's, which :class:`FitNetLoss` offers with ``relu=None``.
     """
 
     def __init__(self, guided: TapShape, hint: TapShape) -> None:
         super().__init__()
-        stride = 1
-        if guided.height > hint.height and guided.height % hint.height == 0 and guided.width % hint.width == 0:
-            if guided.height // hint.height == guided.width // hint.width:
-                stride = guided.height // hint.height
-        self.conv = nn.Conv2d(guided.channels, hint.channels, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(hint.channels)
-        self.out_size = (hint.height, hint.width)
+        s_h, s_w, t_h, t_w = guided.height, guided.width, hint.height, hint.width
+        c_in, c_out = guided.channels, hint.channels
+        self.pool_hint = False
+        if (s_h, s_w) == (2 * t_h, 2 * t_w):
+            self.conv: nn.Module = nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1)
+        elif (2 * s_h, 2 * s_w) == (t_h, t_w):
+            self.conv = nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1)
+        elif s_h >= t_h and s_w >= t_w:
+            self.conv = nn.Conv2d(c_in, c_out, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
+        else:
+            self.conv = nn.Conv2d(c_in, c_out, kernel_size=1)
+            self.pool_hint = True
+        self.bn = nn.BatchNorm2d(c_out)
 
     def forward(self, x: Tensor, hint: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
         y = self.bn(self.conv(x))
         if relu:
             y = F.relu(y)
-        size = (min(y.shape[-2], hint.shape[-2]), min(y.shape[-1], hint.shape[-1]))
-        return pool_to(y, size), pool_to(hint, size)
+        if self.pool_hint or y.shape[-2:] != hint.shape[-2:]:
+            size = (min(y.shape[-2], hint.shape[-2]), min(y.shape[-1], hint.shape[-1]))
+            return pool_to(y, size), pool_to(hint, size)
+        return y, hint
 
 
 @register_loss("fitnet", "feature")
@@ -49,16 +65,18 @@ class FitNetLoss(KnowledgeLoss):
     ``L_HT = || u_h(x) - r(v_g(x)) ||^2`` with ``u_h`` the teacher's hint layer, ``v_g`` the
     student's guided layer and ``r`` a learned conv regressor (a sub-module of this loss). As in
     RepDistiller, the hint is trained jointly with CE (no separate stage), the squared error is
-    averaged (``nn.MSELoss``), the weight is 100 and ``hint_layer = 2`` indexes RepDistiller's
-    feature list, where 0 is the stem and k >= 1 the k-th stage. The teacher's hint is the
-    teacher stage at the same relative depth (:func:`depth_index`; same index when stage
-    counts agree; stem with stem). ``relu=None`` decides the regressor's ReLU from the first
-    teacher hint seen (non-negative -> ReLU), and remembers it in the state dict.
+    averaged (``nn.MSELoss``), the weight is 100 (``--distill hint -a 0 -b 100``), ``r`` is
+    ``ConvReg`` (:class:`HintRegressor`) and ``hint_layer = 2`` indexes RepDistiller's feature
+    list, where 0 is the stem and k >= 1 the k-th stage. The teacher's hint is the teacher
+    stage at the same relative depth (:func:`depth_index`; same index when stage counts agree;
+    stem with stem). ``relu=True`` (``ConvReg``'s default) ends the regressor in a ReLU;
+    ``relu=None`` decides it from the first teacher hint seen (non-negative -> ReLU, the
+    paper's rule) and remembers it in the state dict.
     """
 
     default_weight = 100.0
 
-    def __init__(self, ctx: LossContext, hint_layer: int = 2, relu: bool | None = None) -> None:
+    def __init__(self, ctx: LossContext, hint_layer: int = 2, relu: bool | None = True) -> None:
         super().__init__(ctx)
         s_taps, t_taps = ctx.student, ctx.teacher
         n_s, n_t = len(s_taps.stages), len(t_taps.stages)

@@ -7,6 +7,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from compressor.batch import Batch
+from compressor.errors import UserError
 from compressor.features import ModelOutputs, TapShape
 from compressor.knowledge._stages import full_precision, match_by_depth, pool_pair
 from compressor.knowledge.base import KnowledgeLoss, LossContext, register_loss
@@ -21,6 +22,9 @@ def fsp_matrix(bottom: Tensor, top: Tensor) -> Tensor:
     with full_precision(bottom):
         bottom, top = pool_pair(bottom.float(), top.float())
         return torch.einsum("nahw,nbhw->nab", bottom, top) / (bottom.shape[-2] * bottom.shape[-1])
+
+
+REPDISTILLER_INIT_EPOCHS = 30  # train_student.py --init_epochs
 
 
 @register_loss("fsp", "feature")
@@ -38,14 +42,27 @@ class FSPLoss(KnowledgeLoss):
       student map's channels differ from its teacher partner's, a learned 1x1 conv (no bias)
       projects it to the teacher's channels before the FSP matrix is taken; the projections
       are sub-modules of this loss. Where channels agree nothing is added.
-    * Schedule: the paper and RepDistiller train FSP alone in an initial stage, then train with
-      CE only. Here it is a regular term next to CE, with RepDistiller's script weight 50.
+
+    Procedure (the paper's two stages, as RepDistiller runs them): an init phase of
+    ``init_epochs = 30`` epochs (train_student.py ``--init_epochs``) trains the student's
+    feature layers (and the projections above) on this loss alone, with SGD at the run's
+    learning rate, momentum and weight decay and no schedule (helper/pretrain.py ``init``);
+    then ordinary training, in which FSP no longer acts: RepDistiller's main loop sets the
+    FSP term to 0 (helper/loops.py), so its row ``--distill fsp -a 0 -b 50`` is CE alone and
+    the ``-b 50`` multiplies nothing. The init phase sums the terms unweighted
+    (``loss = sum(loss_group)``), hence weight 1. ``init_epochs=0`` makes FSP an ordinary
+    term trained jointly with CE instead (not the paper's procedure; give it a weight, e.g.
+    ``fsp:50``).
     """
 
-    default_weight = 50.0
+    default_weight = 1.0  # the init phase's plain sum of the FSP terms (helper/pretrain.py)
+    init_epochs = REPDISTILLER_INIT_EPOCHS
 
-    def __init__(self, ctx: LossContext) -> None:
+    def __init__(self, ctx: LossContext, init_epochs: int = REPDISTILLER_INIT_EPOCHS) -> None:
         super().__init__(ctx)
+        if isinstance(init_epochs, bool) or not isinstance(init_epochs, int) or init_epochs < 0:
+            raise UserError(f"fsp: init_epochs must be a whole number >= 0, got {init_epochs!r}")
+        self.init_epochs = init_epochs
         s_taps, t_taps = ctx.student, ctx.teacher
         self.use_stem = s_taps.stem is not None and t_taps.stem is not None
         pairs = match_by_depth(len(s_taps.stages), len(t_taps.stages))

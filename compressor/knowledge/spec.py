@@ -2,12 +2,21 @@
 
 One string names it all, on the command line and in a plan:
 
-* ``hinton`` or ``hinton+crd``: each term at its loss's ``default_weight`` (the paper's);
+* ``hinton`` or ``hinton+crd``: each term at the weight its reference run gives it;
 * ``hinton:0.9,crd:0.8,ce:1.0``: explicit weights;
 * mixed, e.g. ``hinton+crd:0.8`` (``+`` and ``,`` both separate terms).
 
-``ce`` is the cross-entropy weight on the labels, 1.0 unless given. Names are checked against
-the loss registry so a typo fails before any training starts.
+``ce`` is the cross-entropy weight on the labels. A term (or ``ce``) named without a weight gets
+the weight of the reference protocol for that combination, as RepDistiller's scripts
+(scripts/run_cifar_distill.sh; ``-r`` CE, ``-a`` KD, ``-b`` the other term) run it:
+
+* a term alone: its ``default_weight`` (the paper's), CE 1 (``-a 0 -b W``), except where the
+  loss sets ``ce_weight_alone``: Hinton KD alone is ``-r 0.1 -a 0.9`` (KD 0.9, CE 0.1);
+* a term next to another knowledge term: its ``combined_weight`` where it has one, else its
+  ``default_weight``, CE 1: CRD+KD is ``-r 1 -a 1 -b 0.8`` (SemCKD's scripts run ``-a 1`` too).
+
+Weights given explicitly always win. Names are checked against the loss registry so a typo
+fails before any training starts. :func:`method_table` lists what every method expands to.
 """
 
 from __future__ import annotations
@@ -23,8 +32,8 @@ from compressor.knowledge.base import list_losses, loss_class
 CE = "ce"
 DEFAULT_CE_WEIGHT = 1.0
 ACCEPTED_FORMS = (
-    "'hinton', 'hinton+crd' (each term at its paper's weight), "
-    "'hinton:0.9,crd:0.8,ce:1.0' (explicit weights; ce is the cross-entropy weight, 1.0 unless given) "
+    "'hinton', 'hinton+crd' (each term at its reference run's weight), "
+    "'hinton:0.9,crd:0.8,ce:1.0' (explicit weights; ce is the cross-entropy weight) "
     "or a mix such as 'hinton+crd:0.8'"
 )
 _SEPARATORS = re.compile(r"[+,]")
@@ -73,7 +82,7 @@ def parse_method_spec(spec: str) -> MethodSpec:
     if not isinstance(spec, str) or not spec.strip():
         raise UserError(f"the distillation method is empty; accepted forms: {ACCEPTED_FORMS}")
     known = list_losses()
-    terms: list[tuple[str, float]] = []
+    given: list[tuple[str, float | None]] = []
     ce_weight: float | None = None
     seen: set[str] = set()
     for raw in _SEPARATORS.split(spec):
@@ -87,10 +96,35 @@ def parse_method_spec(spec: str) -> MethodSpec:
             raise UserError(f"{name!r} appears twice in the method {spec!r}; give each term once")
         seen.add(name)
         if name == CE:
-            ce_weight = DEFAULT_CE_WEIGHT if weight is None else weight
+            ce_weight = weight
         else:
-            terms.append((name, _default_weight(name) if weight is None else weight))
-    return MethodSpec(tuple(terms), DEFAULT_CE_WEIGHT if ce_weight is None else ce_weight)
+            given.append((name, weight))
+    alone = len(given) == 1
+    terms = tuple((name, _default_weight(name, alone) if weight is None else weight) for name, weight in given)
+    if ce_weight is None:
+        ce_weight = _default_ce_weight(given[0][0]) if alone else DEFAULT_CE_WEIGHT
+    return MethodSpec(terms, ce_weight)
+
+
+def method_table() -> str:
+    """A Markdown table of what every method, alone and with Hinton KD, expands to (README's)."""
+    rows = ["| method | expands to | phases |", "|---|---|---|"]
+    names = list_losses()
+    specs = [*names, *(f"hinton+{name}" for name in names if name != "hinton")]
+    for text in specs:
+        spec = parse_method_spec(text)
+        rows.append(f"| `{text}` | `{spec}` | {_phases(spec)} |")
+    return "\n".join(rows)
+
+
+def _phases(spec: MethodSpec) -> str:
+    """``one`` or, for a two-stage method, what its init phase trains and what follows it."""
+    init = [name for name in spec.names if loss_class(name).init_epochs > 0]
+    if not init:
+        return "one"
+    epochs = max(loss_class(name).init_epochs for name in init)
+    rest = [name for name in spec.names if name not in init] + ([CE] if spec.ce_weight else [])
+    return f"{'+'.join(init)} alone for {epochs} init epochs, then {'+'.join(rest) or 'nothing'}"
 
 
 def _parse_term(term: str, spec: str) -> tuple[str, float | None]:
@@ -117,8 +151,16 @@ def _parse_term(term: str, spec: str) -> tuple[str, float | None]:
     return name, weight
 
 
-def _default_weight(name: str) -> float:
-    return float(loss_class(name).default_weight)
+def _default_weight(name: str, alone: bool) -> float:
+    cls = loss_class(name)
+    if not alone and cls.combined_weight is not None:
+        return float(cls.combined_weight)
+    return float(cls.default_weight)
+
+
+def _default_ce_weight(name: str) -> float:
+    weight = loss_class(name).ce_weight_alone
+    return DEFAULT_CE_WEIGHT if weight is None else float(weight)
 
 
 def _format_weight(weight: float) -> str:

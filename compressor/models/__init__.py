@@ -10,6 +10,7 @@ Zoo models declare where their features live, so feature taps need no dry run:
 from compressor.plugins import import_submodules
 from compressor.models.registry import (
     ModelEntry,
+    WidthScaling,
     add_model,
     aliases_of,
     canonical_name,
@@ -21,13 +22,16 @@ from compressor.models.registry import (
     register_model,
     register_pattern,
     register_prefix,
+    register_scaling,
     resolve,
+    scaling_of,
 )
 
 import_submodules(__name__, __path__, skip=("registry",))
 
 __all__ = [
     "ModelEntry",
+    "WidthScaling",
     "add_model",
     "aliases_of",
     "canonical_name",
@@ -39,5 +43,7 @@ __all__ = [
     "register_model",
     "register_pattern",
     "register_prefix",
+    "register_scaling",
     "resolve",
+    "scaling_of",
 ]

@@ -10,7 +10,8 @@ Departures, none of which adds or renames a parameter:
     is an ``AdaptiveAvgPool2d(1)``: identical at 32x32, and any input from 8x8 up works.
 
 Width scaling follows RepDistiller exactly: every stage width is ``int(c * width_mult)`` and the
-last 1x1 conv keeps 1280 channels unless ``width_mult > 1``.
+last 1x1 conv keeps 1280 channels unless ``width_mult > 1``. Between the grid's widths the budget
+search names any multiplier in steps of 0.01, down to 0.25 (4 channels in the 16-channel stage).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from compressor.models._init import repdistiller_init
 from compressor.errors import UserError
-from compressor.models.registry import add_model, register_alias, register_pattern
+from compressor.models.registry import WidthScaling, add_model, register_alias, register_pattern, register_scaling
 
 # (expand ratio or None for "use T", output channels, repeats, first stride), RepDistiller's table
 _SETTING: tuple[tuple[int | None, int, int, int], ...] = (
@@ -130,6 +131,8 @@ def width_name(width_mult: float) -> str:
 
 for _w in SEARCH_WIDTHS:
     add_model(width_name(_w), mobilenetv2, family="mobilenetv2", searchable=True, width_mult=_w)
+register_scaling("mobilenetv2", WidthScaling(
+    "width_mult", lambda kw: width_name(kw["width_mult"]), min_width=0.25))
 register_alias("MobileNetV2", width_name(0.5))
 register_alias("mobile_half", width_name(0.5))  # RepDistiller's own function name
 register_pattern(

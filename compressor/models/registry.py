@@ -6,6 +6,9 @@ Three kinds of names resolve here:
     written by RepDistiller/mdistiller keep working under the name they were trained with;
   * parametric patterns (e.g. ``resnet_d<depth>_w<width>``) that build any member of a
     scalable family; the grid of concrete names is what the budget search enumerates.
+
+A scalable family also registers its :class:`WidthScaling`, which lets the budget search name
+members between the grid's (e.g. ``resnet_d26_w0.53``) so a student can fill its budget.
 """
 
 from __future__ import annotations
@@ -44,7 +47,24 @@ class PatternEntry:
     example: str
 
 
+@dataclass(frozen=True)
+class WidthScaling:
+    """How the budget search may resize a grid member of a family: its width, every other kwarg kept.
+
+    ``width_key`` is the factory kwarg that multiplies the channels; ``name(kwargs)`` is the
+    systematic name the family's pattern parses back to exactly those kwargs. Widths the search
+    tries are multiples of ``step`` (names stay short; the family rounds channels to whole
+    numbers) and at least ``min_width`` (the narrowest layer keeps a few channels).
+    """
+
+    width_key: str
+    name: Callable[[dict[str, Any]], str]
+    min_width: float
+    step: float = 0.01
+
+
 _MODELS: dict[str, ModelEntry] = {}
+_SCALINGS: dict[str, WidthScaling] = {}
 _ALIASES: dict[str, str] = {}
 _PATTERNS: list[PatternEntry] = []
 _PREFIXES: dict[str, Callable[[str], ModelEntry]] = {}
@@ -88,6 +108,19 @@ def register_pattern(
 ) -> None:
     """Register a parametric family name such as ``resnet_d(\\d+)_w([\\d.]+)``."""
     _PATTERNS.append(PatternEntry(re.compile(regex + r"\Z"), family, factory, parse, example))
+
+
+def register_scaling(family: str, scaling: WidthScaling) -> None:
+    """Declare that ``family``'s members may be resized by width (see :class:`WidthScaling`)."""
+    if family in _SCALINGS:
+        raise ValueError(f"family {family!r} registers its width scaling twice")
+    _SCALINGS[family] = scaling
+
+
+def scaling_of(family: str) -> WidthScaling | None:
+    """The family's width scaling, or None for a family of fixed architectures."""
+    _ensure_loaded()
+    return _SCALINGS.get(family)
 
 
 def register_prefix(prefix: str, resolver: Callable[[str], ModelEntry]) -> None:

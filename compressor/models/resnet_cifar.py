@@ -21,7 +21,8 @@ The KD benchmark names are aliases: ``resnet20`` = ``resnet_d20_w1`` (filters 16
 
 Budget-search grid (``searchable``): depths 8, 14, 20, 26, 32, 44, 56, 110 x widths 0.5, 1, 2 with
 the default stem, plus width 4 with stem 32, the community's "x4" convention, so the grid's
-widest members are exactly the resnet8x4/resnet32x4 family.
+widest members are exactly the resnet8x4/resnet32x4 family. Between grid widths the search names
+any width in steps of 0.01 (depth and stem kept), down to 0.25 (4/8/16 filters).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from compressor.errors import UserError
 from compressor.models._naming import WIDTH_RE, check_depth, fmt_width, parse_width, scale_channels
-from compressor.models.registry import add_model, register_alias, register_pattern
+from compressor.models.registry import WidthScaling, add_model, register_alias, register_pattern, register_scaling
 
 FAMILY = "resnet_cifar"
 BASE_FILTERS = (16, 32, 64)
@@ -166,6 +167,8 @@ def _register() -> None:
         add_model(resnet_name(depth, width, stem), resnet_cifar, family=FAMILY, searchable=True, **kwargs)
     for alias, (depth, width, stem) in BENCHMARKS.items():
         register_alias(alias, resnet_name(depth, width, stem))
+    register_scaling(FAMILY, WidthScaling(
+        "width", lambda kw: resnet_name(kw["depth"], kw["width"], kw.get("stem")), min_width=0.25))
 
 
 _register()

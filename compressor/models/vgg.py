@@ -17,7 +17,8 @@ Names: ``vgg<depth>_w<width>`` with depth in 8, 11, 13, 16, 19 (configurations S
 and ``width`` multiplying every conv's channels (rounded half up). The benchmark names are
 aliases: ``vgg13`` = ``vgg13_w1``.
 
-Budget-search grid (``searchable``): every depth x widths 0.25, 0.5, 1.
+Budget-search grid (``searchable``): every depth x widths 0.25, 0.5, 1; between them the search
+names any width in steps of 0.01 (depth kept), down to 0.125 (8 channels in block0).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import Tensor
 from compressor.models._init import repdistiller_init
 from compressor.errors import UserError
 from compressor.models._naming import WIDTH_RE, fmt_width, parse_width, scale_channels
-from compressor.models.registry import add_model, register_alias, register_pattern
+from compressor.models.registry import WidthScaling, add_model, register_alias, register_pattern, register_scaling
 
 FAMILY = "vgg"
 
@@ -118,6 +119,7 @@ def _register() -> None:
         for width in GRID_WIDTHS:
             add_model(vgg_name(depth, width), vgg, family=FAMILY, searchable=True, depth=depth, width=width)
         register_alias(f"vgg{depth}", vgg_name(depth))
+    register_scaling(FAMILY, WidthScaling("width", lambda kw: vgg_name(kw["depth"], kw["width"]), min_width=0.125))
 
 
 _register()

@@ -11,7 +11,8 @@ widening factor of the stage filters (16k, 32k, 64k; a fractional k is rounded h
 stage). This is also RepDistiller's spelling, so wrn_16_1, wrn_16_2, wrn_40_1 and wrn_40_2 are
 the systematic names themselves (no aliases needed); any other d, k resolves via the pattern.
 
-Budget-search grid (``searchable``): depths 16, 22, 28, 40 x k = 1, 2, 4, 8.
+Budget-search grid (``searchable``): depths 16, 22, 28, 40 x k = 1, 2, 4, 8; between them the search
+names any k in steps of 0.01 (depth kept), down to 0.25 (4/8/16 filters after the 16-channel stem).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from compressor.models._naming import WIDTH_RE, check_depth, fmt_width, parse_width, scale_channels
-from compressor.models.registry import add_model, register_pattern
+from compressor.models.registry import WidthScaling, add_model, register_pattern, register_scaling
 
 FAMILY = "wrn"
 STEM_CHANNELS = 16
@@ -144,6 +145,8 @@ def _register() -> None:
     for depth in GRID_DEPTHS:
         for k in GRID_WIDTHS:
             add_model(wrn_name(depth, k), wrn, family=FAMILY, searchable=True, depth=depth, widen_factor=k)
+    register_scaling(FAMILY, WidthScaling(
+        "widen_factor", lambda kw: wrn_name(kw["depth"], kw["widen_factor"]), min_width=0.25))
 
 
 _register()

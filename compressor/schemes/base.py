@@ -55,6 +55,26 @@ class Scheme(nn.Module):
             if module is not self and hasattr(module, "set_epoch"):
                 module.set_epoch(epoch, num_epochs)
 
+    def bind_train_labels(self, labels: Tensor) -> None:
+        """Called by the trainer before training with the training split's labels (by sample
+        index): losses that sample by class (CRD's negatives) keep them."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "set_train_labels"):
+                module.set_train_labels(labels)
+
+    # -- two-stage methods: an initialisation phase before ordinary training -----------------
+    # The trainer (compressor/trainer/init_phase.py) asks init_phase_epochs(); when > 0 it calls
+    # set_phase("init"), trains that many epochs, then set_phase("main") and trains as usual.
+
+    def init_phase_epochs(self) -> int:
+        """Epochs of the initialisation phase this scheme needs before ordinary training (0: none)."""
+        return 0
+
+    def set_phase(self, phase: str) -> None:
+        """``"init"`` or ``"main"``: which objective and parameters the next epochs train."""
+        if phase not in ("init", "main"):
+            raise ValueError(f"unknown phase {phase!r}")
+
     def train(self, mode: bool = True) -> "Scheme":
         super().train(mode)
         for module in self.frozen_modules():

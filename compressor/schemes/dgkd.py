@@ -107,6 +107,7 @@ class DGKD(Scheme):
         num_train: int,
         ce_weight: float = 1.0,
         loss_options: Mapping[str, Mapping[str, Any]] | None = None,
+        label_smoothing: float = 0.0,
         drop_rate: float | None = None,
         teacher_names: Sequence[str] | None = None,
     ) -> None:
@@ -120,6 +121,7 @@ class DGKD(Scheme):
         self.student = student
         self.teacher_names = names
         self.ce_weight = float(ce_weight)
+        self.label_smoothing = float(label_smoothing)  # on the hard-label term only (the trainer's setting)
         self.drop_rate = check_drop_rate(drop_rate)
         self.student_taps = FeatureTaps(student, input_shape)
         self.teacher_taps = [FeatureTaps(t, input_shape) for t in self.teachers]
@@ -141,7 +143,8 @@ class DGKD(Scheme):
         student_out = self.student_taps(batch.x)
         terms: dict[str, Tensor] = {}
         if self.ce_weight:
-            terms["ce"] = self.ce_weight * F.cross_entropy(student_out.logits, batch.y)
+            terms["ce"] = self.ce_weight * F.cross_entropy(student_out.logits, batch.y,
+                                                           label_smoothing=self.label_smoothing)
         zero = student_out.logits.new_zeros((), dtype=torch.float32)
         for name, taps, losses, skip in zip(self.teacher_names, self.teacher_taps, self.losses, dropped):
             if skip:
@@ -191,5 +194,6 @@ def build_dgkd(request: SchemeRequest, student: nn.Module | None = None) -> DGKD
     return DGKD(
         teachers, student, spec.terms, input_shape=request.input_shape, num_classes=request.num_classes,
         num_train=request.num_train, ce_weight=spec.ce_weight, loss_options=loss_options_of(request),
+        label_smoothing=float(request.options.get("label_smoothing") or 0.0),
         drop_rate=request.options.get("drop_rate"), teacher_names=request.options.get("teacher_names"),
     )

@@ -17,6 +17,14 @@ both gradients taken at the same weights.
 The deployable is the best student on the validation split; every student's accuracy and the
 aggregate's (when it needs no labels) are reported each epoch.
 
+Training protocol (App. A.3): SGD with NESTEROV momentum 0.9, lr 0.05 (0.01 for MobileNetV2 and
+ShuffleNets), 240 epochs, lr / 10 at 150, 180 and 210, batch 64, weight decay 5e-4: the CRD benchmark's
+protocol with Nesterov momentum. :data:`MODREDUCE_TRAIN_DEFAULTS` is what a ModReduce stage adds
+to the dataset's protocol (the planner and ``kdcompress distill --scheme modreduce`` apply it).
+
+The knowledge each student learns is fixed by the method (above), so a stage's ``method`` is
+refused rather than recorded and ignored; the weights are the options below.
+
 Options: ``aggregator`` (wavg), ``temperature`` (4), ``hinton_weight`` (1), ``semckd_weight``
 (400), ``crd_weight`` (0.8), ``online_weight`` (1), ``batch_size`` (SemCKD's similarity size: the
 training batch size, 64), ``peers`` (three architectures, default three of the student).
@@ -51,6 +59,17 @@ STUDENTS = (
 )
 DEFAULT_WEIGHTS = {"hinton": 1.0, "semckd": 400.0, "crd": 0.8}
 DEFAULT_AGGREGATOR = "wavg"
+MODREDUCE_TRAIN_DEFAULTS = {"nesterov": True}  # App. A.3: "stochastic gradient descent with a Nesterov momentum of 0.9"
+
+
+def check_no_method(method: str | None) -> None:
+    """ModReduce's students learn fixed knowledge; a method spec would be recorded and ignored."""
+    if method:
+        raise UserError(
+            f"modreduce trains three students with fixed knowledge (Hinton KD; SemCKD + KD; CRD + KD) and takes no "
+            f"--method (got {method!r}): drop it, and set the weights with the hinton_weight, semckd_weight and "
+            "crd_weight options"
+        )
 
 
 class ModReduce(PeerSelection, Scheme):
@@ -120,6 +139,7 @@ def build_modreduce(request: SchemeRequest) -> ModReduce:
 
     if request.teacher is None:
         raise UserError("modreduce distils a frozen teacher into three students: give --teacher T.pt")
+    check_no_method(request.method)
     options = dict(request.options)
     archs = parse_peers(options.get("peers")) or [request.student_arch] * len(STUDENTS)
     if len(archs) != len(STUDENTS):

@@ -9,6 +9,7 @@ epochs 150, 180 and 210 of 240.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -80,8 +81,8 @@ class TrainConfig:
             problems.append(f"epochs must be at least 1 (got {self.epochs})")
         if self.batch_size < 1:
             problems.append(f"batch size must be at least 1 (got {self.batch_size})")
-        if not self.lr > 0:
-            problems.append(f"learning rate must be positive (got {self.lr})")
+        if not 0 < self.lr < math.inf:  # nan and inf fail here too: they would only diverge at the first step
+            problems.append(f"learning rate must be a positive finite number (got {self.lr})")
         if self.weight_decay < 0:
             problems.append(f"weight decay must be >= 0 (got {self.weight_decay})")
         if self.optimizer not in OPTIMIZERS:

@@ -23,7 +23,7 @@ from compressor.batch import Batch
 from compressor.errors import UserError
 from compressor.schemes.base import Scheme
 from compressor.threads import ThreadGovernor, measure_work, requested
-from compressor.trainer import distributed
+from compressor.trainer import distributed, init_phase
 from compressor.trainer.config import TrainConfig
 from compressor.trainer.distributed import DistContext
 from compressor.trainer.evaluate import EvalResult, evaluate, evaluate_many
@@ -229,9 +229,17 @@ def fit(
     if the caller has not, and lives until the process exits. CPU threads follow
     :mod:`compressor.threads` for the run (``--threads`` wins) and are put back afterwards.
     """
-    run = _Run(scheme, source, config, state_path=state_path, log_path=log_path,
-               ctx=ctx or distributed.setup(config.device), echo=echo)
-    with ThreadGovernor(_work_per_op(scheme, source, run), say=run.say, device_type=run.device.type) as run.threads:
+    ctx = ctx or distributed.setup(config.device)
+    # --- before the main run (init_phase.py): training labels for class-aware losses (CRD),
+    # and the init phase of a two-stage method (FSP), resumable on its own state file
+    init_phase.bind_train_labels(scheme, source)
+    say = echo if echo is not None and ctx.is_main else None
+    with ThreadGovernor(_work_per_op(scheme, source, config, ctx), say=say, device_type=ctx.device.type) as threads:
+        init_phase.run_init_phase(scheme, source, config, state_path=state_path, log_path=log_path, resume=resume,
+                                  echo=echo, ctx=ctx)
+        # ---
+        run = _Run(scheme, source, config, state_path=state_path, log_path=log_path, ctx=ctx, echo=echo)
+        run.threads = threads
         run.start(resume)
         try:
             for epoch in range(run.start_epoch, config.epochs):
@@ -241,12 +249,12 @@ def fit(
         return run.finish()
 
 
-def _work_per_op(scheme: Scheme, source: DataSourceLike, run: "_Run"):
+def _work_per_op(scheme: Scheme, source: DataSourceLike, config: TrainConfig, ctx: DistContext):
     """The largest op of the trained models at this rank's batch (CPU runs choosing their threads)."""
     shape = getattr(source, "input_shape", None)
-    if run.device.type != "cpu" or requested() is not None or shape is None:
+    if ctx.device.type != "cpu" or requested() is not None or shape is None:
         return None
-    return measure_work(list(scheme.eval_models().values()), tuple(shape), run.batch)
+    return measure_work(list(scheme.eval_models().values()), tuple(shape), max(1, config.batch_size // ctx.world_size))
 
 
 class _Run:
@@ -479,13 +487,14 @@ def _guard(bad_step: int | None, ctx: DistContext, epoch: int, step: int, steps:
         terms = f" ({shown})"
     done = len(history)
     if state_path is not None and done > 0:
-        kept = f"the last good training state (after epoch {done}) is kept at {state_path}"
+        kept = (f"the last good training state (after epoch {done}) is kept at {state_path}. Lower the learning "
+                "rate (or set grad_clip) and run again (--resume continues from the kept state)")
     else:
-        kept = "no epoch had finished, so there is no training state to keep"
+        kept = ("no epoch had finished, so there is no training state to keep. Lower the learning rate "
+                "(or set grad_clip) and run again")
     raise TrainingDiverged(
         f"training diverged: the loss became NaN or infinite at epoch {epoch + 1}, step {bad_step + 1} "
-        f"of {steps}{terms}; {kept}. Lower the learning rate (or set grad_clip) and run again "
-        "(--resume continues from the kept state)",
+        f"of {steps}{terms}; {kept}",
         epoch=epoch + 1, step=bad_step + 1, last_good_epoch=done,
     )
 

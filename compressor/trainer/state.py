@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from compressor.checkpoint import atomic_torch_save
+from compressor.checkpoint import atomic_torch_save, check_zip_integrity
 from compressor.errors import UserError
 
 STATE_FORMAT = "kdcompress-train-state"
@@ -37,6 +37,7 @@ def load_state(path: str | os.PathLike[str], map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no training state at {path}: nothing to resume (drop --resume to start afresh)")
+    check_zip_integrity(path)  # torch.load would read damaged bytes as weights without a word
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated, foreign, or not a torch file at all

@@ -23,6 +23,34 @@ class _Group(click.Group):
         except UserError as err:
             click.echo(f"error: {err}", err=True)
             ctx.exit(2)
+        except KeyboardInterrupt:  # Ctrl-C: say how to continue, with the shell's status for SIGINT
+            click.echo(f"interrupted: {_resume_hint(ctx)}", err=True)
+            ctx.exit(130)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        ctx.meta["kdcompress.command"] = (cmd, [name or "", *rest])  # what an interrupted command was
+        return name, cmd, rest
+
+
+def _resume_hint(ctx: click.Context) -> str:
+    """The command that continues an interrupted run (main command: --resume DIR; a sub-command
+    with a --resume flag: the same command line with it), or why there is none."""
+    import shlex
+
+    command, argv = ctx.meta.get("kdcompress.command", (None, []))
+    if command is None:
+        params = ctx.params
+        from recipes.compress import default_out_dir
+
+        run_dir = Path(params.get("resume_dir") or params.get("out")
+                       or default_out_dir(params.get("teacher"), params.get("budgets") or ()))
+        if not (run_dir / "plan.yaml").is_file():
+            return "the run had not started, so there is nothing to resume"
+        return f"continue with: kdcompress --resume {shlex.quote(str(run_dir))}"
+    if not any(param.name == "resume" for param in command.params):
+        return f"kdcompress {argv[0]} stopped before it finished"
+    return "continue with: kdcompress " + shlex.join(argv + ([] if "--resume" in argv else ["--resume"]))
 
 
 @click.group(cls=_Group, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})

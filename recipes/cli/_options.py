@@ -6,6 +6,7 @@ CLI is built on every call, and ``kdcompress --help`` must not pay seconds for t
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import click
@@ -55,6 +56,13 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
     if len(dims) != 3 or min(dims) <= 0:
         raise UserError(f"input shape {text!r} is not CxHxW, e.g. 3x32x32 or 1x8x8")
     return dims[0], dims[1], dims[2]
+
+
+def positive_finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """A click callback: a positive finite float (click's FloatRange lets inf and nan through), one line if not."""
+    if value is not None and not 0 < value < math.inf:
+        raise UserError(f"{param.opts[-1]} must be a positive finite number (got {value})")
+    return value
 
 
 def input_shape_option(default: str | None = "3x32x32"):
@@ -116,7 +124,8 @@ def planning_options(func):
         click.option("--latency-threads", default=1, show_default=True, type=click.IntRange(min=1),
                      help="onnxruntime intra-op threads for latency budgets"),
         click.option("--seed", default=0, show_default=True, type=int),
-        click.option("--preset", default=None, type=click.Path(dir_okay=False), help="run a hand-written plan YAML instead of planning"),
+        click.option("--preset", default=None, type=click.Path(dir_okay=False),
+                     help="a bundled preset name (recipes/presets) or a plan YAML, run instead of planning"),
         trust_option,
     ]
     for option in reversed(options):

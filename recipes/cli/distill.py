@@ -6,7 +6,8 @@ from __future__ import annotations
 import click
 
 from compressor.errors import UserError
-from recipes.cli._options import corruption_from_flags, corruption_options, threads_option, trust_option
+from recipes.cli._options import (corruption_from_flags, corruption_options, positive_finite, threads_option,
+                                  trust_option)
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -37,7 +38,7 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--hierarchical", is_flag=True, help="TCN: students learn from the level above (1 -> 2 -> 4 ...)")
 @click.option("--preset", default=None, help="a bundled preset name (recipes/presets) or a plan YAML file")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="default: the dataset's protocol")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--lr", type=float, callback=positive_finite, default=None)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present, else CPU), cpu, cuda:N")

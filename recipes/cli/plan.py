@@ -9,6 +9,7 @@ import click
 from recipes.cli._options import corruption_from_flags, planning_options
 
 if TYPE_CHECKING:
+    from compressor.data.corruptions import Corruption
     from recipes.plan import Plan
 
 
@@ -29,6 +30,29 @@ def print_plan(plan: Plan) -> None:
     click.echo(f"({FLOP_CONVENTION})")
 
 
+def preset_for_plan(preset: str, *, teacher: str | None, teacher_arch: str | None, data: str | None,
+                    method: str | None, seed: int | None, epochs: int | None, trust: bool,
+                    corruption: Corruption | None = None) -> Plan:
+    """A bundled preset (by name) or a plan file, its blanks filled from the command line as the main
+    command and `distill` fill them; the teacher is read (for its dataset), the data is not opened
+    unless given."""
+    from compressor.data.corruptions import Corruption
+    from recipes.context import resolve_inputs
+    from recipes.distill_plan import load_preset, preset_plan
+
+    raw = load_preset(preset)
+    teacher = teacher or raw.get("teacher")  # a saved plan names its teacher
+    corruption = corruption or Corruption.from_dict(raw.get("corruption"))  # and its corruptions
+    if teacher is not None or data is not None:
+        inputs = resolve_inputs(teacher, data, arch=teacher_arch, trust=trust, load_data=False, seed=seed or 0,
+                                corruption=corruption)
+        data = inputs.data_spec
+        for note in inputs.notes:
+            click.echo(note, err=True)
+    return preset_plan(preset, teacher=teacher, data=data, teacher_arch=teacher_arch, method=method, seed=seed,
+                       train={"epochs": epochs}, corruption=corruption)
+
+
 @click.command("plan")
 @planning_options
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="also write the plan as YAML")
@@ -36,11 +60,11 @@ def command(teacher, teacher_arch, budgets, data, recipe, method, family, gap_th
             seed, preset, trust, label_noise, imbalance, imbalance_gamma, output) -> None:
     """Plan a compression (student search, recipe, stages) and explain it; trains nothing."""
     from recipes.api import plan_compression
-    from recipes.plan import Plan
 
     corruption = corruption_from_flags(label_noise, imbalance, imbalance_gamma)
     if preset:
-        plan = Plan.load(preset)
+        plan = preset_for_plan(preset, teacher=teacher, teacher_arch=teacher_arch, data=data, method=method,
+                               seed=seed, epochs=epochs, trust=trust, corruption=corruption)
     else:
         plan, inputs = plan_compression(
             teacher=teacher, budgets=budgets, data=data, teacher_arch=teacher_arch, recipe=recipe, method=method,

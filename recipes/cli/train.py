@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from recipes.cli._options import LazyChoice, corruption_from_flags, corruption_options, threads_option
+from recipes.cli._options import LazyChoice, corruption_from_flags, corruption_options, positive_finite, threads_option
 
 
 def _optimizers() -> list[str]:
@@ -40,7 +40,7 @@ def _milestones(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="the model file to write; its training state goes to OUTPUT.state, its metrics to OUTPUT.jsonl")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="default: the dataset's protocol")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="initial learning rate")
+@click.option("--lr", type=float, callback=positive_finite, default=None, help="initial learning rate")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="global batch (split over torchrun processes)")
 @click.option("--optimizer", type=LazyChoice(_optimizers), default=None)
 @click.option("--schedule", type=LazyChoice(_schedules), default=None)

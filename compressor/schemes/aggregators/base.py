@@ -12,6 +12,7 @@ Adding an aggregator is one module in this package with ``@register_aggregator("
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -137,12 +138,21 @@ def aggregator_class(name: str) -> AggregatorClass:
 
 
 def build_aggregator(name: str, info: CohortInfo, group: PeerGroup | None = None, **hparams: Any) -> Aggregator:
-    """Build by name; ``hparams`` the aggregator does not take are a user error naming them."""
+    """Build by name; ``hparams`` the aggregator does not take are a user error naming them.
+
+    The keywords are checked against the constructor's signature BEFORE it runs, so a TypeError
+    raised inside a constructor (a bug) keeps its traceback instead of passing for a user mistake.
+    """
     cls = aggregator_class(name)
-    try:
-        agg = cls(info, **hparams)
-    except TypeError as err:
-        raise UserError(f"aggregator {name!r}: {err}") from None
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        accepted = [k for k, p in params.items() if k not in ("self", "info")
+                    and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        unknown = sorted(set(hparams) - set(accepted))
+        if unknown:
+            raise UserError(f"aggregator {name!r} takes no option {', '.join(map(repr, unknown))}; "
+                            f"it takes {', '.join(accepted) or 'none'}")
+    agg = cls(info, **hparams)
     if group is not None:
         agg.bind(group)
     return agg
