@@ -380,3 +380,16 @@ def test_imbalance_gamma_alone_uses_the_papers_ratio():
     counts = skewed.class_counts("train")
     assert skewed.num_train < balanced.num_train
     assert max(counts) / min(counts) >= 19  # rho = 20, up to flooring
+
+
+def test_digits_read_from_the_bundled_file_equal_scikit_learns_loader():
+    """digits.csv.gz is read directly (no sklearn.datasets import at start-up); same pixels and labels."""
+    from sklearn.datasets import load_digits
+
+    from compressor.data.digits import digits_arrays
+
+    images, labels = digits_arrays()
+    bunch = load_digits()
+    expected = torch.from_numpy(bunch.images).mul(255.0 / 16.0).round().clamp(0, 255).to(torch.uint8).unsqueeze(1)
+    assert torch.equal(images, expected)
+    assert torch.equal(labels, torch.from_numpy(bunch.target).to(torch.int64))
