@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budgets", nargs="+", default=["1MFLOPs", "5MFLOPs"])
+    parser.add_argument("--noise-epochs", type=int, default=None, help="epochs of the label-noise rows (default: --epochs)")
     parser.add_argument("--osakd-epochs", type=int, default=10)
     parser.add_argument("--osakd-lr", type=float, default=0.01)
     parser.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each")
@@ -155,6 +156,7 @@ def main() -> None:
         write_subset(source, data_dir, args.train_size)
     data = f"fashion-mnist:{data_dir}"
     epochs = str(args.epochs)
+    noise_epochs = args.noise_epochs or args.epochs
 
     def save(extra: dict[str, Any] | None = None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -213,15 +215,16 @@ def main() -> None:
                                                             "--out", str(folder), "--force"),
                                 report_row(folder), weight=6, meta={"row": f"main {budget}", "seed": seed}))
         if "noise" not in args.skip:
-            path = work / f"noisy-vanilla-s{s}.pt"
-            jobs.append(Job(f"noisy vanilla/s{s}", cli("train", "--arch", student, *base_train, "--epochs", epochs,
-                                                        "--label-noise", str(NOISE), "--seed", s, "-o", str(path)),
-                            checkpoint_top1(path), weight=1, meta={"row": "noise 0.4: vanilla", "seed": seed}))
-            path = work / f"noisy-hinton-s{s}.pt"
-            jobs.append(Job(f"noisy hinton/s{s}", cli("distill", "--teacher", str(noisy_teacher), "--student", student,
-                                                       "--method", "hinton", *base_train, "--epochs", epochs,
-                                                       "--label-noise", str(NOISE), "--seed", s, "-o", str(path)),
-                            checkpoint_top1(path), weight=3, meta={"row": "noise 0.4: hinton", "seed": seed}))
+            e = str(noise_epochs)
+            path = work / f"noisy-vanilla-e{e}-s{s}.pt"
+            jobs.append(Job(f"noisy vanilla e{e}/s{s}", cli("train", "--arch", student, *base_train, "--epochs", e,
+                                                             "--label-noise", str(NOISE), "--seed", s, "-o", str(path)),
+                            checkpoint_top1(path), weight=1, meta={"row": f"noise 0.4, {e} epochs: vanilla", "seed": seed}))
+            path = work / f"noisy-hinton-e{e}-s{s}.pt"
+            jobs.append(Job(f"noisy hinton e{e}/s{s}", cli("distill", "--teacher", str(noisy_teacher), "--student", student,
+                                                            "--method", "hinton", *base_train, "--epochs", e,
+                                                            "--label-noise", str(NOISE), "--seed", s, "-o", str(path)),
+                            checkpoint_top1(path), weight=3, meta={"row": f"noise 0.4, {e} epochs: hinton", "seed": seed}))
         if "osakd" not in args.skip:
             common = ["--data", data, "-q", "--epochs", str(args.osakd_epochs), "--batch-size", "64",
                       "--lr", str(args.osakd_lr), "--seed", s]
@@ -251,14 +254,15 @@ def summarise(results: dict[str, Any], state: dict[str, Any], args: argparse.Nam
     print("| row | student | n | test top-1 mean (sd) | KD gain (points) |")
     print("|---|---|---|---|---|")
     summary: dict[str, Any] = {}
-    reference_of = {**{m: "vanilla" for m in METHODS}, "noise 0.4: hinton": "noise 0.4: vanilla",
-                    "osakd cnn: osakd": "osakd cnn: plain"}
+    noise_rows = sorted({r for r in rows if r.startswith("noise")}, key=lambda r: (int(r.split(", ")[1].split()[0]), r[-7:] != "vanilla"))
+    reference_of = {**{m: "vanilla" for m in METHODS}, "osakd cnn: osakd": "osakd cnn: plain",
+                    **{r: r.replace(": hinton", ": vanilla") for r in noise_rows if r.endswith(": hinton")}}
 
     def mean_of(row: str) -> float | None:
         accs = [r["test_top1"] for r in rows.get(row, []) if r.get("test_top1") is not None]
         return statistics.mean(accs) if accs else None
 
-    order = ["vanilla", *METHODS, *(f"main {b}" for b in args.budgets), "noise 0.4: vanilla", "noise 0.4: hinton",
+    order = ["vanilla", *METHODS, *(f"main {b}" for b in args.budgets), *noise_rows,
              "osakd cnn: plain", "osakd cnn: osakd"]
     for row in order:
         records = rows.get(row, [])
