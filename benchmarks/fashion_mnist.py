@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budgets", nargs="+", default=["1MFLOPs", "5MFLOPs"])
     parser.add_argument("--noise-epochs", type=int, default=None, help="epochs of the label-noise rows (default: --epochs)")
+    parser.add_argument("--noise-student", default=None, help="student of the label-noise rows (default: the 1 MFLOPs one)")
     parser.add_argument("--osakd-epochs", type=int, default=10)
     parser.add_argument("--osakd-lr", type=float, default=0.01)
     parser.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each")
@@ -215,16 +216,18 @@ def main() -> None:
                                                             "--out", str(folder), "--force"),
                                 report_row(folder), weight=6, meta={"row": f"main {budget}", "seed": seed}))
         if "noise" not in args.skip:
-            e = str(noise_epochs)
-            path = work / f"noisy-vanilla-e{e}-s{s}.pt"
-            jobs.append(Job(f"noisy vanilla e{e}/s{s}", cli("train", "--arch", student, *base_train, "--epochs", e,
+            e, arch = str(noise_epochs), args.noise_student or student
+            tag = f"e{e}" + ("" if arch == student else f" {arch}")
+            label = f"noise 0.4, {e} epochs" + ("" if arch == student else f", {arch}")
+            path = work / f"noisy-vanilla-{tag.replace(' ', '-')}-s{s}.pt"
+            jobs.append(Job(f"noisy vanilla {tag}/s{s}", cli("train", "--arch", arch, *base_train, "--epochs", e,
+                                                              "--label-noise", str(NOISE), "--seed", s, "-o", str(path)),
+                            checkpoint_top1(path), weight=1, meta={"row": f"{label}: vanilla", "seed": seed, "arch": arch}))
+            path = work / f"noisy-hinton-{tag.replace(' ', '-')}-s{s}.pt"
+            jobs.append(Job(f"noisy hinton {tag}/s{s}", cli("distill", "--teacher", str(noisy_teacher), "--student", arch,
+                                                             "--method", "hinton", *base_train, "--epochs", e,
                                                              "--label-noise", str(NOISE), "--seed", s, "-o", str(path)),
-                            checkpoint_top1(path), weight=1, meta={"row": f"noise 0.4, {e} epochs: vanilla", "seed": seed}))
-            path = work / f"noisy-hinton-e{e}-s{s}.pt"
-            jobs.append(Job(f"noisy hinton e{e}/s{s}", cli("distill", "--teacher", str(noisy_teacher), "--student", student,
-                                                            "--method", "hinton", *base_train, "--epochs", e,
-                                                            "--label-noise", str(NOISE), "--seed", s, "-o", str(path)),
-                            checkpoint_top1(path), weight=3, meta={"row": f"noise 0.4, {e} epochs: hinton", "seed": seed}))
+                            checkpoint_top1(path), weight=3, meta={"row": f"{label}: hinton", "seed": seed, "arch": arch}))
         if "osakd" not in args.skip:
             common = ["--data", data, "-q", "--epochs", str(args.osakd_epochs), "--batch-size", "64",
                       "--lr", str(args.osakd_lr), "--seed", s]
@@ -282,7 +285,7 @@ def summarise(results: dict[str, Any], state: dict[str, Any], args: argparse.Nam
         else:
             reference = reference_of.get(row)
             ref = mean_of(reference) if reference else None
-            arch = state.get("student", "") if not row.startswith("osakd") else "osakd_fmnist_cnn"
+            arch = records[0].get("arch") or (state.get("student", "") if not row.startswith("osakd") else "osakd_fmnist_cnn")
             gain = f"{mean - ref:+.2f}" if ref is not None else "-"
         summary[row] = {"mean": mean, "sd": sd, "n": len(accs), "errors": errors}
         note = f" ({len(errors)} failed)" if errors else ""
