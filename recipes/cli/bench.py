@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from compressor.atomic import check_writable
 from compressor.errors import UserError
 from recipes.cli._options import input_shape_option, parse_input_shape, trust_option
 
@@ -36,6 +37,8 @@ def command(model: str, batch: int, threads: str, runs: int, min_time: float, wa
     from export.metadata import read_metadata
     from export.runtime import available_providers
 
+    if json_path:
+        check_writable(json_path)  # before the timing, not after it
     timing = Timing(warmup=warmup, min_runs=runs, min_time=min_time, max_runs=max(runs, 100_000))
     counts = thread_counts(threads)
     provider, torch_device = _device(device, available_providers())
