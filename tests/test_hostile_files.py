@@ -178,3 +178,118 @@ def test_bench_times_a_model_with_a_fixed_batch_at_that_batch(cli, tmp_path):
     result = cli("bench", path, "--runs", "1", "--warmup", "0", "--min-time", "0", "--threads", "1", "--batch", "4")
     assert result.exit_code == 0, result.output
     assert "fixed at 1" in result.output
+
+
+# --- images in an image folder --------------------------------------------------------------------
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG that declares width x height grey pixels: what a decompression bomb looks like."""
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b"")
+
+
+def _valid_png(seed: int = 0, size: int = 12) -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _valid_jpeg(seed: int = 0, size: int = 32) -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _bad_images() -> dict[str, tuple[bytes, str]]:
+    png = _valid_png()
+    damaged = bytearray(png)
+    damaged[len(png) // 2] ^= 0xFF  # inside the pixel data: its chunk CRC no longer matches
+    return {
+        "bomb.png": (_png_header_only(100_000, 100_000), "too large to decode safely"),
+        "warned-bomb.png": (_png_header_only(10_000, 10_000), "too large to decode safely"),  # PIL only warns
+        "truncated.png": (png[: len(png) // 2], "cannot read image"),
+        "damaged.png": (bytes(damaged), "cannot read image"),
+        "text.jpg": (b"this is a note, not a photo\n", "cannot read image"),
+        "archive.png": (b"PK\x03\x04" + bytes(60), "cannot read image"),
+        "empty.jpeg": (b"", "cannot read image"),
+        "jpeg-header-only.jpg": (b"\xff\xd8\xff\xe0" + bytes(12), "cannot read image"),
+    }
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_image_folder_with_a_broken_or_hostile_image_is_refused_before_training(tmp_path, split):
+    from compressor.data import load_source
+    from tests.fake_data import write_imagefolder
+
+    for name, (data, message) in _bad_images().items():
+        root = tmp_path / f"{split}-{name}"
+        write_imagefolder(root, per_class={"train": 4, "val": 2})
+        bad = root / split / "dog" / name
+        bad.write_bytes(data)
+        with pytest.raises(UserError, match=message) as err:
+            load_source(f"imagefolder:{root}", num_workers=0)
+        assert str(bad) in str(err.value) and "\n" not in str(err.value), name
+
+
+def test_train_on_a_folder_with_a_truncated_png_in_val_stops_at_once_in_one_line(cli, tmp_path):
+    from tests.fake_data import write_imagefolder
+
+    write_imagefolder(tmp_path / "data", per_class={"train": 4, "val": 2})
+    png = (tmp_path / "data" / "val" / "cat" / "0.png").read_bytes()
+    (tmp_path / "data" / "val" / "cat" / "0.png").write_bytes(png[: len(png) // 2])
+    result = cli("train", "--arch", "resnet8", "--data", f"imagefolder:{tmp_path / 'data'}", "-o",
+                 str(tmp_path / "m.pt"), "--epochs", "1")
+    assert result.exit_code == 2
+    assert "val/cat/0.png" in _one_line(result.output)  # no epoch line: refused before training
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_a_jpeg_cut_in_its_scan_data_is_one_line_even_from_a_loader_worker(tmp_path):
+    """Verifying reads no JPEG pixels (the statistics pass decodes at most 2000 train images): a file
+    found broken at load, here in a DataLoader worker process, is one line too."""
+    from compressor.data import load_source
+    from tests.fake_data import write_imagefolder
+
+    write_imagefolder(tmp_path, per_class={"train": 4, "val": 2})
+    source = load_source(f"imagefolder:{tmp_path}", num_workers=1)
+    jpeg = _valid_jpeg()
+    bad = tmp_path / "train" / "eel" / "1.png"
+    bad.write_bytes(jpeg[: len(jpeg) * 2 // 3])  # damaged after the source was built
+    with pytest.raises(UserError) as err:
+        for split in ("train", "val"):  # the hold-out val split is drawn from train/
+            for _ in source.loader(split, 4, shuffle=False, augment=False):
+                pass
+    assert str(err.value).startswith(f"cannot read image {bad}: ") and "truncated" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_image_fuzz_random_and_mutated_files_are_read_or_refused(tmp_path):
+    from compressor.data.imagefolder import load_image, verify_images
+
+    rng = random.Random(5)
+    inputs = [rng.randbytes(rng.randint(0, 300)) for _ in range(20)]
+    inputs += _mutations(_valid_png(1), 6, 30, keep=8) + _mutations(_valid_jpeg(2), 7, 30, keep=2)
+    refused = 0
+    for i, data in enumerate(inputs):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(data)
+        try:
+            verify_images([path])
+            load_image(path)
+        except UserError as err:
+            assert "\n" not in str(err)
+            refused += 1
+    assert refused >= 50  # all random bytes and the damaged PNGs; some damaged JPEGs still decode
