@@ -293,3 +293,216 @@ def test_image_fuzz_random_and_mutated_files_are_read_or_refused(tmp_path):
             assert "\n" not in str(err)
             refused += 1
     assert refused >= 50  # all random bytes and the damaged PNGs; some damaged JPEGs still decode
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+class _Call:
+    """Unpickling this calls ``fn(*args)``: a pickle that runs code."""
+
+    def __init__(self, fn, *args) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return (self.fn, self.args)
+
+
+def _meta() -> ModelMeta:
+    return ModelMeta(arch="resnet8", num_classes=10, in_chans=1, input_size=(8, 8), mean=(0.5,), std=(0.25,),
+                     dataset="digits", class_names=[str(i) for i in range(10)])
+
+
+def _good_checkpoint(path: Path) -> Path:
+    torch.manual_seed(0)
+    save_model(path, create("resnet8", num_classes=10, in_chans=1), _meta())
+    return path
+
+
+def _rewrite_zip(src: Path, dst: Path, change) -> Path:
+    """Copy a zip checkpoint, passing each member's bytes through ``change(name, data)`` (CRCs redone)."""
+    import copy
+
+    with zipfile.ZipFile(src) as old, zipfile.ZipFile(dst, "w") as new:
+        for info in old.infolist():
+            new.writestr(copy.copy(info), change(info.filename, old.read(info.filename)))
+    return dst
+
+
+def _lying_checkpoints(tmp_path: Path) -> dict[Path, str]:
+    """Checkpoints whose tensor storages lie about their size, zip and legacy."""
+    n = 123457
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(n)}, plain)
+    numel = b"J" + struct.pack("<i", n)
+    cases = {}
+    for label, claim in (("huge", b"\x8a\x06" + (2**40).to_bytes(6, "little")), ("negative", b"J" + struct.pack("<i", -5)),
+                         ("bigger", b"J" + struct.pack("<i", n + 1))):
+        cases[_rewrite_zip(plain, tmp_path / f"storage-{label}.pt", lambda name, data, c=claim:
+                           data.replace(numel, c, 1) if name.endswith("data.pkl") else data)] = "not a PyTorch checkpoint"
+    # the storage is right, the tensor built on it claims more elements than it holds
+    cases[_rewrite_zip(plain, tmp_path / "view-bigger.pt", lambda name, data: data[::-1].replace(
+        numel[::-1], (b"J" + struct.pack("<i", 4 * n))[::-1], 1)[::-1] if name.endswith("data.pkl") else data)] = \
+        "not a PyTorch checkpoint"
+    cases[_rewrite_zip(plain, tmp_path / "storage-short.pt", lambda name, data:
+                       data[: len(data) // 2] if name.endswith("/data/0") else data)] = "not a PyTorch checkpoint"
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.zeros(n)}, legacy, _use_new_zipfile_serialization=False)
+    raw = legacy.read_bytes()
+    at = raw.rfind(struct.pack("<q", n))  # the storage's own size field, just before its bytes
+    for label, claim in (("huge", 2**40), ("bigger", n + 1), ("negative", -1)):
+        path = tmp_path / f"legacy-{label}.pt"
+        path.write_bytes(raw[:at] + struct.pack("<q", claim) + raw[at + 8:])
+        cases[path] = "not a PyTorch checkpoint"
+    return cases
+
+
+def test_checkpoints_that_hide_code_or_lie_about_sizes_are_refused_by_every_reader(cli, tmp_path):
+    marker = tmp_path / "pwned"
+    payloads = {"open": _Call(open, str(marker), "w"), "builtins.exec": _Call(exec, f"open({str(marker)!r}, 'w')"),
+                "builtins.eval": _Call(eval, f"open({str(marker)!r}, 'w')"), "os.system": _Call(os.system, f"touch {marker}")}
+    cases: dict[Path, str] = {}
+    good = torch.load(_good_checkpoint(tmp_path / "good.pt"), weights_only=True)
+    for name, payload in payloads.items():
+        hidden = {**good, "state_dict": {**good["state_dict"], "extra": [{"deep": (1, [payload])}]}}
+        for legacy in (False, True):
+            path = tmp_path / f"{name}-{'legacy' if legacy else 'zip'}.pt"
+            torch.save(hidden, path, _use_new_zipfile_serialization=not legacy)
+            cases[path] = "--trust-checkpoint"
+        path = tmp_path / f"{name}-pickle.pt"
+        path.write_bytes(pickle.dumps({"meta": good["meta"], "extra": {"x": [payload]}}))
+        cases[path] = "--trust-checkpoint"
+    cases.update(_lying_checkpoints(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    for path, message in cases.items():
+        with pytest.raises(UserError, match=message):
+            load_model(path)
+        for args in (["eval", str(path)], ["export", str(path), "-o", str(out / "x.onnx")],
+                     ["bench", str(path), "--runs", "1", "--warmup", "0", "--min-time", "0", "--threads", "1"],
+                     ["flops", str(path)]):
+            result = cli(*args)
+            assert result.exit_code == 2, (path.name, args[0], result.output)
+            assert message in _one_line(result.output), (path.name, args[0])
+        assert not marker.exists(), path.name
+    assert not any(out.iterdir())
+    assert len(cases) == 20
+
+
+def test_checkpoint_fuzz_mutated_zip_and_legacy_files_are_read_or_refused(tmp_path):
+    good = _good_checkpoint(tmp_path / "good.pt")
+    legacy = tmp_path / "legacy.pt"
+    torch.save(torch.load(good, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    inputs = _mutations(good.read_bytes(), 11, 40) + _mutations(legacy.read_bytes(), 12, 40)
+    rng = random.Random(13)
+    inputs += [rng.randbytes(rng.randint(0, 2000)) for _ in range(10)]
+    refused = 0
+    for i, data in enumerate(inputs):
+        path = tmp_path / f"{i}.pt"
+        path.write_bytes(data)
+        try:
+            load_model(path)
+        except UserError as err:
+            assert "\n" not in str(err), i
+            refused += 1
+        path.unlink()
+    assert refused >= len(inputs) * 3 // 4
+
+
+# --- CIFAR pickles ------------------------------------------------------------------------------
+def test_cifar_batches_that_run_code_or_lie_are_refused_and_run_nothing(tmp_path):
+    from compressor.data import load_source
+    from tests.fake_data import py2_pickle, write_cifar
+
+    marker = tmp_path / "pwned"
+    rows = np.zeros((2, 3072), dtype=np.uint8)
+    lying = py2_pickle({b"labels": [0, 1], b"data": rows}).replace(struct.pack("<i", 2 * 3072), struct.pack("<i", 8 * 3072), 1)
+    cases = {
+        "os.system": pickle.dumps({"labels": [0], "data": _Call(os.system, f"touch {marker}")}),
+        "builtins.exec": pickle.dumps({"labels": [_Call(exec, f"open({str(marker)!r}, 'w')")], "data": rows}),
+        "object array": pickle.dumps({"labels": np.array([_Call(os.system, f"touch {marker}")], dtype=object),
+                                      "data": rows}),
+        "nested": py2_pickle({b"labels": [0, 1], b"data": rows, b"x": [{b"y": (_Call(eval, "1"),)}]}),
+        "array larger than its bytes": lying,
+        "not a dict": pickle.dumps([rows]),
+    }
+    for name, data in cases.items():
+        root = write_cifar(tmp_path / name.replace(" ", "-"), kind="cifar10", per_class_train=1)
+        (root / "cifar-10-batches-py" / "data_batch_2").write_bytes(data)
+        with pytest.raises(UserError, match="data_batch_2") as err:
+            load_source(f"cifar10:{root}")
+        assert "\n" not in str(err.value) and not marker.exists(), name
+
+
+def test_cifar_fuzz_random_and_mutated_pickles_are_read_or_refused(tmp_path):
+    from compressor.data.cifar import read_batch
+    from tests.fake_data import py2_pickle
+
+    rows = np.random.default_rng(0).integers(0, 256, (4, 3072), dtype=np.uint8)
+    batch = {b"batch_label": b"b1", b"labels": [0, 1, 2, 3], b"data": rows, b"filenames": [b"a.png"] * 4}
+    valid = [py2_pickle(batch), pickle.dumps(batch, protocol=2), pickle.dumps(batch, protocol=4)]
+    rng = random.Random(21)
+    inputs = [rng.randbytes(rng.randint(0, 500)) for _ in range(20)]
+    for seed, data in enumerate(valid):
+        inputs += _mutations(data, 30 + seed, 25, keep=2)
+    path = tmp_path / "data_batch_1"
+    refused = 0
+    for data in inputs:
+        path.write_bytes(data)
+        try:
+            read_batch(path)
+        except UserError as err:
+            assert "\n" not in str(err)
+            refused += 1
+    assert refused >= 20
+
+
+# --- IDX files ----------------------------------------------------------------------------------
+def test_idx_files_with_lying_headers_or_gzip_bombs_are_refused_without_inflating_them(tmp_path):
+    import tracemalloc
+
+    from compressor.data.idx import IMAGES_MAGIC, read_idx
+
+    huge = struct.pack(">IIII", IMAGES_MAGIC, 2**31 - 1, 2**31 - 1, 2**31 - 1)
+    small = struct.pack(">IIII", IMAGES_MAGIC, 10, 28, 28)
+    bomb = bytes(64 << 20)  # 64 MiB of zeros: 64 KiB compressed
+    cases = {
+        "huge-header.idx": (huge + bytes(100), "truncated"),
+        "huge-header.gz": (gzip.compress(huge + bytes(100)), "more than the 4 GiB"),
+        "bomb-claimed.gz": (gzip.compress(huge + bomb, compresslevel=1), "more than the 4 GiB"),
+        "bomb-unclaimed.gz": (gzip.compress(small + bomb, compresslevel=1), "longer than its header says"),
+        "bomb-not-idx.gz": (gzip.compress(b"\x12\x34\x56\x78" + bomb, compresslevel=1), "IDX magic number 0x12345678"),
+        "short.gz": (gzip.compress(small + bytes(100)), "truncated"),
+        "not-gzip.gz": (b"\x1f\x8b" + bytes(50), "corrupt .gz"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        tracemalloc.start()
+        try:
+            with pytest.raises(UserError, match=message) as err:
+                read_idx(tmp_path / name, IMAGES_MAGIC)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert str(tmp_path / name) in str(err.value) and "\n" not in str(err.value), name
+        assert peak < 8 << 20, (name, peak)  # the 64 MiB inside a bomb is never inflated
+
+
+def test_idx_fuzz_random_and_mutated_files_are_read_or_refused(tmp_path):
+    from compressor.data.idx import IMAGES_MAGIC, LABELS_MAGIC, encode_idx, read_idx
+
+    images = encode_idx(np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8))
+    labels = encode_idx(np.arange(5, dtype=np.uint8))
+    rng = random.Random(41)
+    inputs = [(rng.randbytes(rng.randint(0, 300)), IMAGES_MAGIC, False) for _ in range(20)]
+    inputs += [(d, IMAGES_MAGIC, False) for d in _mutations(images, 42, 25)]
+    inputs += [(d, LABELS_MAGIC, False) for d in _mutations(labels, 43, 15)]
+    inputs += [(d, IMAGES_MAGIC, True) for d in _mutations(gzip.compress(images), 44, 25, keep=2)]
+    refused = 0
+    for i, (data, magic, gz) in enumerate(inputs):
+        path = tmp_path / (f"{i}.gz" if gz else f"{i}.idx")
+        path.write_bytes(data)
+        try:
+            read_idx(path, magic)
+        except UserError as err:
+            assert "\n" not in str(err)
+            refused += 1
+    assert refused >= len(inputs) * 3 // 4
