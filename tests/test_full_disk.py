@@ -253,3 +253,14 @@ def test_a_real_full_tmpfs(cli, tmp_path):
             line = _one_line(result.output)
             assert "No space left on device" in line and str(folder) in line, (name, line)
             assert _tree(folder) == before, name
+
+
+def test_a_cost_cache_on_a_full_disk_or_damaged_is_only_a_slower_search(tmp_path):
+    from compressor.cost import _DiskCache
+
+    cache = _DiskCache(tmp_path / "cost-cache.json")
+    with _full_disk(tmp_path):
+        cache.put("k", {"flops": 1})  # the write fails: no error, the value is kept in memory
+    assert cache.get("k") == {"flops": 1} and not (tmp_path / "cost-cache.json").exists()
+    (tmp_path / "cost-cache.json").write_text("[1, 2]")  # valid JSON, not a cache
+    assert _DiskCache(tmp_path / "cost-cache.json").get("k") is None
