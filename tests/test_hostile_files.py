@@ -506,3 +506,46 @@ def test_idx_fuzz_random_and_mutated_files_are_read_or_refused(tmp_path):
             assert "\n" not in str(err)
             refused += 1
     assert refused >= len(inputs) * 3 // 4
+
+
+def test_onnx_fuzz_mutated_models_are_read_or_refused_by_what_bench_reads(tmp_path):
+    """bench reads an ONNX file through kind_of, its input check, its metadata and an onnxruntime
+    session: damaged copies of a small convolutional model with our metadata either pass all four
+    or are refused with one line."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export.io import kind_of, metadata_from_model_meta
+    from export.latency import fixed_batch, onnx_input_shape
+    from export.metadata import read_metadata, write_metadata
+    from export.runtime import make_session
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 1, 3, 3], np.linspace(-1, 1, 36).tolist())
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("GlobalAveragePool", ["c"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [weight])
+    proto = write_metadata(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                           metadata_from_model_meta(_meta()))
+    valid = proto.SerializeToString()
+    inputs = _mutations(valid, 51, 60)
+    refused = 0
+    for i, data in enumerate(inputs):
+        path = tmp_path / f"{i}.onnx"
+        path.write_bytes(data)
+        try:
+            if kind_of(path) != "onnx":
+                continue  # taken for a checkpoint: the checkpoint fuzz covers that reader
+            fixed_batch(path)
+            read_metadata(path)
+            onnx_input_shape(path)
+            make_session(path, threads=1)
+        except UserError as err:
+            assert "\n" not in str(err), i
+            refused += 1
+    assert refused >= 20
+    ok = tmp_path / "ok.onnx"  # the undamaged model passes every step
+    ok.write_bytes(valid)
+    assert kind_of(ok) == "onnx" and fixed_batch(ok) is None and onnx_input_shape(ok) == (1, 8, 8)
+    assert read_metadata(ok).in_chans == 1 and make_session(ok, threads=1).get_inputs()[0].name == "x"
