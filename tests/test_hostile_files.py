@@ -356,6 +356,8 @@ def _lying_checkpoints(tmp_path: Path) -> dict[Path, str]:
 
 
 def test_checkpoints_that_hide_code_or_lie_about_sizes_are_refused_by_every_reader(cli, tmp_path):
+    from compressor.trainer.state import load_state
+
     marker = tmp_path / "pwned"
     payloads = {"open": _Call(open, str(marker), "w"), "builtins.exec": _Call(exec, f"open({str(marker)!r}, 'w')"),
                 "builtins.eval": _Call(eval, f"open({str(marker)!r}, 'w')"), "os.system": _Call(os.system, f"touch {marker}")}
@@ -382,6 +384,9 @@ def test_checkpoints_that_hide_code_or_lie_about_sizes_are_refused_by_every_read
             result = cli(*args)
             assert result.exit_code == 2, (path.name, args[0], result.output)
             assert message in _one_line(result.output), (path.name, args[0])
+        with pytest.raises(UserError) as err:  # the same file given as a training state (--resume)
+            load_state(path)
+        assert "\n" not in str(err.value), path.name
         assert not marker.exists(), path.name
     assert not any(out.iterdir())
     assert len(cases) == 20
