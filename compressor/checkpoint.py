@@ -288,10 +288,34 @@ def _from_ours(obj: dict, path: str, arch: str | None, num_classes: int | None) 
     if arch is not None and arch != meta.arch:
         raise UserError(f"{path} holds a {meta.arch}, not a {arch}; drop --arch or pick the right file")
     _check_classes(path, meta.num_classes, num_classes)
+    _check_meta_size(meta, obj["state_dict"], path)
     model = _build(meta.arch, meta.num_classes, meta.in_chans, meta.arch_kwargs)
     _load_weights(model, obj["state_dict"], path, meta.arch)
     return LoadedModel(model.eval(), meta, dict(obj.get("metrics") or {}), obj.get("plan"),
                        dict(obj.get("extra") or {}), FORMAT, path)
+
+
+def _check_meta_size(meta: ModelMeta, state: dict, path: str) -> None:
+    """Refuse a meta record that describes a model far larger than the weights the file holds.
+
+    The model is built from ``meta`` before the weights are compared with it, so a meta that lies
+    (``num_classes: 10000000000``) would allocate terabytes first. Built on the ``meta`` device,
+    where tensors have shapes but no memory, its size is known for free. Only a model much larger
+    than the weights is refused here; any other mismatch is left to the weight check, which names
+    the layers that differ."""
+    try:
+        with torch.device("meta"):
+            probe = _build(meta.arch, meta.num_classes, meta.in_chans, meta.arch_kwargs)
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - an architecture that cannot be built on the meta device: no guard
+        return
+    described = sum(t.numel() for t in probe.state_dict().values())
+    held = sum(int(t.numel()) for t in state.values())
+    if described > 4 * held + 1_000_000:
+        raise UserError(f"{path}: its meta record describes a {meta.arch} of {described:,} weight values "
+                        f"({meta.num_classes} classes, {meta.in_chans} input channels) but the file holds "
+                        f"{held:,}; the file is damaged or was edited")
 
 
 def _from_state_dict(

@@ -373,6 +373,10 @@ def test_checkpoints_that_hide_code_or_lie_about_sizes_are_refused_by_every_read
         path.write_bytes(pickle.dumps({"meta": good["meta"], "extra": {"x": [payload]}}))
         cases[path] = "--trust-checkpoint"
     cases.update(_lying_checkpoints(tmp_path))
+    for field, claim in (("num_classes", 10**10), ("in_chans", 10**6)):  # the model would be built first
+        lying = {**good, "meta": {**good["meta"], field: claim, "class_names": None}}
+        torch.save(lying, tmp_path / f"meta-{field}.pt")
+        cases[tmp_path / f"meta-{field}.pt"] = "its meta record describes a resnet8 of"
     out = tmp_path / "out"
     out.mkdir()
     for path, message in cases.items():
@@ -389,7 +393,7 @@ def test_checkpoints_that_hide_code_or_lie_about_sizes_are_refused_by_every_read
         assert "\n" not in str(err.value), path.name
         assert not marker.exists(), path.name
     assert not any(out.iterdir())
-    assert len(cases) == 20
+    assert len(cases) == 22
 
 
 def test_checkpoint_fuzz_mutated_zip_and_legacy_files_are_read_or_refused(tmp_path):
