@@ -285,6 +285,11 @@ def _from_ours(obj: dict, path: str, arch: str | None, num_classes: int | None) 
                         f"({type(err).__name__}: {_short(str(err))}); the file is damaged or was edited") from None
     if not _is_state_dict(obj.get("state_dict")):
         raise UserError(f"{path} is a kdcompress checkpoint without its weights ('state_dict'); the file is damaged")
+    if not (isinstance(meta.arch, str) and meta.arch and meta.num_classes >= 1 and meta.in_chans >= 1
+            and isinstance(meta.arch_kwargs, dict)):
+        raise UserError(f"{path} is a kdcompress checkpoint whose 'meta' record is not valid (arch "
+                        f"{_short(repr(meta.arch), 40)}, {meta.num_classes} classes, {meta.in_chans} input channels, "
+                        f"arch_kwargs {_short(repr(meta.arch_kwargs), 40)}); the file is damaged or was edited")
     if arch is not None and arch != meta.arch:
         raise UserError(f"{path} holds a {meta.arch}, not a {arch}; drop --arch or pick the right file")
     _check_classes(path, meta.num_classes, num_classes)
@@ -376,7 +381,10 @@ def arch_from_path(path: str) -> str | None:
 def _build(arch: str, num_classes: int, in_chans: int, kwargs: dict) -> nn.Module:
     from compressor.models import create
 
-    return create(arch, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    try:
+        return create(arch, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except TypeError as err:  # settings the architecture does not take (a checkpoint's arch_kwargs)
+        raise UserError(f"{arch} cannot be built with {_short(repr(kwargs), 80)}: {_short(str(err), 120)}") from None
 
 
 def _classes_of(model: nn.Module) -> int | None:

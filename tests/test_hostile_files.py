@@ -558,3 +558,19 @@ def test_onnx_fuzz_mutated_models_are_read_or_refused_by_what_bench_reads(tmp_pa
     ok.write_bytes(valid)
     assert kind_of(ok) == "onnx" and fixed_batch(ok) is None and onnx_input_shape(ok) == (1, 8, 8)
     assert read_metadata(ok).in_chans == 1 and make_session(ok, threads=1).get_inputs()[0].name == "x"
+
+
+def test_checkpoint_meta_fuzz_every_field_with_wrong_values_is_read_or_refused(tmp_path):
+    good = torch.load(_good_checkpoint(tmp_path / "good.pt"), weights_only=True)
+    values = ["x", -1, 0, None, [1], {"a": 1}, 1.5, True, 10**6, "", [8, 8], [-1, 8]]
+    path = tmp_path / "m.pt"
+    refused = 0
+    for field in good["meta"]:
+        for value in values:
+            torch.save({**good, "meta": {**good["meta"], field: value}}, path)
+            try:
+                load_model(path)
+            except UserError as err:
+                assert "\n" not in str(err), (field, value)
+                refused += 1
+    assert refused >= 60  # arch, num_classes, in_chans and arch_kwargs are refused in most forms
