@@ -384,7 +384,10 @@ def test_checkpoints_that_hide_code_or_lie_about_sizes_are_refused_by_every_read
             load_model(path)
         for args in (["eval", str(path)], ["export", str(path), "-o", str(out / "x.onnx")],
                      ["bench", str(path), "--runs", "1", "--warmup", "0", "--min-time", "0", "--threads", "1"],
-                     ["flops", str(path)]):
+                     ["flops", str(path)],
+                     ["--teacher", str(path), "--budget", "2x", "--data", "digits", "--out", str(out / "run")],
+                     ["distill", "--teacher", str(path), "--student", "resnet8", "--data", "digits",
+                      "-o", str(out / "s.pt")]):
             result = cli(*args)
             assert result.exit_code == 2, (path.name, args[0], result.output)
             assert message in _one_line(result.output), (path.name, args[0])
