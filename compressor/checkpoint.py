@@ -285,13 +285,42 @@ def _from_ours(obj: dict, path: str, arch: str | None, num_classes: int | None) 
                         f"({type(err).__name__}: {_short(str(err))}); the file is damaged or was edited") from None
     if not _is_state_dict(obj.get("state_dict")):
         raise UserError(f"{path} is a kdcompress checkpoint without its weights ('state_dict'); the file is damaged")
+    if not (isinstance(meta.arch, str) and meta.arch and meta.num_classes >= 1 and meta.in_chans >= 1
+            and isinstance(meta.arch_kwargs, dict)):
+        raise UserError(f"{path} is a kdcompress checkpoint whose 'meta' record is not valid (arch "
+                        f"{_short(repr(meta.arch), 40)}, {meta.num_classes} classes, {meta.in_chans} input channels, "
+                        f"arch_kwargs {_short(repr(meta.arch_kwargs), 40)}); the file is damaged or was edited")
     if arch is not None and arch != meta.arch:
         raise UserError(f"{path} holds a {meta.arch}, not a {arch}; drop --arch or pick the right file")
     _check_classes(path, meta.num_classes, num_classes)
+    _check_meta_size(meta, obj["state_dict"], path)
     model = _build(meta.arch, meta.num_classes, meta.in_chans, meta.arch_kwargs)
     _load_weights(model, obj["state_dict"], path, meta.arch)
     return LoadedModel(model.eval(), meta, dict(obj.get("metrics") or {}), obj.get("plan"),
                        dict(obj.get("extra") or {}), FORMAT, path)
+
+
+def _check_meta_size(meta: ModelMeta, state: dict, path: str) -> None:
+    """Refuse a meta record that describes a model far larger than the weights the file holds.
+
+    The model is built from ``meta`` before the weights are compared with it, so a meta that lies
+    (``num_classes: 10000000000``) would allocate terabytes first. Built on the ``meta`` device,
+    where tensors have shapes but no memory, its size is known for free. Only a model much larger
+    than the weights is refused here; any other mismatch is left to the weight check, which names
+    the layers that differ."""
+    try:
+        with torch.device("meta"):
+            probe = _build(meta.arch, meta.num_classes, meta.in_chans, meta.arch_kwargs)
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - an architecture that cannot be built on the meta device: no guard
+        return
+    described = sum(t.numel() for t in probe.state_dict().values())
+    held = sum(int(t.numel()) for t in state.values())
+    if described > 4 * held + 1_000_000:
+        raise UserError(f"{path}: its meta record describes a {meta.arch} of {described:,} weight values "
+                        f"({meta.num_classes} classes, {meta.in_chans} input channels) but the file holds "
+                        f"{held:,}; the file is damaged or was edited")
 
 
 def _from_state_dict(
@@ -352,7 +381,10 @@ def arch_from_path(path: str) -> str | None:
 def _build(arch: str, num_classes: int, in_chans: int, kwargs: dict) -> nn.Module:
     from compressor.models import create
 
-    return create(arch, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    try:
+        return create(arch, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except TypeError as err:  # settings the architecture does not take (a checkpoint's arch_kwargs)
+        raise UserError(f"{arch} cannot be built with {_short(repr(kwargs), 80)}: {_short(str(err), 120)}") from None
 
 
 def _classes_of(model: nn.Module) -> int | None:

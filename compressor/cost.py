@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from compressor.atomic import write_text
+from compressor.errors import UserError
 
 FLOP_CONVENTION = "1 FLOP = 1 fused multiply-add (fvcore convention)"
 
@@ -127,9 +128,10 @@ class _DiskCache:
             self.data = {}
             if self.path is not None and self.path.exists():
                 try:
-                    self.data = json.loads(self.path.read_text())
+                    data = json.loads(self.path.read_text())
                 except (OSError, ValueError):
-                    self.data = {}  # a damaged cache is only a slower search
+                    data = {}
+                self.data = data if isinstance(data, dict) else {}  # a damaged cache is only a slower search
         return self.data
 
     def get(self, key: str) -> dict | None:
@@ -142,8 +144,8 @@ class _DiskCache:
             return
         try:
             write_text(self.path, json.dumps(data))
-        except OSError:
-            pass  # read-only home: the in-memory cache still serves this process
+        except (OSError, UserError):
+            pass  # read-only home or a full disk: the in-memory cache still serves this process
 
 
 class _quiet_fvcore:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from compressor.atomic import cannot_write
 from compressor.errors import UserError
 
 try:
@@ -68,8 +69,11 @@ def hold(lock: Path, what: str | os.PathLike) -> Iterator[None]:
     if fcntl is None or not _is_writer():
         yield
         return
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(lock, what)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(lock, what)
+    except OSError as err:  # a read-only or full file system: nothing can be written there
+        raise cannot_write(err, what) or err from None
     try:
         yield
     finally:
@@ -89,8 +93,14 @@ def _acquire(lock: Path, what: str | os.PathLike) -> int:
             raise
         if _same_file(fd, lock):  # not removed by a holder that finished while we waited
             record = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": _command()}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(record).encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(record).encode(), 0)
+            except OSError:  # a full disk: leave no empty lock file behind
+                with contextlib.suppress(OSError):
+                    lock.unlink()
+                os.close(fd)
+                raise
             return fd
         os.close(fd)
 

@@ -150,12 +150,39 @@ def fixed_input(input_shape: Sequence[int], batch: int, seed: int = 0) -> torch.
     return torch.randn(batch, *input_shape, generator=generator)
 
 
+def image_input(proto: onnx.ModelProto, path: str | os.PathLike):
+    """The graph's one input, checked to be a float32 image batch (N, C, H, W): what bench feeds.
+
+    A model that takes something else (token ids, a flat vector, two inputs) cannot be timed on
+    random images; it is refused with one line instead of onnxruntime's error at the first run."""
+    weights = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in weights]
+    if len(inputs) != 1:
+        raise UserError(f"{path} takes {len(inputs)} inputs ({', '.join(i.name for i in inputs) or 'none'}); "
+                        "bench times image classifiers with one image input")
+    tensor = inputs[0].type.tensor_type
+    elem = onnx.TensorProto.DataType.Name(tensor.elem_type) if tensor.elem_type else "no tensor type"
+    rank = len(tensor.shape.dim) if tensor.HasField("shape") else None
+    if tensor.elem_type != onnx.TensorProto.FLOAT or rank != 4:
+        shown = f"rank {rank}" if rank is not None else "an unknown rank"
+        raise UserError(f"{path}: input {inputs[0].name!r} is {elem} of {shown}, not a float32 image "
+                        "batch (N, C, H, W); bench times image classifiers")
+    return inputs[0]
+
+
+def fixed_batch(path: str | os.PathLike) -> int | None:
+    """The batch size an ONNX file's input is fixed at, or None where it is dynamic."""
+    proto = onnx.load(str(path), load_external_data=False)
+    first = image_input(proto, path).type.tensor_type.shape.dim[0]
+    return int(first.dim_value) if first.HasField("dim_value") and first.dim_value > 0 else None
+
+
 def onnx_input_shape(path: str | os.PathLike) -> tuple[int, ...]:
     """(C, H, W) of an ONNX file's first input; a dynamic spatial size is taken from its metadata."""
     from export.metadata import read_metadata
 
     proto = onnx.load(str(path), load_external_data=False)
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    dims = image_input(proto, path).type.tensor_type.shape.dim
     shape = [d.dim_value if d.HasField("dim_value") else None for d in dims][1:]
     if any(d is None for d in shape):
         meta = read_metadata(proto)

@@ -14,6 +14,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from compressor.errors import UserError
+
 # Preference order; providers that are installed but not for local inference (Azure) are skipped.
 _PROVIDER_ORDER = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -56,7 +58,12 @@ def make_session(
 ) -> ort.InferenceSession:
     """An inference session; ``providers`` defaults to CPU (parity and accuracy are about the graph)."""
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, session_options(threads), providers=list(providers or ["CPUExecutionProvider"]))
+    try:
+        return ort.InferenceSession(source, session_options(threads), providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as err:  # onnxruntime's own error types (InvalidGraph, Fail, ...): a file it cannot run
+        where = "the model" if isinstance(model, bytes) else str(model)
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"onnxruntime cannot load {where}: {detail[:300]}") from None
 
 
 def run_logits(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:

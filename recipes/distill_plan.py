@@ -16,7 +16,7 @@ import yaml
 from compressor.cost import measure_arch
 from compressor.data.corruptions import Corruption
 from compressor.errors import UserError
-from recipes.plan import TEACHER, Plan, Stage
+from recipes.plan import TEACHER, Plan, Stage, raw_stages
 from recipes.protocols import default_train
 
 ONLINE_SCHEMES = ("cohort", "osakd")
@@ -164,11 +164,14 @@ def preset_plan(name_or_path: str, *, teacher: str | None, data: str | None, tea
     if seed is not None:
         raw["seed"] = seed
     stages = []
-    for stage in raw.get("stages") or []:
+    for i, stage in enumerate(raw_stages(raw.get("stages"))):
         stage = dict(stage)
         if method is not None:
             stage["method"] = method
-        stage["train"] = {**(stage.get("train") or {}), **{k: v for k, v in train.items() if v is not None}}
+        own = stage.get("train") or {}
+        if not isinstance(own, dict):
+            raise UserError(f"plan stage {i + 1}: train must be a mapping of training settings, got {own!r:.60}")
+        stage["train"] = {**own, **{k: v for k, v in train.items() if v is not None}}
         stages.append(stage)
     raw["stages"] = stages
     if not raw.get("data"):

@@ -9,6 +9,7 @@ A stage trains one model (or one cohort) with a registered scheme; its teachers 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,24 @@ from compressor.data.corruptions import Corruption
 from compressor.trainer.config import TrainConfig
 
 from compressor.errors import UserError
+from compressor.typecheck import check_field_types
 
 PLAN_VERSION = 1
 TEACHER = "teacher"
+STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+
+
+def raw_stages(stages: Any) -> list[dict[str, Any]]:
+    """A hand-written plan's ``stages``: a list of mappings, or one line saying it is not."""
+    if stages is None:
+        return []
+    if not isinstance(stages, list):
+        raise UserError(f"the plan's stages must be a list of mappings, got {type(stages).__name__}")
+    for i, raw in enumerate(stages):
+        if not isinstance(raw, dict):
+            raise UserError(f"plan stage {i + 1} must be a mapping with 'name', 'scheme' and 'arch', "
+                            f"got {type(raw).__name__}")
+    return stages
 
 
 @dataclass
@@ -67,6 +83,9 @@ class Plan:
         Corruption.from_dict(self.corruption)  # a bad record fails here, before any data is read
         seen: set[str] = set()
         for stage in self.stages:
+            if not STAGE_NAME.fullmatch(stage.name):  # it names the folder stages/<name>/ of the run
+                raise UserError(f"stage name {stage.name!r} must be a plain folder name (letters, digits, '_', '-', "
+                                "'.'; not starting with '.'), not a path")
             if stage.name in seen or stage.name == TEACHER:
                 raise UserError(f"stage name {stage.name!r} is used twice (or is the reserved name 'teacher')")
             if stage.method:
@@ -96,14 +115,16 @@ class Plan:
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"unknown plan field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check_field_types(cls, {k: v for k, v in data.items() if k != "stages"}, "plan")
         stage_fields = {f.name for f in fields(Stage)}
         stages = []
-        for i, raw in enumerate(data["stages"] or []):
-            if not isinstance(raw, dict) or not {"name", "scheme", "arch"} <= set(raw):
+        for i, raw in enumerate(raw_stages(data["stages"])):
+            if not {"name", "scheme", "arch"} <= set(raw):
                 raise UserError(f"plan stage {i + 1} needs 'name', 'scheme' and 'arch'")
             bad = sorted(set(raw) - stage_fields)
             if bad:
                 raise UserError(f"plan stage {raw['name']!r} has unknown field(s) {', '.join(bad)}")
+            check_field_types(Stage, raw, f"plan stage {i + 1}")
             stages.append(Stage(**raw))
         return cls(**{**data, "stages": stages}).validate()
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from compressor.atomic import check_writable
 from compressor.checkpoint import LoadedModel, ModelMeta, load_model, save_model
 from compressor.data.corruptions import Corruption
 from compressor.errors import UserError
@@ -63,6 +64,7 @@ def train_vanilla(
     if output.exists() and output.is_dir():
         raise UserError(f"output {output} is a directory: give a file name such as {output / (arch + '.pt')}")
     config = train_config(data, arch, **overrides)
+    check_writable(output)  # a read-only or full folder is refused before an epoch is spent
     with session(config.device) as ctx:
         seed_everything(config.seed)
         source = load_source(data, val_fraction=val_fraction, seed=config.seed, **(corruption or Corruption()).to_dict())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import math
 
 import pytest
@@ -666,3 +667,62 @@ def test_method_spec_str_is_explicit_and_exact():
 
 def test_toy_loss_is_removed_after_its_test():
     assert "zz_toy" not in list_losses()
+
+
+# DDP: two gloo processes, each with half of every global batch (the last step pads rank 1 with a
+# sample rank 0 holds, as DistributedSampler does)
+CRD_DDP_SCRIPT = r"""
+import sys
+import torch
+import torch.distributed as dist
+from tests.test_losses_relation import STUDENT, TEACHER, batch_of, build, context, outputs
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)  # the same heads and banks on both ranks, as DDP starts them
+crd = build("crd", context(n=40), num_negatives=12)
+torch.manual_seed(100 + rank)  # each rank draws its own negatives
+for step, index in enumerate(eval(sys.argv[2])):
+    s, t = outputs(STUDENT, 8, seed=2 * step), outputs(TEACHER, 8, seed=2 * step + 1)
+    half = slice(4 * rank, 4 * rank + 4)
+    mine = type(s)(s.logits[half], [f[half] for f in s.features], s.embedding[half])
+    theirs = type(t)(t.logits[half], [f[half] for f in t.features], t.embedding[half])
+    crd(mine, theirs, batch_of(index[half]))
+torch.save({"student": crd.memory_student, "teacher": crd.memory_teacher, "log_z": crd.log_z},
+           f"{sys.argv[1]}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_crd_banks_are_the_same_on_every_ddp_rank_and_match_one_process_on_the_global_batch(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    steps = [[0, 7, 13, 21, 2, 30, 38, 11], [5, 16, 27, 33, 9, 19, 24, 36], [1, 6, 12, 39, 3, 8, 4, 6]]
+    script = tmp_path / "crd_ddp.py"
+    script.write_text(CRD_DDP_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(tmp_path), repr(steps)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
+    for key in ("student", "teacher", "log_z"):
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    # one process on the global batches (the padded duplicate written once, with its first row)
+    torch.manual_seed(0)
+    crd = build("crd", context(n=40), num_negatives=12)
+    initial = crd.memory_student.clone()
+    for step, index in enumerate(steps):
+        s, t = outputs(STUDENT, 8, seed=2 * step), outputs(TEACHER, 8, seed=2 * step + 1)
+        keep = [i for i, k in enumerate(index) if k not in index[:i]]
+        v_s = crd.embed_student(s.embedding[keep]).detach()
+        v_t = crd.embed_teacher(t.embedding[keep]).detach()
+        crd._update_memory(torch.tensor(index)[keep], v_s, v_t)
+    assert torch.allclose(ranks[0]["student"].float(), crd.memory_student.float(), atol=2e-3)
+    assert torch.allclose(ranks[0]["teacher"].float(), crd.memory_teacher.float(), atol=2e-3)
+    seen = sorted({k for index in steps for k in index})
+    assert not torch.equal(ranks[0]["student"][seen], initial[seen])  # both ranks' rows were written
+    assert (ranks[0]["student"][seen].float() - initial[seen].float()).abs().sum(1).min() > 0

@@ -33,6 +33,7 @@ Fashion-MNIST only: a mirrored shoe or shirt is still one, a mirrored digit is a
 from __future__ import annotations
 
 import gzip
+import math
 import subprocess
 import zlib
 from dataclasses import dataclass
@@ -107,11 +108,30 @@ def find_files(directory: Path, dataset: IdxDataset) -> dict[str, Path]:
     )
 
 
+# the most an IDX file may hold here (EMNIST, the largest of the family, is about 0.6 GB)
+MAX_IDX_BYTES = 4 << 30
+_UNPLAUSIBLE_READ = 1 << 20  # of a .gz whose header is not IDX's: enough to tell a corrupt stream
+
+
 def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, a .gz decompressed, but never more than its IDX header accounts for plus
+    one: a small .gz that inflates to gigabytes (a decompression bomb) is not read whole, and a
+    header that claims more than MAX_IDX_BYTES is refused before anything is allocated."""
     if path.suffix != ".gz":
         return path.read_bytes()
     try:
-        return gzip.decompress(path.read_bytes())
+        with gzip.open(path, "rb") as fh:
+            data, limit = fh.read(4), _UNPLAUSIBLE_READ
+            if len(data) == 4 and data[:3] == b"\0\0\x08" and 1 <= data[3] <= 4:
+                data += fh.read(4 * data[3])
+                if len(data) == 4 + 4 * data[3]:
+                    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(data[3])]
+                    size = math.prod(dims)
+                    if len(data) + size > MAX_IDX_BYTES:
+                        raise UserError(f"{path}: its IDX header claims {' x '.join(map(str, dims))} values "
+                                        f"({size} bytes), more than the {MAX_IDX_BYTES >> 30} GiB an IDX file may hold")
+                    limit = size + 1
+            return data + fh.read(limit)
     except (OSError, EOFError, zlib.error) as err:
         raise UserError(f"{path} is a corrupt .gz file ({err}); download or extract it again") from None
 
@@ -132,10 +152,11 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
         raise UserError(f"{path} is truncated: {len(data)} bytes, shorter than its {header}-byte IDX header")
     dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(dims, dtype=np.int64))
-    if len(data) != expected:
-        state = "truncated" if len(data) < expected else "longer than its header says"
-        raise UserError(f"{path} is {state}: {len(data)} bytes where its header ({' x '.join(map(str, dims))} "
-                        f"{kind}) needs {expected}")
+    shape = f"({' x '.join(map(str, dims))} {kind})"
+    if len(data) < expected:
+        raise UserError(f"{path} is truncated: {len(data)} bytes where its header {shape} needs {expected}")
+    if len(data) > expected:
+        raise UserError(f"{path} is longer than its header says: its header {shape} needs {expected} bytes")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 

@@ -24,12 +24,22 @@ comes from the epoch's seeded stream, so batches are a pure function of (seed, e
 world_size) whatever ``num_workers`` is, and the global RNG is never touched.
 Mean/std are computed over up to 2000 evenly spaced DIR/train images after the eval transform
 (independent of ``seed`` and of the corruptions, so a teacher and its student share them).
+
+Broken and hostile files are found when the source is built, before anything trains: every image
+of every split is opened and checked with PIL's ``Image.verify`` (its header, and for PNG every
+chunk's CRC up to the end: a truncated or damaged PNG, a text or zip file named ``.jpg``). An image
+of more pixels than PIL's ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb; PIL only warns below
+twice that) is refused too. Verifying does not decode pixels, so a JPEG cut short in its scan data
+is found only when it is loaded; that, and any other decode failure, is one line naming the file,
+from a DataLoader worker as well.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -99,14 +109,43 @@ def scan_folder(directory: Path) -> tuple[tuple, tuple, tuple | None, list[str]]
     return train, val, test, class_names
 
 
-def load_image(path: Path):
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Whatever PIL raises on one file (OSError, SyntaxError, struct.error... its plugins differ)
+    becomes one line naming the file; a decompression-bomb warning is an error here."""
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read image {path}: {err}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except UserError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise UserError(f"image {path} is too large to decode safely ({_first_line(err)}); "
+                        "PIL's limit is Image.MAX_IMAGE_PIXELS") from None
+    except Exception as err:  # noqa: BLE001 - a damaged file may make any decoder fail in its own way
+        raise UserError(f"cannot read image {path}: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def load_image(path: Path):
+    from PIL import Image
+
+    with _reading(path), Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def verify_images(paths: list[Path]) -> None:
+    """Open and verify every file (see the module docstring); UserError naming the first bad one."""
+    from PIL import Image
+
+    for path in paths:
+        with _reading(path), Image.open(path) as im:
+            im.verify()
 
 
 def random_resized_crop_params(height: int, width: int, scale: tuple[float, float], gen: torch.Generator,
@@ -245,9 +284,22 @@ class FolderLoader:
             pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(0),  # keeps DataLoader off the global RNG
         )
-        for x, y, index in loader:
-            x = x.to(device, non_blocking=True)
-            yield Batch(self.source.normalize(x), y.to(device, non_blocking=True), index.to(device, non_blocking=True))
+        try:
+            for x, y, index in loader:
+                x = x.to(device, non_blocking=True)
+                yield Batch(self.source.normalize(x), y.to(device, non_blocking=True), index.to(device, non_blocking=True))
+        except UserError as err:
+            raise _from_worker(err) from None
+
+
+def _from_worker(err: UserError) -> UserError:
+    """A DataLoader worker's UserError comes back with the worker's traceback as its message: keep
+    the one line it was raised with."""
+    lines = str(err).strip().splitlines()
+    prefix = f"{UserError.__module__}.{UserError.__qualname__}: "
+    if len(lines) > 1 and lines[-1].startswith(prefix):
+        return UserError(lines[-1][len(prefix):])
+    return err
 
 
 def _probe_size(paths: list[Path]) -> int:
@@ -256,11 +308,8 @@ def _probe_size(paths: list[Path]) -> int:
     step = max(1, len(paths) // PROBE_IMAGES)
     sizes = set()
     for p in paths[::step][:PROBE_IMAGES]:
-        try:
-            with Image.open(p) as im:
-                sizes.add(im.size)
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot read image {p}: {err}") from None
+        with _reading(p), Image.open(p) as im:
+            sizes.add(im.size)
     if len(sizes) == 1:
         w, h = sizes.pop()
         if w == h:
@@ -291,6 +340,7 @@ def build_imagefolder(directory: Path, *, spec: str, options: SplitOptions, devi
         splits["val"] = ([train_paths[i] for i in split.val_positions.tolist()], pool_labels[split.val_positions].tolist())
         splits["test"] = (val_paths, val_labels)
     check_nonempty({s: len(splits[s][0]) for s in ("train", "val", "test")}, options, len(train_paths))
+    verify_images(train_paths + val_paths + (test[0] if has_test else []))  # before training, not after an epoch
     size = input_size or _probe_size(train_paths)
     return FolderSource(
         spec=spec,

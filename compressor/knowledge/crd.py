@@ -21,6 +21,12 @@ in float32. Gathering each sample's K negative rows, as the authors do, takes b 
 values per side (for b = 64, K = 16384: 512 MiB in float32); where it is cheaper (N x (b +
 feat_dim) < b x K x feat_dim, e.g. CIFAR's N = 50000) the anchors are scored against the whole
 bank in one matrix product and the K scores picked from it, which gives the same numbers.
+
+Under DDP each rank sees its own share of the batch, but the banks hold every training sample:
+the update gathers (index, v_s, v_t) from all ranks first, so every rank writes the same rows and
+holds the same bank, the one a single process would on the global batch (the data sources pad
+like DistributedSampler, so the per-rank batches are of equal size, as ``all_gather`` needs; an
+index padded onto two ranks is written once). Z is likewise estimated on the global first batch.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import math
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -241,14 +248,45 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
 
     @torch.no_grad()
     def _estimate_log_z(self, scores_s: Tensor, scores_t: Tensor) -> None:
-        """Z = N * mean(exp(score / tau)) over the first batch's positives and negatives."""
-        for i, scores in enumerate((scores_s, scores_t)):
-            logits = scores.detach() / self.temperature
-            self.log_z[i] = torch.logsumexp(logits.flatten(), 0) - math.log(logits.numel()) + math.log(self.num_data)
+        """Z = N * mean(exp(score / tau)) over the first batch's positives and negatives (all ranks')."""
+        lse = torch.stack([torch.logsumexp(s.detach().flatten() / self.temperature, 0) for s in (scores_s, scores_t)])
+        count = scores_s.numel()
+        if _world() > 1:
+            (per_rank,) = _all_ranks(lse[None])  # (world, 2): equal counts per rank
+            lse, count = torch.logsumexp(per_rank, 0), count * per_rank.shape[0]
+        self.log_z.copy_(lse - math.log(count) + math.log(self.num_data))
 
     @torch.no_grad()
     def _update_memory(self, index: Tensor, v_s: Tensor, v_t: Tensor) -> None:
+        v_s, v_t = v_s.detach().float(), v_t.detach().float()
+        if _world() > 1:  # every rank writes every rank's rows: one bank everywhere
+            index, v_s, v_t = _all_ranks(index, v_s, v_t)
+            index, first = _first_occurrences(index)
+            v_s, v_t = v_s[first], v_t[first]
         m = self.momentum
         for memory, v in ((self.memory_student, v_s), (self.memory_teacher, v_t)):
-            mixed = memory[index].float() * m + v.detach().float() * (1 - m)
+            mixed = memory[index].float() * m + v * (1 - m)
             memory.index_copy_(0, index, F.normalize(mixed, p=2, dim=1).to(memory.dtype))
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_ranks(*tensors: Tensor) -> list[Tensor]:
+    """Each tensor's rows from every rank, in rank order, on every rank (shapes equal across ranks)."""
+    out = []
+    for tensor in tensors:
+        parts = [torch.empty_like(tensor) for _ in range(_world())]
+        dist.all_gather(parts, tensor.contiguous())
+        out.append(torch.cat(parts))
+    return out
+
+
+def _first_occurrences(index: Tensor) -> tuple[Tensor, Tensor]:
+    """(the distinct indices, the position of each one's first occurrence): a sample padded onto
+    two ranks is written once, the same way on every rank and device."""
+    unique, inverse = torch.unique(index, return_inverse=True)
+    positions = torch.arange(index.numel(), device=index.device)
+    first = torch.full_like(unique, index.numel()).scatter_reduce_(0, inverse, positions, "amin")
+    return unique, first

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from compressor.errors import UserError
+from compressor.typecheck import check_field_types
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 TOGGLES = ("auto", "on", "off")
@@ -121,6 +122,7 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"unknown training setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        check_field_types(cls, data, "training setting")  # 'epochs: many' is one line, not a TypeError mid-run
         return cls(**data)
 
     def recipe_changes(self, other: "TrainConfig") -> dict[str, tuple[Any, Any]]:

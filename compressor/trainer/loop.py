@@ -300,6 +300,7 @@ class _Run:
         self.best_epoch, self.best_value = 0, None
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.start_epoch = 0
+        self.log_fresh = False
         self.log = JsonlLog(log_path if ctx.is_main else None)
         self.primary_name, primary = next(iter(scheme.eval_models().items()))
         self.tap = _LogitsTap(primary)
@@ -324,7 +325,7 @@ class _Run:
         else:
             if resume:
                 self.say(f"no training state at {path}: starting from scratch")
-            self.log.rewrite([])
+            self.log_fresh = True  # an earlier run's log stays until this run has an epoch to replace it with
 
     def epoch(self, epoch: int) -> None:
         """Train one epoch, validate, pick the best, save the state, log."""
@@ -348,7 +349,11 @@ class _Run:
         if ctx.is_main and self.state_path is not None:
             save_state(self.state_path, self.state(epoch + 1))
         ctx.barrier()
-        self.log.append(record)
+        if self.log_fresh:
+            self.log.rewrite(self.history)
+            self.log_fresh = False
+        else:
+            self.log.append(record)
         self.say(_summary(record, config.epochs))
         if config.stop_when_not_learning:
             check_learning(self.history, self.source.num_classes, config.epochs)

@@ -3,11 +3,14 @@
 The bar goes to stderr (stdout stays for results) and only on rank 0; ``auto`` shows it only
 when stderr is a terminal, so logs and CI output stay clean. The JSONL file gets one line per
 finished epoch; on resume it is rewritten from the state's history first, so it never holds an
-epoch twice or an epoch the state does not know.
+epoch twice or an epoch the state does not know. A fresh run replaces an earlier log only with
+its own first epoch (never with an empty file first), and a write the disk refuses leaves the
+log as it was: the rewrite is atomic and a failed append is cut back to its earlier length.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,6 +19,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from tqdm import tqdm
+
+from compressor.atomic import atomic_output, cannot_write
 
 
 def _clean(value: Any) -> Any:
@@ -42,22 +47,30 @@ class JsonlLog:
     def rewrite(self, records: Iterable[dict[str, Any]]) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for record in records:
-                fh.write(json_line(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        with atomic_output(self.path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for record in records:
+                    fh.write(json_line(record) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
 
     def append(self, record: dict[str, Any]) -> None:
         if self.path is None:
             return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json_line(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        data = (json_line(record) + "\n").encode("utf-8")
+        try:
+            with open(self.path, "ab", buffering=0) as fh:  # unbuffered: a failed write leaves nothing pending
+                size = fh.seek(0, os.SEEK_END)
+                try:
+                    while data:
+                        data = data[fh.write(data):]
+                    os.fsync(fh.fileno())
+                except OSError:  # a full disk: no half line left behind
+                    with contextlib.suppress(OSError):
+                        fh.truncate(size)
+                    raise
+        except OSError as err:
+            raise cannot_write(err, self.path) or err from None
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from compressor.checkpoint import atomic_torch_save, check_zip_integrity
+from compressor.checkpoint import _short, _unsafe_global, atomic_torch_save, check_zip_integrity
 from compressor.errors import UserError
 
 STATE_FORMAT = "kdcompress-train-state"
@@ -40,9 +40,13 @@ def load_state(path: str | os.PathLike[str], map_location: str | torch.device = 
     check_zip_integrity(path)  # torch.load would read damaged bytes as weights without a word
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated, foreign, or not a torch file at all
-        raise UserError(f"cannot read the training state {path} ({type(err).__name__}: {err}); "
-                        "delete it and train without --resume") from err
+    except Exception as err:  # truncated, foreign, a pickle that would run code, or not a torch file at all
+        text = str(err)
+        unsafe = _unsafe_global(text)  # torch's refusal of a global is a page of advice: name the global
+        detail = f"it would import {unsafe.strip(' ()')}, which a state never holds" if unsafe else \
+            f"{type(err).__name__}: {_short(text)}"
+        raise UserError(f"cannot read the training state {path} ({detail}); "
+                        "delete it and train without --resume") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"{path} is not a kdcompress training state; delete it or point -o elsewhere")
     if state.get("version", 0) > STATE_VERSION:

@@ -2,15 +2,18 @@
 
 Each sub-command lives in its own module in this package and exposes ``command`` (a click
 command); modules are discovered, so adding a command touches no other file. A
-:class:`compressor.errors.UserError` anywhere becomes one line on stderr and exit status 2.
+:class:`compressor.errors.UserError` anywhere becomes one line on stderr and exit status 2, and so
+does a write the file system refuses (full disk, read-only folder) that no writer turned into one.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 
+from compressor.atomic import CANNOT_WRITE
 from compressor.errors import UserError
 from compressor.plugins import import_submodules
 from recipes.cli._options import corruption_from_flags, planning_options, threads_option
@@ -22,6 +25,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except UserError as err:
             click.echo(f"error: {err}", err=True)
+            ctx.exit(2)
+        except OSError as err:  # a full disk or a read-only folder is the user's to fix; other OSErrors are bugs
+            if err.errno not in CANNOT_WRITE:
+                raise
+            click.echo(f"error: {err.filename or 'a file'}: {os.strerror(err.errno)}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:  # Ctrl-C: say how to continue, with the shell's status for SIGINT
             click.echo(f"interrupted: {_resume_hint(ctx)}", err=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from compressor.atomic import check_writable
 from compressor.errors import UserError
 from recipes.cli._options import input_shape_option, parse_input_shape, trust_option
 
@@ -32,10 +33,12 @@ def command(model: str, batch: int, threads: str, runs: int, min_time: float, wa
             json_path: str | None, arch: str | None, input_shape: str | None, trust: bool) -> None:
     """Time an ONNX file (onnxruntime) and the PyTorch eager model: mean, p50/p90/p99, min, throughput."""
     from export.io import kind_of, load_for_export
-    from export.latency import Timing, benchmark, thread_counts
+    from export.latency import Timing, benchmark, fixed_batch, thread_counts
     from export.metadata import read_metadata
     from export.runtime import available_providers
 
+    if json_path:
+        check_writable(json_path)  # before the timing, not after it
     timing = Timing(warmup=warmup, min_runs=runs, min_time=min_time, max_runs=max(runs, 100_000))
     counts = thread_counts(threads)
     provider, torch_device = _device(device, available_providers())
@@ -44,7 +47,13 @@ def command(model: str, batch: int, threads: str, runs: int, min_time: float, wa
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="kdcompress-bench-") as tmp:
         torch_model = None
+        batches = [1, batch]
         if kind == "onnx":
+            fixed = fixed_batch(model)  # also refuses a model whose input is not one float image batch
+            if fixed is not None:  # onnxruntime refuses any other batch size
+                batches = [fixed]
+                if fixed != batch:
+                    notes.append(f"the model's input batch size is fixed at {fixed}: only that batch is timed")
             meta = read_metadata(model)
             label = "int8" if meta.quantization else Path(model).name
             onnx_models = {label: model}
@@ -65,7 +74,7 @@ def command(model: str, batch: int, threads: str, runs: int, min_time: float, wa
             onnx_models = {"onnx fp32": str(onnx_path)}
             if not eager:
                 torch_model = None
-        result = benchmark(onnx_models, torch_model=torch_model, input_shape=shape, batches=[1, batch],
+        result = benchmark(onnx_models, torch_model=torch_model, input_shape=shape, batches=batches,
                            threads=counts, timing=timing, provider=provider, torch_device=torch_device)
         compute = _compute_lines(result, meta.flops if kind == "onnx" else None, torch_model, shape, onnx_models)
     result.notes += notes
