@@ -63,6 +63,7 @@ def compress(
     recipe: str | None = None,
     method: str | None = None,
     family: str | None = None,
+    candidates: str = "zoo",
     gap_threshold: float = 8.0,
     epochs: int | None = None,
     seed: int = 0,
@@ -107,7 +108,7 @@ def compress(
     else:
         plan, inputs, probe_rows = _plan(teacher, budget, data, teacher_arch, recipe, method, family, gap_threshold,
                                          epochs, seed, latency_threads, trust, search, probe_k, device, echo,
-                                         corruption)
+                                         corruption, candidates)
     for note in inputs.notes:
         echo(note)
     # the folder appears (or its earlier run is set aside) only once the inputs made a plan
@@ -179,13 +180,13 @@ def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, o
 
 
 def _plan(teacher, budget, data, teacher_arch, recipe, method, family, gap_threshold, epochs, seed, latency_threads,
-          trust, search, probe_k, device, echo, corruption) -> tuple[Plan, RunInputs, list | None]:
+          trust, search, probe_k, device, echo, corruption, candidates="zoo") -> tuple[Plan, RunInputs, list | None]:
     from recipes.api import plan_compression
 
     plan, inputs = plan_compression(
         teacher=teacher, budgets=budget, data=data, teacher_arch=teacher_arch, recipe=recipe, method=method,
         family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed, latency_threads=latency_threads,
-        trust=trust, load_data=True, corruption=corruption,
+        trust=trust, load_data=True, corruption=corruption, candidates=candidates,
     )
     if search != "probe":
         return plan, inputs, None
@@ -196,7 +197,7 @@ def _plan(teacher, budget, data, teacher_arch, recipe, method, family, gap_thres
         plan, _ = plan_compression(
             teacher=teacher, budgets=budget, data=data, teacher_arch=teacher_arch, recipe=recipe, method=method,
             family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed, latency_threads=latency_threads,
-            trust=trust, load_data=False, student=winner, corruption=corruption,
+            trust=trust, load_data=False, student=winner, corruption=corruption, candidates=candidates,
         )
     plan.reasons.append(f"--search probe: {winner} scored best on the validation split after successive halving "
                         f"over {len({r['name'] for r in rows})} candidates")

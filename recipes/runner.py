@@ -101,7 +101,8 @@ def run_plan(
             student_arch=stage.arch, num_classes=source.num_classes, input_shape=tuple(source.input_shape),
             num_train=source.num_train, teacher=teachers[0] if teachers else None, method=stage.method,
             options={"batch_size": settings.get("batch_size", TrainConfig.batch_size) // int(os.environ.get("WORLD_SIZE", "1")),
-                     **stage.options, **_label_smoothing(stage, settings), "teachers": teachers},
+                     **stage.options, **_label_smoothing(stage, settings), "teachers": teachers,
+                     **_pruned_start(stage, teacher)},
         )
         scheme = build_scheme(stage.scheme, request)
         _check_label_smoothing(stage, scheme, request.options.get("label_smoothing"))
@@ -114,6 +115,8 @@ def run_plan(
         deployable = strip_taps(result.deployable)  # plain, for the checkpoint and as a later stage's teacher
         meta = ModelMeta.from_source(getattr(deployable, "kd_arch", stage.arch), source,
                                      **getattr(deployable, "kd_arch_kwargs", {}))
+        if stage.options.get("prune"):  # a pruned teacher: the checkpoint records the history that rebuilds it
+            meta.pruning = dict(stage.options["prune"])
         extra = {"stage": stage.name, "scheme": stage.scheme, "method": stage.method, "teachers": stage.teachers,
                  "data": source.describe(),  # split and corruption options: a later run can match them
                  **getattr(result, "extra", {})}
@@ -180,3 +183,15 @@ def _teacher_model(name: str, teacher: LoadedModel | None, done: dict[str, Loade
     else:
         model = done[name].model
     return copy.deepcopy(model).eval()
+
+
+def _pruned_start(stage: Stage, teacher: LoadedModel | None) -> dict[str, Any]:
+    """A pruned-teacher stage starts from the teacher's kept weights, its recorded channels removed."""
+    record = stage.options.get("prune")
+    if not record:
+        return {}
+    if teacher is None:
+        raise UserError(f"stage {stage.name!r} prunes the teacher, but no teacher was given")
+    from recipes.pruned import student_from_teacher
+
+    return {"student_init": student_from_teacher(teacher.model, record)}

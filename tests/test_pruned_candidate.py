@@ -1,0 +1,97 @@
+"""Issue 14: the pruned teacher as a student candidate (--candidates zoo|pruned|all), planned and run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compressor.checkpoint import load_model
+from compressor.cost import measure
+from recipes.api import plan_compression
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    import os
+
+    path = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("KDCOMPRESS_CACHE")
+    os.environ["KDCOMPRESS_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("KDCOMPRESS_CACHE", None)
+    else:
+        os.environ["KDCOMPRESS_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def digits_teacher(tmp_path_factory) -> str:
+    """resnet20 after one epoch on digits: a real teacher file with the data's shape and normalisation."""
+    from recipes.training import train_vanilla
+
+    path = tmp_path_factory.mktemp("teacher") / "resnet20.pt"
+    train_vanilla("resnet20", "digits", path, epochs=1, progress="off")
+    return str(path)
+
+
+def _half(teacher: str) -> tuple[str, float]:
+    loaded = load_model(teacher)
+    flops = measure(loaded.model, loaded.meta.input_shape).flops
+    return f"{flops / 2e6:.4f}MFLOPs", flops / 2
+
+
+def test_pruned_only_plans_one_offline_stage_from_the_teacher(cache_dir, digits_teacher):
+    budget, limit = _half(digits_teacher)
+    plan, _ = plan_compression(teacher=digits_teacher, budgets=[budget], candidates="pruned")
+    (stage,) = plan.stages
+    assert (stage.arch, stage.scheme, stage.teachers, plan.recipe) == ("resnet20", "offline", ["teacher"], "pruned")
+    record = stage.options["prune"]
+    assert record["history"] and record["importance"] == "l1" and record["round_to"] == 8
+    (listed,) = plan.candidates
+    assert listed["name"] == "resnet20-pruned" and listed["fits"] and 0 < listed["flops"] <= limit
+    assert any("pruned candidate resnet20-pruned" in r for r in plan.reasons)
+
+
+def test_all_lists_the_pruned_teacher_beside_the_zoo_and_the_rule_picks_by_flops(cache_dir, digits_teacher):
+    budget, _ = _half(digits_teacher)
+    plan, _ = plan_compression(teacher=digits_teacher, budgets=[budget], candidates="all")
+    names = [c["name"] for c in plan.candidates]
+    assert "resnet20-pruned" in names and len(names) > 1
+    pruned = next(c for c in plan.candidates if c["name"] == "resnet20-pruned")
+    assert pruned["family"] == "resnet_cifar"  # the teacher's family: the rule prefers it like its zoo members
+    fitting = [c for c in plan.candidates if c["fits"] and c["family"] == pruned["family"]]
+    largest = max(fitting, key=lambda c: (c["flops"], -c["params"]))
+    chose_pruned = plan.final.options.get("prune") is not None
+    assert chose_pruned == (largest["name"] == "resnet20-pruned")
+    zoo_only, _ = plan_compression(teacher=digits_teacher, budgets=[budget])
+    assert "resnet20-pruned" not in [c["name"] for c in zoo_only.candidates]
+
+
+def test_an_unreachable_budget_falls_back_to_the_zoo_and_says_why(cache_dir, digits_teacher):
+    plan, _ = plan_compression(teacher=digits_teacher, budgets=["0.2MFLOPs"], candidates="all")  # floor 0.31 M
+    assert "resnet20-pruned" not in [c["name"] for c in plan.candidates]
+    assert any("no pruned candidate (pruning resnet20 cannot reach" in r and "falling back to the zoo" in r
+               for r in plan.reasons)
+    assert plan.final.options.get("prune") is None
+
+
+def test_cli_flag_and_a_pruned_run_that_exports_and_reloads(cache_dir, digits_teacher, tmp_path, cli):
+    from recipes.compress import compress
+
+    budget, limit = _half(digits_teacher)
+    shown = cli("plan", "--teacher", digits_teacher, "--budget", budget, "--candidates", "pruned")
+    assert shown.exit_code == 0 and "resnet20-pruned" in shown.output
+    assert cli("plan", "--teacher", digits_teacher, "--budget", budget, "--candidates", "x").exit_code == 2
+
+    out = tmp_path / "run"
+    compress(digits_teacher, [budget], out=out, epochs=1, candidates="pruned", echo=lambda _: None)
+    raw = torch.load(out / "student.pt", weights_only=True)  # no pickled module anywhere
+    assert raw["meta"]["arch"] == "resnet20" and raw["meta"]["pruning"]["history"]
+    student = load_model(out / "student.pt")
+    assert measure(student.model, student.meta.input_shape).flops <= limit
+    report = json.loads((out / "report.json").read_text())
+    assert report["student"]["flops"] <= limit < report["teacher"]["flops"]
+    assert report["student"]["onnx"]["max_abs_diff"] <= report["student"]["onnx"]["atol"]
+    assert report["student"]["latency"]["onnx_ms"] > 0 and report["teacher"]["latency"]["torch_ms"] > 0
