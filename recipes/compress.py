@@ -173,6 +173,8 @@ def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, o
             "path": teacher, "arch": inputs.teacher.meta.arch, "flops": inputs.teacher_cost.flops,
             "params": inputs.teacher_cost.params, "test_top1": teacher_accuracy(inputs), "latency": teacher_latency,
         }
+    if student.meta.pruning:
+        report["student"]["pruning"] = _pruning_summary(student, run, report)
     report["seconds"] = round(time.time() - started, 1)
     files = write_report(report, out_dir)
     report["files"].update(files)
@@ -228,6 +230,19 @@ def _budget_lines(plan: Plan, inputs: RunInputs) -> dict[str, list[float]]:
         elif b.kind == "params":
             lines["mparams"].append(b.value / 1e6)
     return lines
+
+
+def _pruning_summary(student: Any, run: Any, report: dict[str, Any]) -> dict[str, Any]:
+    """A pruned teacher: how it was pruned, its accuracy before and after recovery, the speed-up it measured."""
+    record = student.meta.pruning
+    teacher_ms = ((report.get("teacher") or {}).get("latency") or {}).get("torch_ms")
+    student_ms = (report["student"].get("latency") or {}).get("torch_ms")
+    return {
+        **{k: record.get(k) for k in ("tool", "tool_version", "ratio", "importance", "scope", "round_to")},
+        "val_top1_before_recovery": student.extra.get("val_top1_before_recovery"),
+        "val_top1_after_recovery": run.metrics.get("val_top1"),
+        "torch_speedup_vs_teacher": teacher_ms / student_ms if teacher_ms and student_ms else None,
+    }
 
 
 def _onnx_summary(onnx: dict[str, Any]) -> dict[str, Any]:

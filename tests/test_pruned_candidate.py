@@ -95,3 +95,20 @@ def test_cli_flag_and_a_pruned_run_that_exports_and_reloads(cache_dir, digits_te
     assert report["student"]["flops"] <= limit < report["teacher"]["flops"]
     assert report["student"]["onnx"]["max_abs_diff"] <= report["student"]["onnx"]["atol"]
     assert report["student"]["latency"]["onnx_ms"] > 0 and report["teacher"]["latency"]["torch_ms"] > 0
+    pruning = report["student"]["pruning"]
+    assert pruning["importance"] == "l1" and 0 < pruning["ratio"] < 1 and pruning["torch_speedup_vs_teacher"] > 0
+    assert 0 <= pruning["val_top1_before_recovery"] <= 100 and pruning["val_top1_after_recovery"] is not None
+
+
+def test_the_pruned_student_starts_from_the_teachers_kept_weights(cache_dir, digits_teacher):
+    from recipes.probe import _pruned_start
+
+    budget, _ = _half(digits_teacher)
+    plan, inputs = plan_compression(teacher=digits_teacher, budgets=[budget], candidates="pruned")
+    (candidate,) = plan.candidates
+    student = _pruned_start(inputs, candidate)["student_init"]  # what the probe and the stage train
+    assert measure(student, inputs.input_shape).flops == candidate["flops"]
+    teacher_rows = inputs.teacher.model.conv1.weight.detach().flatten(1)
+    kept = student.conv1.weight.detach().flatten(1)
+    assert kept.shape[0] < teacher_rows.shape[0]
+    assert all(any(torch.equal(row, t) for t in teacher_rows) for row in kept)  # rows copied, not re-initialised
