@@ -112,3 +112,38 @@ def test_the_pruned_student_starts_from_the_teachers_kept_weights(cache_dir, dig
     kept = student.conv1.weight.detach().flatten(1)
     assert kept.shape[0] < teacher_rows.shape[0]
     assert all(any(torch.equal(row, t) for t in teacher_rows) for row in kept)  # rows copied, not re-initialised
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_pruned_run_resumes_to_the_same_student(cache_dir, digits_teacher, tmp_path):
+    from recipes.compress import compress
+
+    budget, _ = _half(digits_teacher)
+    reference_out = tmp_path / "whole"
+    compress(digits_teacher, [budget], out=reference_out, epochs=2, candidates="pruned", echo=lambda _: None)
+    reference = load_model(reference_out / "student.pt").model.state_dict()
+
+    def die_after_first_epoch(line: str) -> None:
+        if line.startswith("epoch 1/2"):
+            raise _Interrupt  # the pruned student's epoch-1 state is on disk
+
+    out = tmp_path / "run"
+    with pytest.raises(_Interrupt):
+        compress(digits_teacher, [budget], out=out, epochs=2, candidates="pruned", echo=die_after_first_epoch)
+    compress(out=out, resume=True, echo=lambda _: None)  # the plan.yaml carries the pruning history
+    again = load_model(out / "student.pt").model.state_dict()
+    assert reference.keys() == again.keys() and all(torch.equal(reference[k], again[k]) for k in reference)
+
+
+def test_a_teacher_that_is_no_zoo_architecture_gives_no_pruned_candidate():
+    from compressor.checkpoint import LoadedModel, ModelMeta
+    from compressor.models import create
+    from recipes.budget import parse_budget
+    from recipes.pruned import pruned_candidate
+
+    teacher = LoadedModel(create("resnet8", num_classes=10), ModelMeta("module:MyNet", 10))
+    candidate, why = pruned_candidate(teacher, [parse_budget("1MFLOPs")], (3, 32, 32))
+    assert candidate is None and "module:MyNet, not a zoo architecture" in why and "zoo candidates compete alone" in why
