@@ -178,3 +178,6 @@ def test_flops_and_export_work_on_a_pruned_checkpoint(tmp_path, cli, pruned_file
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         assert torch.allclose(torch.from_numpy(got), result.model(x), atol=1e-4)
+    timed = cli("bench", str(onnx), "--batch", "1", "--threads", "1", "--runs", "2", "--min-time", "0",
+                "--warmup", "0", "--device", "cpu")  # the ONNX file records the pruned checkpoint: eager too
+    assert timed.exit_code == 0 and "torch" in timed.output.lower() and "no eager" not in timed.output, timed.output
