@@ -157,7 +157,7 @@ def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, o
                     "checkpoint": s.checkpoint, "metrics": _plain(s.metrics), "history": s.history}
                    for s, st in zip(run.stages, plan.stages)],
         "student": {
-            "arch": student.meta.arch, "search_name": plan.final.arch, "checkpoint": str(student_path),
+            "arch": student.meta.arch, "search_name": _search_name(plan), "checkpoint": str(student_path),
             "flops": student_cost.flops, "params": student_cost.params, "test_top1": run.metrics.get("test_top1"),
             "val_top1": run.metrics.get("val_top1"), "latency": student_latency,
             "onnx": _onnx_summary(deployment.onnx), "int8": _int8_summary(deployment.int8),
@@ -230,6 +230,13 @@ def _budget_lines(plan: Plan, inputs: RunInputs) -> dict[str, list[float]]:
         elif b.kind == "params":
             lines["mparams"].append(b.value / 1e6)
     return lines
+
+
+def _search_name(plan: Plan) -> str:
+    """The candidate the search chose: a pruned teacher is listed as ``<arch>-pruned``."""
+    from recipes.pruned import pruned_name
+
+    return pruned_name(plan.final.arch) if plan.final.options.get("prune") else plan.final.arch
 
 
 def _pruning_summary(student: Any, run: Any, report: dict[str, Any]) -> dict[str, Any]:

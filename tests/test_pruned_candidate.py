@@ -98,6 +98,10 @@ def test_cli_flag_and_a_pruned_run_that_exports_and_reloads(cache_dir, digits_te
     pruning = report["student"]["pruning"]
     assert pruning["importance"] == "l1" and 0 < pruning["ratio"] < 1 and pruning["torch_speedup_vs_teacher"] > 0
     assert 0 <= pruning["val_top1_before_recovery"] <= 100 and pruning["val_top1_after_recovery"] is not None
+    assert report["student"]["search_name"] == "resnet20-pruned"
+    markdown = (out / "report.md").read_text()
+    assert "## Pruned teacher" in markdown and "| resnet20-pruned | resnet_cifar |" in markdown
+    assert "**chosen**" in next(line for line in markdown.splitlines() if line.startswith("| resnet20-pruned"))
 
 
 def test_the_pruned_student_starts_from_the_teachers_kept_weights(cache_dir, digits_teacher):
