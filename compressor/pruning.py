@@ -133,14 +133,17 @@ def prune_to_budget(
     settings: PruneSettings = PruneSettings(),
     calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
     name: str | None = None,
+    check: tuple[str, Callable[[nn.Module], bool]] | None = None,
 ) -> PruneResult:
     """The largest structurally pruned copy of ``model`` whose measured FLOPs and params fit.
 
+    ``check`` is (what it limits, predicate): one more budget a trial must pass, such as a timed
+    latency (run only on trials that already meet the FLOPs/params limits).
     Raises a one-line UserError when the graph cannot be pruned (naming the layer) or when even the
     strongest pruning that leaves every layer some channels stays above the budget.
     """
-    if max_flops is None and max_params is None:
-        raise UserError("pruning needs a FLOPs or params budget")
+    if max_flops is None and max_params is None and check is None:
+        raise UserError("pruning needs a FLOPs, params or latency budget")
     spec = IMPORTANCES[settings.importance]
     if spec.needs_gradients and calibration is None:
         raise UserError(f"pruning importance {settings.importance!r} needs a labelled calibration batch; "
@@ -151,10 +154,11 @@ def prune_to_budget(
     teacher_cost = measure(model, shape)
     earlier = list((getattr(model, "kd_pruning", None) or {}).get("history", []))  # pruned again: replay both
 
-    def fits(cost: Cost) -> bool:
-        return (max_flops is None or cost.flops <= max_flops) and (max_params is None or cost.params <= max_params)
+    def fits(candidate: nn.Module, cost: Cost) -> bool:
+        return ((max_flops is None or cost.flops <= max_flops) and (max_params is None or cost.params <= max_params)
+                and (check is None or check[1](candidate)))
 
-    if fits(teacher_cost):
+    if fits(model, teacher_cost):
         model.kd_pruning = _record(shape, 0.0, settings, earlier, teacher_cost)
         return PruneResult(model, 0.0, teacher_cost, teacher_cost, model.kd_pruning)
     groups = _prunable_groups(model, shape, label)
@@ -170,14 +174,15 @@ def prune_to_budget(
             hi, collapsed = mid, err.layers
             continue
         cost = measure(pruned, shape)
-        if fits(cost):
+        if fits(pruned, cost):
             hi, best = mid, (mid, pruned, history, cost)
         else:
             lo, lowest = mid, cost
     if best is None:
         limit = " and ".join(x for x in (
             f"{max_flops / 1e6:.3g} MFLOPs" if max_flops is not None else "",
-            f"{max_params / 1e6:.3g} M params" if max_params is not None else "") if x)
+            f"{max_params / 1e6:.3g} M params" if max_params is not None else "",
+            check[0] if check is not None else "") if x)
         reached = lowest or teacher_cost
         why = (f"pruning more would remove every channel of {_few(collapsed)}" if collapsed else
                f"every prunable layer is down to {settings.round_to} channels or kept whole")

@@ -54,11 +54,23 @@ def pruned_candidate(
     limits = cost_limits(budgets, teacher_flops)
     flops_limits = [limit for _, metric, limit in limits if metric == "flops"]
     params_limits = [limit for _, metric, limit in limits if metric == "params"]
-    if not flops_limits and not params_limits:
-        return None, "no pruned candidate: pruning is solved for a FLOPs or params budget, and none was given"
+    timed: dict[int, float] = {}
+    check = None
+    latency_limits = [b.value for b in budgets if b.kind == "latency"]
+    if latency_limits and latency_of_model is not None:
+        limit_ms = min(latency_limits)
+
+        def within_latency(model: nn.Module) -> bool:  # timed, never estimated: each trial that fits the rest
+            timed[id(model)] = float(latency_of_model(model))
+            return timed[id(model)] <= limit_ms
+
+        check = (f"{limit_ms:g} ms at batch 1", within_latency)
+    if not flops_limits and not params_limits and check is None:
+        return None, "no pruned candidate: pruning is solved for a FLOPs, params or latency budget, and none was given"
     try:
         result = prune_to_budget(teacher.model, input_shape, max_flops=min(flops_limits, default=None),
-                                 max_params=min(params_limits, default=None), settings=settings, name=arch)
+                                 max_params=min(params_limits, default=None), settings=settings, name=arch,
+                                 check=check)
     except UserError as err:
         return None, f"no pruned candidate ({err}); falling back to the zoo"
     record = dict(result.record)
@@ -66,8 +78,9 @@ def pruned_candidate(
     record["teacher_steps"] = len((getattr(teacher.model, "kd_pruning", None) or {}).get("history", []))
     candidate = Candidate(pruned_name(arch), _family(arch), result.cost.flops, result.cost.params)
     candidate.pruned = record
-    if latency_of_model is not None and any(b.kind == "latency" for b in budgets):
-        candidate.latency_ms, candidate.timed = float(latency_of_model(result.model)), True
+    if check is not None:
+        candidate.latency_ms = timed.get(id(result.model)) or float(latency_of_model(result.model))
+        candidate.timed = True
     why = (f"pruned candidate {candidate.name}: {describe(record)}, {result.cost.flops / 1e6:.3g} MFLOPs and "
            f"{result.cost.params / 1e6:.3g} M params (teacher {result.teacher_cost.flops / 1e6:.3g} MFLOPs)")
     return candidate, why

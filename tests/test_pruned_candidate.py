@@ -151,3 +151,25 @@ def test_a_teacher_that_is_no_zoo_architecture_gives_no_pruned_candidate():
     teacher = LoadedModel(create("resnet8", num_classes=10), ModelMeta("module:MyNet", 10))
     candidate, why = pruned_candidate(teacher, [parse_budget("1MFLOPs")], (3, 32, 32))
     assert candidate is None and "module:MyNet, not a zoo architecture" in why and "zoo candidates compete alone" in why
+
+
+def test_a_latency_budget_is_solved_with_the_timer_and_the_candidate_keeps_its_timing():
+    from compressor.checkpoint import LoadedModel, ModelMeta
+    from compressor.models import create
+    from recipes.budget import parse_budget
+    from recipes.pruned import pruned_candidate
+
+    torch.manual_seed(0)
+    teacher = LoadedModel(create("resnet20", num_classes=10), ModelMeta("resnet20", 10))
+    shape = (3, 32, 32)
+    calls = []
+
+    def fake_timer(model) -> float:  # a deterministic stand-in for onnxruntime: 1 ms per 10 MFLOPs
+        calls.append(model)
+        return measure(model, shape).flops / 1e7
+
+    candidate, why = pruned_candidate(teacher, [parse_budget("2ms")], shape, None, fake_timer)
+    assert candidate is not None and candidate.timed and candidate.latency_ms <= 2.0
+    assert candidate.latency_ms == pytest.approx(candidate.flops / 1e7) and len(calls) >= 2
+    none, why = pruned_candidate(teacher, [parse_budget("0.01ms")], shape, None, fake_timer)
+    assert none is None and "cannot reach 0.01 ms at batch 1" in why and "falling back to the zoo" in why
