@@ -195,7 +195,7 @@ def _plan(teacher, budget, data, teacher_arch, recipe, method, family, gap_thres
     from recipes.probe import probe_search
 
     winner, rows = probe_search(plan, inputs, k=probe_k, device=device, echo=echo)
-    if winner != plan.final.arch:
+    if winner != _search_name(plan):
         plan, _ = plan_compression(
             teacher=teacher, budgets=budget, data=data, teacher_arch=teacher_arch, recipe=recipe, method=method,
             family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed, latency_threads=latency_threads,

@@ -173,3 +173,17 @@ def test_a_latency_budget_is_solved_with_the_timer_and_the_candidate_keeps_its_t
     assert candidate.latency_ms == pytest.approx(candidate.flops / 1e7) and len(calls) >= 2
     none, why = pruned_candidate(teacher, [parse_budget("0.01ms")], shape, None, fake_timer)
     assert none is None and "cannot reach 0.01 ms at batch 1" in why and "falling back to the zoo" in why
+
+
+def test_the_probe_search_trains_the_pruned_teacher_beside_the_zoo(cache_dir, digits_teacher):
+    from recipes.probe import probe_search
+
+    budget, _ = _half(digits_teacher)
+    plan, inputs = plan_compression(teacher=digits_teacher, budgets=[budget], candidates="all", load_data=True,
+                                    family="resnet_cifar")
+    fitting = sorted((c for c in plan.candidates if c["fits"]), key=lambda c: -c["flops"])
+    k = 1 + next(i for i, c in enumerate(fitting) if c["name"] == "resnet20-pruned")  # the top-k reach it
+    assert k <= 3, [c["name"] for c in fitting]  # keeps the probe short
+    winner, rows = probe_search(plan, inputs, k=k, device="cpu", echo=lambda _: None)
+    scored = {r["name"]: r["score"] for r in rows if r["round"] == 1}
+    assert scored.get("resnet20-pruned") is not None and winner in scored
