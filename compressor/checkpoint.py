@@ -44,6 +44,9 @@ class ModelMeta:
     dataset: str | None = None  # the data spec it was trained on, e.g. "digits"
     class_names: list[str] | None = None
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    # a structurally pruned zoo model: the history that rebuilds it from a fresh ``arch`` (compressor.pruning);
+    # plain lists and numbers, so the file stays readable with weights_only=True
+    pruning: dict[str, Any] | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int] | None:
@@ -84,6 +87,7 @@ class ModelMeta:
             dataset=d.get("dataset"),
             class_names=list(d["class_names"]) if d.get("class_names") is not None else None,
             arch_kwargs=dict(d.get("arch_kwargs") or {}),
+            pruning=dict(d["pruning"]) if d.get("pruning") is not None else None,
         )
 
 
@@ -295,7 +299,13 @@ def _from_ours(obj: dict, path: str, arch: str | None, num_classes: int | None) 
     _check_classes(path, meta.num_classes, num_classes)
     _check_meta_size(meta, obj["state_dict"], path)
     model = _build(meta.arch, meta.num_classes, meta.in_chans, meta.arch_kwargs)
-    _load_weights(model, obj["state_dict"], path, meta.arch)
+    described = meta.arch
+    if meta.pruning is not None:
+        from compressor.pruning import replay
+
+        replay(model, meta.pruning, path)
+        described = f"{meta.arch} pruned by its recorded history"
+    _load_weights(model, obj["state_dict"], path, described)
     return LoadedModel(model.eval(), meta, dict(obj.get("metrics") or {}), obj.get("plan"),
                        dict(obj.get("extra") or {}), FORMAT, path)
 

@@ -63,6 +63,7 @@ def compress(
     recipe: str | None = None,
     method: str | None = None,
     family: str | None = None,
+    candidates: str = "zoo",
     gap_threshold: float = 8.0,
     epochs: int | None = None,
     seed: int = 0,
@@ -107,7 +108,7 @@ def compress(
     else:
         plan, inputs, probe_rows = _plan(teacher, budget, data, teacher_arch, recipe, method, family, gap_threshold,
                                          epochs, seed, latency_threads, trust, search, probe_k, device, echo,
-                                         corruption)
+                                         corruption, candidates)
     for note in inputs.notes:
         echo(note)
     # the folder appears (or its earlier run is set aside) only once the inputs made a plan
@@ -156,7 +157,7 @@ def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, o
                     "checkpoint": s.checkpoint, "metrics": _plain(s.metrics), "history": s.history}
                    for s, st in zip(run.stages, plan.stages)],
         "student": {
-            "arch": student.meta.arch, "search_name": plan.final.arch, "checkpoint": str(student_path),
+            "arch": student.meta.arch, "search_name": _search_name(plan), "checkpoint": str(student_path),
             "flops": student_cost.flops, "params": student_cost.params, "test_top1": run.metrics.get("test_top1"),
             "val_top1": run.metrics.get("val_top1"), "latency": student_latency,
             "onnx": _onnx_summary(deployment.onnx), "int8": _int8_summary(deployment.int8),
@@ -172,6 +173,8 @@ def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, o
             "path": teacher, "arch": inputs.teacher.meta.arch, "flops": inputs.teacher_cost.flops,
             "params": inputs.teacher_cost.params, "test_top1": teacher_accuracy(inputs), "latency": teacher_latency,
         }
+    if student.meta.pruning:
+        report["student"]["pruning"] = _pruning_summary(student, run, report)
     report["seconds"] = round(time.time() - started, 1)
     files = write_report(report, out_dir)
     report["files"].update(files)
@@ -179,24 +182,24 @@ def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, o
 
 
 def _plan(teacher, budget, data, teacher_arch, recipe, method, family, gap_threshold, epochs, seed, latency_threads,
-          trust, search, probe_k, device, echo, corruption) -> tuple[Plan, RunInputs, list | None]:
+          trust, search, probe_k, device, echo, corruption, candidates="zoo") -> tuple[Plan, RunInputs, list | None]:
     from recipes.api import plan_compression
 
     plan, inputs = plan_compression(
         teacher=teacher, budgets=budget, data=data, teacher_arch=teacher_arch, recipe=recipe, method=method,
         family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed, latency_threads=latency_threads,
-        trust=trust, load_data=True, corruption=corruption,
+        trust=trust, load_data=True, corruption=corruption, candidates=candidates,
     )
     if search != "probe":
         return plan, inputs, None
     from recipes.probe import probe_search
 
     winner, rows = probe_search(plan, inputs, k=probe_k, device=device, echo=echo)
-    if winner != plan.final.arch:
+    if winner != _search_name(plan):
         plan, _ = plan_compression(
             teacher=teacher, budgets=budget, data=data, teacher_arch=teacher_arch, recipe=recipe, method=method,
             family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed, latency_threads=latency_threads,
-            trust=trust, load_data=False, student=winner, corruption=corruption,
+            trust=trust, load_data=False, student=winner, corruption=corruption, candidates=candidates,
         )
     plan.reasons.append(f"--search probe: {winner} scored best on the validation split after successive halving "
                         f"over {len({r['name'] for r in rows})} candidates")
@@ -227,6 +230,26 @@ def _budget_lines(plan: Plan, inputs: RunInputs) -> dict[str, list[float]]:
         elif b.kind == "params":
             lines["mparams"].append(b.value / 1e6)
     return lines
+
+
+def _search_name(plan: Plan) -> str:
+    """The candidate the search chose: a pruned teacher is listed as ``<arch>-pruned``."""
+    from recipes.pruned import pruned_name
+
+    return pruned_name(plan.final.arch) if plan.final.options.get("prune") else plan.final.arch
+
+
+def _pruning_summary(student: Any, run: Any, report: dict[str, Any]) -> dict[str, Any]:
+    """A pruned teacher: how it was pruned, its accuracy before and after recovery, the speed-up it measured."""
+    record = student.meta.pruning
+    teacher_ms = ((report.get("teacher") or {}).get("latency") or {}).get("torch_ms")
+    student_ms = (report["student"].get("latency") or {}).get("torch_ms")
+    return {
+        **{k: record.get(k) for k in ("tool", "tool_version", "ratio", "importance", "scope", "round_to")},
+        "val_top1_before_recovery": student.extra.get("val_top1_before_recovery"),
+        "val_top1_after_recovery": run.metrics.get("val_top1"),
+        "torch_speedup_vs_teacher": teacher_ms / student_ms if teacher_ms and student_ms else None,
+    }
 
 
 def _onnx_summary(onnx: dict[str, Any]) -> dict[str, Any]:

@@ -60,7 +60,7 @@ class Plan:
     teacher: str | None = None  # path of the teacher checkpoint
     teacher_arch: str | None = None
     budgets: list[str] = field(default_factory=list)
-    recipe: str = "single"  # single | takd | dgkd | modreduce | cohort | osakd | tcn
+    recipe: str = "single"  # single | takd | dgkd | modreduce | cohort | osakd | tcn | pruned (recipes.pruned)
     seed: int = 0
     reasons: list[str] = field(default_factory=list)
     candidates: list[dict[str, Any]] = field(default_factory=list)  # the search table, for the report
@@ -95,6 +95,9 @@ class Plan:
                 if all(weight == 0 for _, weight in spec.as_list()):
                     raise UserError(f"the method {stage.method!r} of stage {stage.name!r} gives every weight 0: "
                                     "the loss would be 0 and nothing would train; give one term a weight > 0")
+            if stage.options.get("prune") and stage.scheme != "offline":
+                raise UserError(f"stage {stage.name!r} trains a pruned teacher, which only the offline scheme does "
+                                f"(not {stage.scheme!r})")
             TrainConfig.from_dict({k: v for k, v in stage.train.items() if v is not None})  # a bad setting (e.g. a learning rate of inf) fails here too
             for t in stage.teachers:
                 if t != TEACHER and t not in seen:

@@ -53,6 +53,9 @@ class PlanRequest:
     seed: int = 0
     options: dict = field(default_factory=dict)  # scheme options passed through (cohort size, k, drop...)
     student: str | None = None  # force this candidate (the probe search's winner)
+    candidates: str = "zoo"  # "zoo" | "pruned" | "all" (recipes.pruned.CANDIDATE_SETS)
+    pruned: Candidate | None = None  # the teacher pruned to the budget, measured (recipes.pruned)
+    pruned_reason: str | None = None  # why it is there, or why there is none
 
 
 def make_plan(request: PlanRequest, latency: LatencyFn | None = None) -> Plan:
@@ -72,6 +75,7 @@ def make_plan(request: PlanRequest, latency: LatencyFn | None = None) -> Plan:
     grid_size = len(candidates)
     filled = fill_budget(candidates, request.budgets, request.teacher_flops, request.num_classes, request.input_shape)
     candidates += filled.members
+    candidates = _with_pruned(request, candidates, reasons)
     # a student is never larger than its teacher (checked with the budgets, before any latency is timed)
     apply_budgets(candidates, request.budgets, request.teacher_flops, latency)
     check_budget_range(candidates, request.budgets, request.teacher_flops, request.teacher_params)
@@ -110,6 +114,21 @@ def make_plan(request: PlanRequest, latency: LatencyFn | None = None) -> Plan:
     ).validate()
 
 
+def _with_pruned(request: PlanRequest, candidates: list[Candidate], reasons: list[str]) -> list[Candidate]:
+    """``--candidates``: the zoo, the pruned teacher, or both; with no pruned candidate, the zoo."""
+    if request.candidates == "zoo":
+        return candidates
+    if request.pruned_reason:
+        reasons.append(request.pruned_reason)
+    pruned = request.pruned
+    if pruned is not None and request.family is not None and pruned.family != request.family:
+        reasons.append(f"the pruned candidate is a {pruned.family}, not of --family {request.family}: left out")
+        pruned = None
+    if pruned is None:
+        return candidates  # falls back to the zoo (the reason says why)
+    return [pruned] if request.candidates == "pruned" else [*candidates, pruned]
+
+
 def _train(request: PlanRequest, arch: str, family: str, *, distill: bool) -> dict:
     return default_train(request.data, arch, family, distill=distill, epochs=request.epochs)
 
@@ -129,6 +148,15 @@ def _stages(request: PlanRequest, student: Candidate, candidates: list[Candidate
                        "aggregator; the best peer on the validation split is deployed")
         return [Stage("student", "cohort", student.name, [], None, opts, final_train, reasons[-1])], "cohort"
 
+    if student.pruned is not None:
+        if request.recipe not in (None, "single"):
+            raise UserError(f"--recipe {request.recipe} does not apply to the pruned teacher {student.name}: its recovery "
+                            "is one offline distillation from the unpruned teacher; use --candidates zoo for that recipe")
+        reasons.append(f"{student.name} is the teacher with channels pruned away: recovery training is one offline "
+                       f"distillation from the unpruned teacher, from the teacher's kept weights")
+        options = {**opts, "prune": dict(student.pruned)}
+        return [Stage("student", "offline", request.teacher_arch, [TEACHER], method, options, final_train,
+                      reasons[-1])], "pruned"
     gap = request.teacher_flops / student.flops
     forced = request.recipe
     if forced in ("modreduce", "tcn"):

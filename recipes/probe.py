@@ -28,6 +28,7 @@ def probe_search(plan: Plan, inputs: RunInputs, *, k: int = 4, device: str = "au
         raise UserError("--search probe distils from a teacher: give --teacher")
     fitting = sorted((c for c in plan.candidates if c.get("fits")), key=lambda c: -c["flops"])[:max(1, k)]
     field = [c["name"] for c in fitting]
+    by_name = {c["name"]: c for c in fitting}
     source = ProbeView(inputs.source, PROBE_FRACTION)
     final = plan.final
     rows: list[dict[str, Any]] = []
@@ -40,7 +41,7 @@ def probe_search(plan: Plan, inputs: RunInputs, *, k: int = 4, device: str = "au
             request = SchemeRequest(student_arch=arch, num_classes=source.num_classes,
                                     input_shape=tuple(source.input_shape), num_train=source.num_train,
                                     teacher=_frozen_copy(inputs), method=final.method if TEACHER in final.teachers else None,
-                                    options={})
+                                    options=_pruned_start(inputs, by_name[arch]))
             seed_everything(plan.seed)  # every candidate starts from the same seed
             scheme = build_scheme("offline", request)
             settings = {**final.train, "epochs": epochs, "seed": plan.seed, "device": device, "progress": "off"}
@@ -101,3 +102,12 @@ def _frozen_copy(inputs: RunInputs):
     import copy
 
     return copy.deepcopy(inputs.teacher.model).eval()
+
+
+def _pruned_start(inputs: Any, candidate: dict) -> dict:
+    """The pruned-teacher candidate is probed from the teacher's kept weights, like its real stage."""
+    if not candidate.get("pruned"):
+        return {}
+    from recipes.pruned import student_from_teacher
+
+    return {"student_init": student_from_teacher(inputs.teacher.model, candidate["pruned"])}

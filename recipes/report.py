@@ -94,6 +94,17 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"int8 file {int8.get('path')}: test top-1 {_fmt(int8.get('int8_top1'))}% vs fp32 "
                          f"{_fmt(int8.get('fp32_top1'))}%, {_fmt(int8.get('int8_bytes', 0) / 1e6, 3)} MB vs "
                          f"{_fmt(int8.get('fp32_bytes', 0) / 1e6, 3)} MB.{flag}")
+    pruning = s.get("pruning")
+    if pruning:
+        speedup = pruning.get("torch_speedup_vs_teacher")
+        lines += ["", "## Pruned teacher", "",
+                  f"The student is the teacher with {_fmt(pruning.get('ratio'), 3)} of each channel group removed "
+                  f"({pruning.get('importance')} importance, {pruning.get('scope')} scope, multiples of "
+                  f"{pruning.get('round_to')}; {pruning.get('tool')} {pruning.get('tool_version')}). Validation top-1 "
+                  f"before recovery {_fmt(pruning.get('val_top1_before_recovery'))}%, after "
+                  f"{_fmt(pruning.get('val_top1_after_recovery'))}%; PyTorch batch-1 speed-up against the unpruned "
+                  f"teacher {_fmt(speedup, 2, 'x')}" + (" (**no faster than the teacher**)." if speedup is not None
+                                                        and speedup <= 1.0 else ".")]
     probe = result.get("probe")
     if probe:
         lines += ["", "## Probe search", "", "| candidate | round | val top-1 |", "|---|---|---|"]

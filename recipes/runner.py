@@ -97,11 +97,13 @@ def run_plan(
         settings.setdefault("seed", plan.seed)
         settings.setdefault("device", device)
         seed_everything(settings["seed"])  # the models' initial weights depend on it, not on the process's past
+        start = _pruned_start(stage, teacher)
         request = SchemeRequest(
             student_arch=stage.arch, num_classes=source.num_classes, input_shape=tuple(source.input_shape),
             num_train=source.num_train, teacher=teachers[0] if teachers else None, method=stage.method,
             options={"batch_size": settings.get("batch_size", TrainConfig.batch_size) // int(os.environ.get("WORLD_SIZE", "1")),
-                     **stage.options, **_label_smoothing(stage, settings), "teachers": teachers},
+                     **stage.options, **_label_smoothing(stage, settings), "teachers": teachers,
+                     **start},
         )
         scheme = build_scheme(stage.scheme, request)
         _check_label_smoothing(stage, scheme, request.options.get("label_smoothing"))
@@ -114,9 +116,11 @@ def run_plan(
         deployable = strip_taps(result.deployable)  # plain, for the checkpoint and as a later stage's teacher
         meta = ModelMeta.from_source(getattr(deployable, "kd_arch", stage.arch), source,
                                      **getattr(deployable, "kd_arch_kwargs", {}))
+        if stage.options.get("prune"):  # a pruned teacher: the checkpoint records the history that rebuilds it
+            meta.pruning = dict(stage.options["prune"])
         extra = {"stage": stage.name, "scheme": stage.scheme, "method": stage.method, "teachers": stage.teachers,
                  "data": source.describe(),  # split and corruption options: a later run can match them
-                 **getattr(result, "extra", {})}
+                 **getattr(result, "extra", {}), **_accuracy_before(start, source)}
         if result.is_main:
             save_model(model_path, deployable, meta, metrics=result.metrics(), plan=plan.to_dict(), extra=extra)
         loaded = LoadedModel(deployable.cpu().eval(), meta, result.metrics(), plan.to_dict(), extra, "kdcompress",
@@ -180,3 +184,34 @@ def _teacher_model(name: str, teacher: LoadedModel | None, done: dict[str, Loade
     else:
         model = done[name].model
     return copy.deepcopy(model).eval()
+
+
+def _pruned_start(stage: Stage, teacher: LoadedModel | None) -> dict[str, Any]:
+    """A pruned-teacher stage starts from the teacher's kept weights, its recorded channels removed."""
+    record = stage.options.get("prune")
+    if not record:
+        return {}
+    if teacher is None:
+        raise UserError(f"stage {stage.name!r} prunes the teacher, but no teacher was given")
+    from recipes.pruned import student_from_teacher
+
+    return {"student_init": student_from_teacher(teacher.model, record)}
+
+
+def _accuracy_before(start: dict[str, Any], source: Any) -> dict[str, Any]:
+    """A pruned teacher's validation accuracy before recovery training: the report shows what it recovered."""
+    model = start.get("student_init")
+    if model is None or not source.split_size("val"):
+        return {}
+    import copy
+    import itertools
+
+    from compressor.trainer import evaluate
+
+    batches = iter(source.loader("val", 256, shuffle=False, augment=False))
+    first = next(batches, None)
+    if first is None:
+        return {}
+    probe = copy.deepcopy(model).to(first.x.device).eval()  # the data may already live on the training device
+    top1 = evaluate(probe, itertools.chain([first], batches), source.num_classes).top1
+    return {"val_top1_before_recovery": float(top1)}

@@ -32,6 +32,7 @@ class Candidate:
     timed: bool = False
     solved: bool = False  # a width solved for this budget (recipes.fill), not a grid member
     utilization: dict[str, float] = field(default_factory=dict)  # budget text -> cost / limit
+    pruned: dict | None = None  # the teacher pruned to the budget (recipes.pruned): its pruning record
 
     def uses(self, budgets: Sequence[Budget]) -> str:
         """``uses 93% of <= 2 MFLOPs``: how much of each FLOPs/params budget this candidate takes."""
@@ -43,7 +44,7 @@ class Candidate:
         return not self.rejected_by
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "fits": self.fits}
+        return {**asdict(self), "fits": self.fits}  # a pruned candidate keeps its history: the probe rebuilds it
 
 
 def measure_candidates(
@@ -130,7 +131,8 @@ def apply_budgets(
             if found or i >= max_timed_per_family:
                 c.rejected_by.append(f"{text} (not timed)")
                 continue
-            c.latency_ms, c.timed = latency(c.name), True
+            if not c.timed:  # the pruned candidate is timed as the module it is (recipes.pruned)
+                c.latency_ms, c.timed = latency(c.name), True
             if c.latency_ms > limit:
                 c.rejected_by.append(text)
             else:

@@ -173,6 +173,8 @@ def build_offline(request: SchemeRequest, student: nn.Module | None = None) -> O
     if request.teacher is None:
         raise UserError("offline distillation needs a teacher (--teacher T.pt)")
     spec = parse_method_spec(request.method or "hinton")
+    if student is None:  # a pruned teacher arrives built (recipes.pruned): its widths are not the zoo's
+        student = request.options.get("student_init")
     if student is None:
         student = create(request.student_arch, num_classes=request.num_classes, in_chans=request.input_shape[0])
     return Offline(

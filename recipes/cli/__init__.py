@@ -77,7 +77,7 @@ def _resume_hint(ctx: click.Context) -> str:
 @click.option("--dry-run", is_flag=True, help="print the plan and stop (same as `kdcompress plan`)")
 @threads_option
 @click.pass_context
-def cli(ctx: click.Context, teacher, teacher_arch, budgets, data, recipe, method, family, gap_threshold, epochs,
+def cli(ctx: click.Context, teacher, teacher_arch, budgets, data, recipe, method, family, candidates, gap_threshold, epochs,
         latency_threads, seed, preset, trust, label_noise, imbalance, imbalance_gamma, out, int8, baseline, search,
         probe_k, resume_dir, force, device, dry_run, threads) -> None:
     """kdcompress: distil a big classifier into a small one that fits a budget, then export and time it.
@@ -102,7 +102,7 @@ def cli(ctx: click.Context, teacher, teacher_arch, budgets, data, recipe, method
         from recipes.cli.plan import command as plan_command
 
         ctx.invoke(plan_command, teacher=teacher, teacher_arch=teacher_arch, budgets=budgets, data=data, recipe=recipe,
-                   method=method, family=family, gap_threshold=gap_threshold, epochs=epochs,
+                   method=method, family=family, candidates=candidates, gap_threshold=gap_threshold, epochs=epochs,
                    latency_threads=latency_threads, seed=seed, preset=preset, trust=trust, label_noise=label_noise,
                    imbalance=imbalance, imbalance_gamma=imbalance_gamma, output=None)
         return
@@ -111,7 +111,7 @@ def cli(ctx: click.Context, teacher, teacher_arch, budgets, data, recipe, method
 
     result = compress(
         teacher=teacher, budget=budgets, data=data, out=resume_dir or out, teacher_arch=teacher_arch, recipe=recipe,
-        method=method, family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed, int8=int8,
+        method=method, family=family, candidates=candidates, gap_threshold=gap_threshold, epochs=epochs, seed=seed, int8=int8,
         baseline=baseline, search=search, probe_k=probe_k, latency_threads=latency_threads,
         resume=resume_dir is not None, force=force, device=device, trust=trust, preset=preset, corruption=corruption,
         echo=lambda line: click.echo(line, err=True),

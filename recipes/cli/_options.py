@@ -118,6 +118,9 @@ def planning_options(func):
                      help="force a scheme (default: chosen from the capacity gap)"),
         click.option("--method", default=None, help="knowledge method per stage, e.g. hinton+crd or hinton:0.9,crd:0.8,ce:1.0"),
         click.option("--family", default=None, help="only students of this zoo family"),
+        click.option("--candidates", default="zoo", show_default=True, type=click.Choice(["zoo", "pruned", "all"]),
+                     help="students searched: the zoo, the teacher itself with channels pruned to the budget "
+                          "(Torch-Pruning, then distilled back from the unpruned teacher), or both"),
         click.option("--gap-threshold", default=8.0, show_default=True, type=click.FloatRange(min=1.0, min_open=True),
                      help="teacher/student FLOPs ratio above which teacher assistants are inserted"),
         click.option("--epochs", default=None, type=click.IntRange(min=1), help="epochs per stage (default: the dataset's protocol)"),

@@ -56,7 +56,7 @@ def preset_for_plan(preset: str, *, teacher: str | None, teacher_arch: str | Non
 @click.command("plan")
 @planning_options
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="also write the plan as YAML")
-def command(teacher, teacher_arch, budgets, data, recipe, method, family, gap_threshold, epochs, latency_threads,
+def command(teacher, teacher_arch, budgets, data, recipe, method, family, candidates, gap_threshold, epochs, latency_threads,
             seed, preset, trust, label_noise, imbalance, imbalance_gamma, output) -> None:
     """Plan a compression (student search, recipe, stages) and explain it; trains nothing."""
     from recipes.api import plan_compression
@@ -69,7 +69,7 @@ def command(teacher, teacher_arch, budgets, data, recipe, method, family, gap_th
         plan, inputs = plan_compression(
             teacher=teacher, budgets=budgets, data=data, teacher_arch=teacher_arch, recipe=recipe, method=method,
             family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed, latency_threads=latency_threads,
-            trust=trust, corruption=corruption,
+            trust=trust, corruption=corruption, candidates=candidates,
         )
         for note in inputs.notes:
             click.echo(note, err=True)
