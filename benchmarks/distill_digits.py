@@ -28,7 +28,7 @@ from compressor.checkpoint import load_model
 from compressor.data import load_source
 from compressor.knowledge import list_losses
 from compressor.schemes import SchemeRequest, build_scheme
-from compressor.trainer import TrainingDiverged, fit
+from compressor.trainer import NotLearning, TrainingDiverged, fit
 from compressor.trainer.seeding import seed_everything
 from recipes.training import train_config, train_vanilla
 
@@ -45,7 +45,7 @@ def distil(method: str, teacher: torch.nn.Module, student: str, epochs: int, see
     t0 = time.perf_counter()
     try:
         result = fit(scheme, source, config)
-    except TrainingDiverged as err:
+    except (TrainingDiverged, NotLearning) as err:  # a failed row, said in the table
         return {"test_top1": None, "diverged": str(err)[:200], "s_per_epoch": None}
     return {"test_top1": result.test.top1, "val_top1": result.best_value, "best_epoch": result.best_epoch,
             "s_per_epoch": (time.perf_counter() - t0) / epochs}

@@ -45,6 +45,13 @@ def test_mid_run_a_model_at_chance_whose_loss_falls_is_judged_at_its_end():
     assert "at chance" in not_learning_reason(history, 10, 2)
 
 
+def test_mid_run_a_feature_term_that_falls_while_the_ce_is_flat_is_judged_at_its_end():
+    # AT at weight 1000 on digits: at chance, CE flat for two epochs, the whole loss falling; 85% later
+    history = [{"epoch": 1, "val_top1": 10.4, "loss": 32.18, "loss_terms": {"ce": 2.30, "at": 29.88}},
+               {"epoch": 2, "val_top1": 11.1, "loss": 13.52, "loss_terms": {"ce": 2.29, "at": 11.23}}]
+    assert not_learning_reason(history, 10, 15) is None
+
+
 def test_the_best_epoch_counts_and_train_accuracy_stands_in_without_validation():
     assert not_learning_reason([rec(1, 40.0, 2.0, 2.0), rec(2, 10.0, 1.9, 1.9)], 10, 5) is None
     reason = not_learning_reason([rec(1, None, 2.3, 2.3, train=9.0), rec(2, None, 2.3, 2.3, train=10.5)], 10, 5)

@@ -6,9 +6,12 @@ at every epoch's record and raises :class:`NotLearning` when
 
 * **at chance**: the best validation top-1 so far (train top-1 when there is no validation split)
   is at most ``CHANCE_FACTOR`` times chance, 100 / classes percent (12% for 10 classes, 1.2% for
-  100), at the end of the run, or earlier from the second epoch on while the watched loss has not
-  fallen below ``MID_RUN_FALL`` of its first epoch's (a scheme that first regresses features, like
-  the teacher-class network, sits at chance while its loss falls, and is judged at its end);
+  100), at the end of the run, or earlier from the second epoch on while the whole training loss
+  has not fallen below ``MID_RUN_FALL`` of its first epoch's. A run whose loss falls is judged at
+  its end: a scheme that first regresses features (the teacher-class network) sits at chance
+  while its loss falls, and so does a feature method at a large weight before its cross-entropy
+  starts to fall (AT at weight 1000 on digits: at chance with a flat CE for two epochs, 85% at
+  fifteen). A dead network's whole loss is flat (27.9 -> 27.8 on Fashion-MNIST);
 * **the loss never fell**: at the end of a run of two or more epochs, no epoch's training loss is
   below ``FALL_RATIO`` times the first epoch's. The cross-entropy term is judged when the scheme
   reports one (knowledge terms may rise by design, e.g. DKD's weight warm-up), else the total.
@@ -55,7 +58,7 @@ def not_learning_reason(history: list[dict[str, Any]], num_classes: int, epochs:
     if done == 0 or num_classes < 2:
         return None
     chance = 100.0 / num_classes
-    if done == epochs or (done >= FIRST_CHANCE_CHECK and not _fell(history, MID_RUN_FALL)):
+    if done == epochs or (done >= FIRST_CHANCE_CHECK and not _fell(history, MID_RUN_FALL, total=True)):
         split, best = None, None
         for record in history:
             split, value = _accuracy(record)
@@ -72,10 +75,12 @@ def not_learning_reason(history: list[dict[str, Any]], num_classes: int, epochs:
     return None
 
 
-def _fell(history: list[dict[str, Any]], ratio: float) -> bool:
-    """Whether a later epoch's watched loss is below ``ratio`` times the first epoch's (True when unknown)."""
-    first = _watched_loss(history[0])
-    later = [v for v in map(_watched_loss, history[1:]) if v is not None]
+def _fell(history: list[dict[str, Any]], ratio: float, *, total: bool = False) -> bool:
+    """Whether a later epoch's watched loss (``total``: the whole training loss) is below ``ratio``
+    times the first epoch's (True when unknown)."""
+    pick = (lambda r: r.get("loss")) if total else _watched_loss
+    first = pick(history[0])
+    later = [v for v in map(pick, history[1:]) if v is not None]
     return first is None or not later or min(later) < ratio * first
 
 
