@@ -257,7 +257,8 @@ def summarise(results: dict[str, Any], state: dict[str, Any], args: argparse.Nam
     print("| row | student | n | test top-1 mean (sd) | KD gain (points) |")
     print("|---|---|---|---|---|")
     summary: dict[str, Any] = {}
-    noise_rows = sorted({r for r in rows if r.startswith("noise")}, key=lambda r: (int(r.split(", ")[1].split()[0]), r[-7:] != "vanilla"))
+    noise_rows = sorted({r for r in rows if r.startswith("noise")},
+                        key=lambda r: (int(r.split(", ")[1].split()[0]), r.rsplit(": ", 1)[0], r.endswith(": hinton")))
     reference_of = {**{m: "vanilla" for m in METHODS}, "osakd cnn: osakd": "osakd cnn: plain",
                     **{r: r.replace(": hinton", ": vanilla") for r in noise_rows if r.endswith(": hinton")}}
 
