@@ -45,3 +45,17 @@ def cli():
         return runner.invoke(root, list(args), catch_exceptions=False)
 
     return invoke
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One cost cache for the module (``KDCOMPRESS_CACHE``), away from the user's: the candidates
+    are measured once, as a user's second plan would be."""
+    path = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("KDCOMPRESS_CACHE")
+    os.environ["KDCOMPRESS_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("KDCOMPRESS_CACHE", None)
+    else:
+        os.environ["KDCOMPRESS_CACHE"] = old

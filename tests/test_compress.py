@@ -17,21 +17,6 @@ from tests.conftest import run_module_cli
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """One cost cache for the module: the candidates are measured once, as a user's second plan would be."""
-    import os
-
-    path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("KDCOMPRESS_CACHE")
-    os.environ["KDCOMPRESS_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("KDCOMPRESS_CACHE", None)
-    else:
-        os.environ["KDCOMPRESS_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
 def cifar_teacher(tmp_path_factory) -> str:
     """An (untrained) CIFAR-100 resnet110 checkpoint: planning needs its shape and cost, not its accuracy."""
     path = tmp_path_factory.mktemp("cifar") / "resnet110.pt"

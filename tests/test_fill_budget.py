@@ -17,19 +17,7 @@ from recipes.search import Candidate
 FMNIST, DIGITS = (1, 28, 28), (1, 8, 8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    """One cost cache for the module, away from the user's."""
-    import os
-
-    path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("KDCOMPRESS_CACHE")
-    os.environ["KDCOMPRESS_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("KDCOMPRESS_CACHE", None)
-    else:
-        os.environ["KDCOMPRESS_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("cache_dir")  # one cost cache for the module, away from the user's
 
 
 def _plan(shape, budgets, teacher_arch=None, family=None, latency=None):

@@ -13,20 +13,6 @@ from recipes.api import plan_compression
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    import os
-
-    path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("KDCOMPRESS_CACHE")
-    os.environ["KDCOMPRESS_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("KDCOMPRESS_CACHE", None)
-    else:
-        os.environ["KDCOMPRESS_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
 def digits_teacher(tmp_path_factory) -> str:
     """resnet20 after one epoch on digits: a real teacher file with the data's shape and normalisation."""
     from recipes.training import train_vanilla

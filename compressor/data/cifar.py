@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from compressor.data.augment import CropFlip
-from compressor.data.base import SplitOptions, check_nonempty, split_training_pool
-from compressor.data.memory import InMemorySource
+from compressor.data.base import SplitOptions
+from compressor.data.memory import InMemorySource, pool_and_test_source
 from compressor.data.spec import register_source
 from compressor.errors import UserError
 
@@ -144,28 +144,9 @@ def read_cifar(directory: Path, layout: CifarLayout) -> tuple[torch.Tensor, torc
 
 def build_cifar(layout: CifarLayout, directory: Path, spec: str, options: SplitOptions, device: str | torch.device) -> InMemorySource:
     train_x, train_y, test_x, test_y, class_names = read_cifar(directory, layout)
-    split = split_training_pool(train_y, layout.num_classes, options, hold_out_val=True)
-    n_pool = train_x.shape[0]
-    rows = {
-        "train": split.train_positions,
-        "val": split.val_positions,
-        "test": torch.arange(n_pool, n_pool + test_x.shape[0]),
-    }
-    check_nonempty({s: r.numel() for s, r in rows.items()}, options, n_pool)
-    return InMemorySource(
-        spec=spec,
-        name=layout.name,
-        images=torch.cat([train_x, test_x]),
-        rows=rows,
-        labels={"train": split.train_labels, "val": train_y[split.val_positions], "test": test_y},
-        class_names=class_names,
-        mean=layout.mean,
-        std=layout.std,
-        augmentation=AUGMENTATION,
-        options=options,
-        clean_train_labels=split.clean_train_labels,
-        device=device,
-    )
+    return pool_and_test_source(spec=spec, name=layout.name, pool=(train_x, train_y), test=(test_x, test_y),
+                                class_names=class_names, mean=layout.mean, std=layout.std,
+                                augmentation=AUGMENTATION, options=options, device=device)
 
 
 @register_source("cifar10", needs_dir=True, summary="CIFAR-10 in torchvision's python format, 10 classes, 3x32x32")

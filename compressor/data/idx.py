@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 from compressor.data.augment import CropFlip
-from compressor.data.base import SplitOptions, check_nonempty, split_training_pool
-from compressor.data.memory import InMemorySource
+from compressor.data.base import SplitOptions
+from compressor.data.memory import InMemorySource, pool_and_test_source
 from compressor.data.spec import register_source
 from compressor.data.splits import stratified_subset
 from compressor.errors import UserError
@@ -217,29 +217,10 @@ def build_idx(dataset: IdxDataset, directory: Path, spec: str, options: SplitOpt
     if train_limit is not None:
         keep = stratified_subset(train_y, train_limit)
         train_x, train_y = train_x[keep], train_y[keep]
-    split = split_training_pool(train_y, num_classes, options, hold_out_val=True)
-    n_pool = train_x.shape[0]
-    rows = {
-        "train": split.train_positions,
-        "val": split.val_positions,
-        "test": torch.arange(n_pool, n_pool + test_x.shape[0]),
-    }
-    check_nonempty({s: r.numel() for s, r in rows.items()}, options, n_pool)
-    return InMemorySource(
-        spec=spec,
-        name=dataset.name,
-        images=torch.cat([train_x, test_x]),
-        rows=rows,
-        labels={"train": split.train_labels, "val": train_y[split.val_positions], "test": test_y},
-        class_names=list(dataset.class_names),
-        mean=dataset.mean,
-        std=dataset.std,
-        augmentation=dataset.augmentation,
-        options=options,
-        clean_train_labels=split.clean_train_labels,
-        device=device,
-        source_options={} if train_limit is None else {"train_limit": train_limit},
-    )
+    return pool_and_test_source(spec=spec, name=dataset.name, pool=(train_x, train_y), test=(test_x, test_y),
+                                class_names=list(dataset.class_names), mean=dataset.mean, std=dataset.std,
+                                augmentation=dataset.augmentation, options=options, device=device,
+                                source_options={} if train_limit is None else {"train_limit": train_limit})
 
 
 @register_source("fashion-mnist", needs_dir=False, accepts_dir=True,

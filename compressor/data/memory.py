@@ -13,7 +13,7 @@ import torch
 
 from compressor.batch import Batch
 from compressor.data.augment import CropFlip, crop_flip
-from compressor.data.base import DataSource, SplitOptions, check_batch_size, check_split
+from compressor.data.base import DataSource, SplitOptions, check_batch_size, check_nonempty, check_split, split_training_pool
 from compressor.data.order import AUGMENT_STREAM, SAMPLE_STREAM, epoch_order, generator, num_batches
 
 
@@ -119,3 +119,37 @@ class MemoryLoader:
         for b in range(len(self)):
             lo, hi = b * self.batch_size, (b + 1) * self.batch_size
             yield self.source.batch_at(self.split, self.order[lo:hi], None if params is None else params[lo:hi])
+
+
+def pool_and_test_source(
+    *,
+    spec: str,
+    name: str,
+    pool: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    class_names: list[str],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    augmentation: CropFlip,
+    options: SplitOptions,
+    device: str | torch.device = "cpu",
+    source_options: dict | None = None,
+) -> InMemorySource:
+    """A source from a training pool and a separate test set (CIFAR, Fashion-MNIST, MNIST): val is
+    the seeded stratified hold-out of the pool, train the rest after the corruptions."""
+    (train_x, train_y), (test_x, test_y) = pool, test
+    split = split_training_pool(train_y, len(class_names), options, hold_out_val=True)
+    n_pool = train_x.shape[0]
+    rows = {
+        "train": split.train_positions,
+        "val": split.val_positions,
+        "test": torch.arange(n_pool, n_pool + test_x.shape[0]),
+    }
+    check_nonempty({s: r.numel() for s, r in rows.items()}, options, n_pool)
+    extra = {} if source_options is None else {"source_options": source_options}
+    return InMemorySource(
+        spec=spec, name=name, images=torch.cat([train_x, test_x]), rows=rows,
+        labels={"train": split.train_labels, "val": train_y[split.val_positions], "test": test_y},
+        class_names=list(class_names), mean=mean, std=std, augmentation=augmentation, options=options,
+        clean_train_labels=split.clean_train_labels, device=device, **extra,
+    )
