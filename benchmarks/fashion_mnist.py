@@ -35,6 +35,7 @@ import argparse
 import gzip
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -133,6 +134,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budgets", nargs="+", default=["1MFLOPs", "5MFLOPs"])
     parser.add_argument("--noise-epochs", type=int, default=None, help="epochs of the label-noise rows (default: --epochs)")
+    parser.add_argument("--noise-teacher-epochs", type=int, default=None,
+                        help="epochs of the teacher trained on the noisy labels (default: --teacher-epochs)")
     parser.add_argument("--noise-student", default=None, help="student of the label-noise rows (default: the 1 MFLOPs one)")
     parser.add_argument("--osakd-epochs", type=int, default=10)
     parser.add_argument("--osakd-lr", type=float, default=0.01)
@@ -175,13 +178,15 @@ def main() -> None:
                 print(f"{job.name:<28} {shown}  ({result['seconds']:.0f} s)", flush=True)
                 save()
 
-    teacher, noisy_teacher = work / "teacher.pt", work / "teacher-noisy.pt"
+    noisy_epochs = args.noise_teacher_epochs or args.teacher_epochs
+    teacher_tag = "" if noisy_epochs == args.teacher_epochs else f"-e{noisy_epochs}"
+    teacher, noisy_teacher = work / "teacher.pt", work / f"teacher-noisy{teacher_tag}.pt"
     base_train = ["--data", data, "-q"]
     run_all([
         Job("teacher", cli("train", "--arch", args.teacher, *base_train, "--epochs", str(args.teacher_epochs),
                            "-o", str(teacher)), checkpoint_top1(teacher), weight=10),
-        Job("teacher-noisy", cli("train", "--arch", args.teacher, *base_train, "--epochs", str(args.teacher_epochs),
-                                 "--label-noise", str(NOISE), "-o", str(noisy_teacher)),
+        Job(f"teacher-noisy{teacher_tag}", cli("train", "--arch", args.teacher, *base_train, "--epochs", str(noisy_epochs),
+                                               "--label-noise", str(NOISE), "-o", str(noisy_teacher)),
             checkpoint_top1(noisy_teacher), weight=10),
     ])
     plan_file = work / "plan-1M.yaml"
@@ -223,11 +228,12 @@ def main() -> None:
             jobs.append(Job(f"noisy vanilla {tag}/s{s}", cli("train", "--arch", arch, *base_train, "--epochs", e,
                                                               "--label-noise", str(NOISE), "--seed", s, "-o", str(path)),
                             checkpoint_top1(path), weight=1, meta={"row": f"{label}: vanilla", "seed": seed, "arch": arch}))
-            path = work / f"noisy-hinton-{tag.replace(' ', '-')}-s{s}.pt"
-            jobs.append(Job(f"noisy hinton {tag}/s{s}", cli("distill", "--teacher", str(noisy_teacher), "--student", arch,
-                                                             "--method", "hinton", *base_train, "--epochs", e,
-                                                             "--label-noise", str(NOISE), "--seed", s, "-o", str(path)),
-                            checkpoint_top1(path), weight=3, meta={"row": f"{label}: hinton", "seed": seed, "arch": arch}))
+            path = work / f"noisy-hinton-{tag.replace(' ', '-')}{teacher_tag}-s{s}.pt"
+            by = "" if not teacher_tag else f", teacher {noisy_epochs} epochs"
+            jobs.append(Job(f"noisy hinton {tag}{teacher_tag}/s{s}",
+                            cli("distill", "--teacher", str(noisy_teacher), "--student", arch, "--method", "hinton",
+                                *base_train, "--epochs", e, "--label-noise", str(NOISE), "--seed", s, "-o", str(path)),
+                            checkpoint_top1(path), weight=3, meta={"row": f"{label}{by}: hinton", "seed": seed, "arch": arch}))
         if "osakd" not in args.skip:
             common = ["--data", data, "-q", "--epochs", str(args.osakd_epochs), "--batch-size", "64",
                       "--lr", str(args.osakd_lr), "--seed", s]
@@ -260,7 +266,8 @@ def summarise(results: dict[str, Any], state: dict[str, Any], args: argparse.Nam
     noise_rows = sorted({r for r in rows if r.startswith("noise")},
                         key=lambda r: (int(r.split(", ")[1].split()[0]), r.rsplit(": ", 1)[0], r.endswith(": hinton")))
     reference_of = {**{m: "vanilla" for m in METHODS}, "osakd cnn: osakd": "osakd cnn: plain",
-                    **{r: r.replace(": hinton", ": vanilla") for r in noise_rows if r.endswith(": hinton")}}
+                    **{r: re.sub(r", teacher \d+ epochs", "", r).replace(": hinton", ": vanilla")
+                       for r in noise_rows if r.endswith(": hinton")}}
 
     def mean_of(row: str) -> float | None:
         accs = [r["test_top1"] for r in rows.get(row, []) if r.get("test_top1") is not None]
