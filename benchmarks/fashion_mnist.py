@@ -21,7 +21,9 @@ time on two cores), JSON + a table:
   plainly, batch 64, momentum 0.9, ``--osakd-epochs`` (the paper's 100 on a GPU), lr ``--osakd-lr``.
 
 The table gives the test top-1 as mean (sd) over the seeds and the KD gain over the vanilla row.
-``--resume`` keeps the runs already in ``--out``. For the full protocol on a GPU::
+``--resume`` keeps the runs already in ``--out``, so more label-noise rows can be added to the
+same table (the README's: ``--resume --skip methods main osakd --noise-epochs 30 --noise-student
+resnet_d8_w0.71 [--noise-teacher-epochs 30]``). For the full protocol on a GPU::
 
     python benchmarks/fashion_mnist.py --train-size 60000 --teacher-epochs 60 --epochs 60 \\
         --osakd-epochs 100 --workers 1
@@ -127,10 +129,10 @@ def stats(values: list[float]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default=None, help="folder with the Fashion-MNIST IDX files (default: Debian's)")
-    parser.add_argument("--train-size", type=int, default=10000)
+    parser.add_argument("--train-size", type=int, default=5000)
     parser.add_argument("--teacher", default="resnet20")
-    parser.add_argument("--teacher-epochs", type=int, default=10)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--teacher-epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budgets", nargs="+", default=["1MFLOPs", "5MFLOPs"])
     parser.add_argument("--noise-epochs", type=int, default=None, help="epochs of the label-noise rows (default: --epochs)")
