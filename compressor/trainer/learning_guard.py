@@ -35,7 +35,8 @@ class NotLearning(UserError):
     """The run stopped because it was not learning; ``reason`` is the one-line diagnosis."""
 
     def __init__(self, reason: str, epoch: int, epochs: int) -> None:
-        super().__init__(f"training is not learning: {reason} (epoch {epoch} of {epochs})")
+        super().__init__(f"training is not learning: {reason} (epoch {epoch} of {epochs}); "
+                         "try a lower learning rate, and check that the labels belong to the images")
         self.reason, self.epoch, self.epochs = reason, epoch, epochs
 
 
