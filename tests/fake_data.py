@@ -151,3 +151,35 @@ def write_idx(root: Path, *, per_class_train: int = 3, per_class_test: int = 1, 
             else:
                 (folder / name).write_bytes(data)
     return folder
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` and its bytes: to show that a refused command changed nothing."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line(text: str) -> str:
+    """The only non-empty line of ``text`` (a user error), asserting there is one and no traceback."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in text, text
+    return lines[0]
+
+
+def digits_meta():
+    """The ModelMeta of a resnet8 for digits-shaped data (1x8x8, 10 classes)."""
+    from compressor.checkpoint import ModelMeta
+
+    return ModelMeta(arch="resnet8", num_classes=10, in_chans=1, input_size=(8, 8), mean=(0.5,), std=(0.25,),
+                     dataset="digits", class_names=[str(i) for i in range(10)])
+
+
+def write_digits_checkpoint(path: Path) -> Path:
+    """A seeded, untrained resnet8 checkpoint for digits-shaped data (1x8x8, 10 classes)."""
+    import torch
+
+    from compressor.checkpoint import save_model
+    from compressor.models import create
+
+    torch.manual_seed(0)
+    save_model(path, create("resnet8", num_classes=10, in_chans=1), digits_meta())
+    return path

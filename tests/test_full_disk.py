@@ -18,26 +18,16 @@ import io
 import os
 import shutil
 import subprocess
+from tests.fake_data import folder_bytes, one_line, write_digits_checkpoint
 from pathlib import Path
 from typing import Iterator
 
 import pytest
-import torch
 
-from compressor.checkpoint import ModelMeta, save_model
 from compressor.errors import UserError
-from compressor.models import create
 from compressor.trainer.progress import JsonlLog, read_jsonl
 
 
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _one_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in text, text
-    return lines[0]
 
 
 class _FullFile:
@@ -96,15 +86,6 @@ def _full_disk(folder: Path) -> Iterator[None]:
         mp.undo()
 
 
-def _meta() -> ModelMeta:
-    return ModelMeta(arch="resnet8", num_classes=10, in_chans=1, input_size=(8, 8), mean=(0.5,), std=(0.25,),
-                     dataset="digits", class_names=[str(i) for i in range(10)])
-
-
-def _checkpoint(path: Path) -> Path:
-    torch.manual_seed(0)
-    save_model(path, create("resnet8", num_classes=10, in_chans=1), _meta())
-    return path
 
 
 def _earlier_train_files(folder: Path) -> None:
@@ -124,7 +105,7 @@ def _earlier_run(folder: Path) -> None:
 
 def _commands(tmp_path: Path, folder: Path) -> list[tuple[str, list[str]]]:
     """Each writing command aimed at ``folder``, which already holds that command's earlier files."""
-    ckpt = _checkpoint(tmp_path / "in.pt")
+    ckpt = write_digits_checkpoint(tmp_path / "in.pt")
     (folder / "x.onnx").write_bytes(b"earlier onnx")
     (folder / "b.json").write_text('{"earlier": true}')
     return [
@@ -151,14 +132,14 @@ def _check_refused(cli, tmp_path: Path, folder: Path, refuse, reason: str) -> in
     _earlier_train_files(folder)
     _earlier_run(folder / "run")
     commands = _commands(tmp_path, folder)
-    before = _tree(folder)
+    before = folder_bytes(folder)
     for name, args in commands:
         with refuse():
             result = cli(*args)
         assert result.exit_code == 2, (name, result.output)
-        line = _one_line(result.output)
+        line = one_line(result.output)
         assert reason in line and str(folder) in line, (name, line)
-        assert _tree(folder) == before, name  # nothing replaced, emptied or left behind (no temporaries)
+        assert folder_bytes(folder) == before, name  # nothing replaced, emptied or left behind (no temporaries)
     return len(commands)
 
 
@@ -246,13 +227,13 @@ def test_a_real_full_tmpfs(cli, tmp_path):
             while True:
                 fh.write(b"\0" * 4096)
                 fh.flush()
-        before = _tree(folder)
+        before = folder_bytes(folder)
         for name, args in commands:
             result = cli(*args)
             assert result.exit_code == 2, (name, result.output)
-            line = _one_line(result.output)
+            line = one_line(result.output)
             assert "No space left on device" in line and str(folder) in line, (name, line)
-            assert _tree(folder) == before, name
+            assert folder_bytes(folder) == before, name
 
 
 def test_a_cost_cache_on_a_full_disk_or_damaged_is_only_a_slower_search(tmp_path):

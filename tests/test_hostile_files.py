@@ -17,6 +17,7 @@ import pickle
 import random
 import struct
 import zipfile
+from tests.fake_data import digits_meta, one_line, write_digits_checkpoint
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +25,9 @@ import pytest
 import torch
 import yaml
 
-from compressor.checkpoint import ModelMeta, load_model, save_model
+from compressor.checkpoint import load_model
 from compressor.errors import UserError
-from compressor.models import create
 
-
-def _one_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in text, text
-    return lines[0]
 
 
 def _files(folder: Path) -> set[str]:
@@ -99,7 +94,7 @@ def test_a_bad_plan_or_preset_is_one_line_and_writes_nothing(cli, tmp_path, case
                  ["distill", "--preset", str(path), "--data", "digits", "-o", str(tmp_path / "s.pt")]):
         result = cli(*args)
         assert result.exit_code == 2, (args, result.output)
-        assert message in _one_line(result.output), args
+        assert message in one_line(result.output), args
     assert _files(tmp_path) == before and not (tmp_path.parent / "escape").exists()
     # the plan a run folder holds (read by --resume) gets the same checks
     from recipes.plan import Plan
@@ -113,7 +108,7 @@ def test_plan_yaml_that_would_construct_python_objects_runs_nothing(cli, tmp_pat
     path = tmp_path / "plan.yaml"
     path.write_text(f"!!python/object/apply:os.system ['touch {marker}']\n")
     result = cli("plan", "--preset", str(path), "--data", "digits")
-    assert result.exit_code == 2 and "not valid YAML" in _one_line(result.output)
+    assert result.exit_code == 2 and "not valid YAML" in one_line(result.output)
     assert not marker.exists()
 
 
@@ -167,7 +162,7 @@ def test_bench_refuses_onnx_files_it_cannot_time_in_one_line(cli, tmp_path):
         result = cli("bench", path, "--runs", "1", "--warmup", "0", "--min-time", "0", "--threads", "1",
                      "--json", str(tmp_path / "out.json"))
         assert result.exit_code == 2, (path, result.output)
-        assert message in _one_line(result.output), path
+        assert message in one_line(result.output), path
     assert _files(tmp_path) == before
 
 
@@ -253,7 +248,7 @@ def test_train_on_a_folder_with_a_truncated_png_in_val_stops_at_once_in_one_line
     result = cli("train", "--arch", "resnet8", "--data", f"imagefolder:{tmp_path / 'data'}", "-o",
                  str(tmp_path / "m.pt"), "--epochs", "1")
     assert result.exit_code == 2
-    assert "val/cat/0.png" in _one_line(result.output)  # no epoch line: refused before training
+    assert "val/cat/0.png" in one_line(result.output)  # no epoch line: refused before training
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
@@ -306,15 +301,6 @@ class _Call:
         return (self.fn, self.args)
 
 
-def _meta() -> ModelMeta:
-    return ModelMeta(arch="resnet8", num_classes=10, in_chans=1, input_size=(8, 8), mean=(0.5,), std=(0.25,),
-                     dataset="digits", class_names=[str(i) for i in range(10)])
-
-
-def _good_checkpoint(path: Path) -> Path:
-    torch.manual_seed(0)
-    save_model(path, create("resnet8", num_classes=10, in_chans=1), _meta())
-    return path
 
 
 def _rewrite_zip(src: Path, dst: Path, change) -> Path:
@@ -362,7 +348,7 @@ def test_checkpoints_that_hide_code_or_lie_about_sizes_are_refused_by_every_read
     payloads = {"open": _Call(open, str(marker), "w"), "builtins.exec": _Call(exec, f"open({str(marker)!r}, 'w')"),
                 "builtins.eval": _Call(eval, f"open({str(marker)!r}, 'w')"), "os.system": _Call(os.system, f"touch {marker}")}
     cases: dict[Path, str] = {}
-    good = torch.load(_good_checkpoint(tmp_path / "good.pt"), weights_only=True)
+    good = torch.load(write_digits_checkpoint(tmp_path / "good.pt"), weights_only=True)
     for name, payload in payloads.items():
         hidden = {**good, "state_dict": {**good["state_dict"], "extra": [{"deep": (1, [payload])}]}}
         for legacy in (False, True):
@@ -390,7 +376,7 @@ def test_checkpoints_that_hide_code_or_lie_about_sizes_are_refused_by_every_read
                       "-o", str(out / "s.pt")]):
             result = cli(*args)
             assert result.exit_code == 2, (path.name, args[0], result.output)
-            assert message in _one_line(result.output), (path.name, args[0])
+            assert message in one_line(result.output), (path.name, args[0])
         with pytest.raises(UserError) as err:  # the same file given as a training state (--resume)
             load_state(path)
         assert "\n" not in str(err.value), path.name
@@ -400,7 +386,7 @@ def test_checkpoints_that_hide_code_or_lie_about_sizes_are_refused_by_every_read
 
 
 def test_checkpoint_fuzz_mutated_zip_and_legacy_files_are_read_or_refused(tmp_path):
-    good = _good_checkpoint(tmp_path / "good.pt")
+    good = write_digits_checkpoint(tmp_path / "good.pt")
     legacy = tmp_path / "legacy.pt"
     torch.save(torch.load(good, weights_only=True), legacy, _use_new_zipfile_serialization=False)
     inputs = _mutations(good.read_bytes(), 11, 40) + _mutations(legacy.read_bytes(), 12, 40)
@@ -524,7 +510,6 @@ def test_onnx_fuzz_mutated_models_are_read_or_refused_by_what_bench_reads(tmp_pa
     """bench reads an ONNX file through kind_of, its input check, its metadata and an onnxruntime
     session: damaged copies of a small convolutional model with our metadata either pass all four
     or are refused with one line."""
-    import onnx
     from onnx import TensorProto, helper
 
     from export.io import kind_of, metadata_from_model_meta
@@ -539,7 +524,7 @@ def test_onnx_fuzz_mutated_models_are_read_or_refused_by_what_bench_reads(tmp_pa
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [weight])
     proto = write_metadata(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-                           metadata_from_model_meta(_meta()))
+                           metadata_from_model_meta(digits_meta()))
     valid = proto.SerializeToString()
     inputs = _mutations(valid, 51, 60)
     refused = 0
@@ -564,7 +549,7 @@ def test_onnx_fuzz_mutated_models_are_read_or_refused_by_what_bench_reads(tmp_pa
 
 
 def test_checkpoint_meta_fuzz_every_field_with_wrong_values_is_read_or_refused(tmp_path):
-    good = torch.load(_good_checkpoint(tmp_path / "good.pt"), weights_only=True)
+    good = torch.load(write_digits_checkpoint(tmp_path / "good.pt"), weights_only=True)
     values = ["x", -1, 0, None, [1], {"a": 1}, 1.5, True, 10**6, "", [8, 8], [-1, 8]]
     path = tmp_path / "m.pt"
     refused = 0

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
 import time
 import zipfile
+from tests.fake_data import folder_bytes, one_line
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ from compressor.checkpoint import ModelMeta, load_model, save_model
 from compressor.errors import UserError
 from compressor.models import create
 from recipes.compress import compress
-from tests.conftest import ROOT, run_module_cli
+from tests.conftest import ROOT
 
 
 class _Interrupt(Exception):
@@ -53,29 +53,6 @@ def _old_run(folder: Path) -> dict[str, bytes]:
     return files
 
 
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _one_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in text, text
-    return lines[0]
-
-
-# --- A: --force removes only our files, and only once the new run finished a stage ------------------
-def test_force_refuses_a_folder_with_foreign_files_and_changes_nothing(tmp_path):
-    out = tmp_path / "run"
-    _old_run(out)
-    (out / "README.md").write_text("my notes")
-    (out / "stages" / "old" / "data.csv").write_text("1,2")
-    before = _tree(out)
-    plan = _plan_file(tmp_path)
-    for force in (True, False):
-        with pytest.raises(UserError, match="README.md|data.csv") as err:
-            compress(preset=plan, data="digits", out=out, force=force, echo=lambda _: None)
-        assert "not part of a kdcompress run" in str(err.value) or not force
-    assert _tree(out) == before
 
 
 def test_a_run_knows_its_own_files():
@@ -105,7 +82,7 @@ def test_out_at_a_folder_without_a_run_is_refused_unless_empty(tmp_path):
     (out / "images.npy").write_bytes(b"data")
     with pytest.raises(UserError, match="images.npy"):
         compress(preset=_plan_file(tmp_path), data="digits", out=out, echo=lambda _: None)
-    assert _tree(out) == {"images.npy": b"data"}
+    assert folder_bytes(out) == {"images.npy": b"data"}
     # an empty folder is fine: the run starts (stopped here at its first stage line)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -130,7 +107,7 @@ def test_force_keeps_the_old_run_until_the_new_one_finished_its_first_stage(tmp_
     # Ctrl-C in the first stage: the new run stays (to be resumed), the old one is kept aside, intact
     with pytest.raises(KeyboardInterrupt):
         compress(preset=_plan_file(tmp_path), data="digits", out=out, force=True, echo=interrupt)
-    assert _tree(out / ".previous-run") == old
+    assert folder_bytes(out / ".previous-run") == old
     assert yaml.safe_load((out / "plan.yaml").read_text())["stages"][0]["name"] == "s1"
     with pytest.raises(UserError, match="previous-run"):
         compress(preset=_plan_file(tmp_path), data="digits", out=out, echo=lambda _: None)
@@ -138,7 +115,7 @@ def test_force_keeps_the_old_run_until_the_new_one_finished_its_first_stage(tmp_
     with pytest.raises(UserError, match="diverged") as err:
         compress(preset=_plan_file(tmp_path, {"lr": 1e30}), data="digits", out=out, force=True, echo=lambda _: None)
     assert "no epoch had finished" in str(err.value) and "--resume" not in str(err.value)  # G: no state kept
-    assert _tree(out) == old
+    assert folder_bytes(out) == old
 
 
 def test_force_replaces_the_old_run_once_the_first_stage_finished(tmp_path):
@@ -182,7 +159,7 @@ def test_a_second_run_into_the_same_out_is_refused_and_a_killed_run_does_not_blo
         for extra in ([], ["--force"]):
             result = cli("--preset", plan, "--data", "digits", "--out", str(out), *extra)
             assert result.exit_code == 2
-            line = _one_line(result.output)
+            line = one_line(result.output)
             assert f"pid {first.pid}" in line and "recipes.cli" in line and str(out) in line
         resumed = cli("--resume", str(out))
         assert resumed.exit_code == 2 and f"pid {first.pid}" in resumed.output
@@ -221,7 +198,7 @@ def test_train_and_distill_refuse_an_output_another_process_writes(cli, tmp_path
                       "--epochs", "1", "-q")
         for result in (train, distill):
             assert result.exit_code == 2
-            assert f"pid {holder.pid}" in _one_line(result.output)
+            assert f"pid {holder.pid}" in one_line(result.output)
         assert not target.exists() and not Path(str(target) + ".jsonl").exists()
         assert not Path(str(target) + ".run").exists()
     finally:
@@ -261,11 +238,11 @@ def test_ctrl_c_names_the_resume_command(cli, tmp_path, monkeypatch):
     for args, command in cases:
         result = cli(*args)
         assert result.exit_code == 130, result.output
-        line = _one_line(result.output)
+        line = one_line(result.output)
         assert "interrupted" in line and command in line and "Aborted" not in result.output
     # nothing was written in a folder that does not exist: there is nothing to resume
     result = cli("--teacher", "t.pt", "--budget", "1MFLOPs", "--out", str(tmp_path / "none"))
-    assert result.exit_code == 130 and "--resume" not in _one_line(result.output)
+    assert result.exit_code == 130 and "--resume" not in one_line(result.output)
 
 
 # --- D: stale temporaries of ours are removed, nothing else ---------------------------------------
@@ -353,7 +330,7 @@ def test_damaged_or_non_finite_checkpoints_are_refused_by_every_reader(cli, tmp_
                      ["bench", str(path), "--runs", "1", "--warmup", "0", "--min-time", "0"]):
             result = cli(*args)
             assert result.exit_code == 2, (args, result.output)
-            assert message in _one_line(result.output)
+            assert message in one_line(result.output)
     assert not (tmp_path / "x.onnx").exists()
     state = tmp_path / "state.pt"
     save_state(state, {"epoch": 1, "scheme": {"w": torch.randn(4096)}})
@@ -379,7 +356,7 @@ def test_silently_accepted_inputs_are_refused(cli, tmp_path):
     for args, message in cases:
         result = cli(*args)
         assert result.exit_code == 2, (args, result.output)
-        assert message in _one_line(result.output)
+        assert message in one_line(result.output)
     assert list(out.iterdir()) == []
 
 
@@ -415,7 +392,7 @@ def test_non_finite_learning_rate_is_refused_at_the_edge(cli, tmp_path):
                       "--lr", lr, "--epochs", "1"]):
             result = cli(*args)
             assert result.exit_code == 2, (args, result.output)
-            assert "--lr" in _one_line(result.output)
+            assert "--lr" in one_line(result.output)
     assert list(out.iterdir()) == []
     from recipes.plan import Plan
 
