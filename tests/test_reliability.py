@@ -55,6 +55,21 @@ def _old_run(folder: Path) -> dict[str, bytes]:
 
 
 
+# --- A: --force removes only our files, and only once the new run finished a stage ------------------
+def test_force_refuses_a_folder_with_foreign_files_and_changes_nothing(tmp_path):
+    out = tmp_path / "run"
+    _old_run(out)
+    (out / "README.md").write_text("my notes")
+    (out / "stages" / "old" / "data.csv").write_text("1,2")
+    before = folder_bytes(out)
+    plan = _plan_file(tmp_path)
+    for force in (True, False):
+        with pytest.raises(UserError, match="README.md|data.csv") as err:
+            compress(preset=plan, data="digits", out=out, force=force, echo=lambda _: None)
+        assert "not part of a kdcompress run" in str(err.value) or not force
+    assert folder_bytes(out) == before
+
+
 def test_a_run_knows_its_own_files():
     import tempfile
 
