@@ -19,13 +19,15 @@ check that follows every quantization measures what is shipped.
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 import io
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -42,6 +44,10 @@ DEFAULT_MARGIN_POINTS = 1.0  # accuracy points int8 may lose before it is flagge
 
 _QUANT_TYPES = {"uint8": "QUInt8", "int8": "QInt8"}
 _CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+# ops that only move int8 values (same scale in and out): nothing to recover by leaving them float
+_LOSSLESS_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Gather", "Slice",
+                           "Split", "Identity", "Expand", "Tile", "DepthToSpace", "SpaceToDepth"})
+_HAS_CALIBRATION_CACHE = "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
 def _as_numpy(batch) -> np.ndarray:
@@ -113,9 +119,143 @@ class QuantizeResult:
     calibration_samples: int
     fp32_bytes: int
     int8_bytes: int
+    float_layers: list[str] = field(default_factory=list)  # nodes left in float (accuracy control)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "settings": asdict(self.settings), "description": self.settings.describe()}
+
+
+class Int8Quantizer:
+    """One fp32 file, pre-processed and calibrated once, quantized as often as asked with any nodes
+    left in float (onnxruntime's ``nodes_to_exclude``): what accuracy control needs, which tries many
+    fallbacks of the same model. Use as a context manager (it owns a temporary folder).
+
+    The calibration ranges are computed on the first quantization and reused by the later ones
+    through onnxruntime's ``calibration_cache_path`` (onnxruntime >= 1.32; an older one calibrates
+    again each time, same ranges, slower), so every fallback is measured against the same scales.
+    """
+
+    def __init__(self, fp32_path: str | os.PathLike, calibration: Iterable, *,
+                 settings: QuantizeSettings | None = None) -> None:
+        self.settings = settings or QuantizeSettings()
+        for value, allowed in ((self.settings.activation_type, _QUANT_TYPES), (self.settings.weight_type, _QUANT_TYPES),
+                               (self.settings.calibration_method, _CALIBRATION_METHODS)):
+            if value not in allowed:
+                raise UserError(f"unknown quantization setting {value!r}: choose {', '.join(allowed)}")
+        self.batches = [_as_numpy(b) for b in calibration]
+        self.samples = sum(len(b) for b in self.batches)
+        if self.samples == 0:
+            raise UserError("int8 quantization needs calibration images: pass --data SPEC")
+        self.fp32_path = Path(fp32_path)
+        fp32 = onnx.load(str(fp32_path))
+        self.input_name = fp32.graph.input[0].name
+        self.meta = read_metadata(fp32)
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.source = self.fp32_path
+
+    def __enter__(self) -> "Int8Quantizer":
+        self._tmp = tempfile.TemporaryDirectory(prefix="kdcompress-int8-")
+        if self.settings.preprocess:
+            self.source = Path(self._tmp.name) / "preprocessed.onnx"
+            with _quiet_ort():
+                quant_pre_process(str(self.fp32_path), str(self.source), skip_symbolic_shape=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def quantize(self, out_path: str | os.PathLike, exclude: Sequence[str] = ()) -> QuantizeResult:
+        """Write the QDQ model to ``out_path`` with the nodes named in ``exclude`` left in float."""
+        if self._tmp is None:
+            raise RuntimeError("Int8Quantizer.quantize outside its with-block")
+        settings = self.settings
+        options = {}
+        if _HAS_CALIBRATION_CACHE:
+            options["calibration_cache_path"] = str(Path(self._tmp.name) / "calibration.json")
+        with _quiet_ort():
+            quantize_static(
+                str(self.source),
+                str(out_path),
+                BatchCalibrationReader(self.batches, self.input_name),
+                quant_format=QuantFormat.QDQ,
+                per_channel=settings.per_channel,
+                reduce_range=settings.reduce_range,
+                activation_type=getattr(QuantType, _QUANT_TYPES[settings.activation_type]),
+                weight_type=getattr(QuantType, _QUANT_TYPES[settings.weight_type]),
+                calibrate_method=getattr(CalibrationMethod, _CALIBRATION_METHODS[settings.calibration_method]),
+                nodes_to_exclude=list(exclude),
+                **options,
+            )
+        quantized = onnx.load(str(out_path))
+        keep_float(quantized, exclude)
+        meta = copy.deepcopy(self.meta)
+        meta.quantization = settings.describe() + (f"; {len(exclude)} layer(s) left float" if exclude else "")
+        meta.extra["calibration_samples"] = self.samples
+        if exclude:
+            meta.extra["float_layers"] = list(exclude)
+        write_metadata(quantized, meta)
+        onnx.save(quantized, str(out_path))
+        return QuantizeResult(str(out_path), settings, self.samples, os.path.getsize(self.fp32_path),
+                              os.path.getsize(out_path), list(exclude))
+
+
+def keep_float(proto: onnx.ModelProto, names: Iterable[str]) -> int:
+    """Make the named nodes really compute in float in onnxruntime; returns how many Q cuts it made.
+
+    ``nodes_to_exclude`` only leaves a node's own weights float: its input still comes from a
+    DequantizeLinear and its output still feeds a QuantizeLinear when its neighbours are int8, and
+    onnxruntime's graph optimiser fuses any DQ -> op -> Q group back into an int8 kernel at load
+    time, quantizing a float Conv/Gemm weight per tensor on the way (its WeightBiasQuantization
+    pass) - worse than what was excluded. So the QuantizeLinear after each named node (reached
+    through Relu/Clip without branches, as that pass looks) is cut out with its DequantizeLinears,
+    and their readers take the float tensor: the node's consumers read it in float.
+    """
+    graph = proto.graph
+    graph_outputs = {o.name for o in graph.output}
+    by_name = {n.name: n for n in graph.node}
+    cuts = 0
+    for name in names:
+        node = by_name.get(name)
+        if node is None:
+            continue
+        for tensor in list(node.output):
+            consumers = [n for n in graph.node if tensor in n.input]
+            while len(consumers) == 1 and consumers[0].op_type in ("Relu", "Clip") and tensor not in graph_outputs:
+                tensor = consumers[0].output[0]
+                consumers = [n for n in graph.node if tensor in n.input]
+            for q in [n for n in consumers if n.op_type == "QuantizeLinear"]:
+                cuts += _cut_quantize(graph, q, tensor, graph_outputs)
+    return cuts
+
+
+def _cut_quantize(graph, q, tensor: str, graph_outputs: set[str]) -> int:
+    """Remove ``q`` (fed by float ``tensor``) and its DequantizeLinears; their readers read ``tensor``."""
+    readers = [n for n in graph.node if q.output[0] in n.input]
+    if q.output[0] in graph_outputs or any(n.op_type != "DequantizeLinear" for n in readers):
+        return 0
+    dq_outputs = [dq.output[0] for dq in readers]
+    kept_name = next((o for o in dq_outputs if o in graph_outputs), tensor)  # a graph output keeps its name
+    if kept_name != tensor:
+        for n in graph.node:
+            n.output[:] = [kept_name if o == tensor else o for o in n.output]
+    for n in graph.node:
+        n.input[:] = [kept_name if i in dq_outputs or i == tensor else i for i in n.input]
+    for dead in [q, *readers]:
+        graph.node.remove(dead)
+    return 1
+
+
+def quantized_layers(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(name, op type) of the nodes a QDQ file computes in int8: those fed by a DequantizeLinear,
+    less the ones that only move data (a reshape or max-pool of int8 values loses nothing, so
+    leaving it in float cannot recover accuracy). In graph order."""
+    proto = onnx.load(str(path), load_external_data=False)
+    dequantized = {out for n in proto.graph.node if n.op_type == "DequantizeLinear" for out in n.output}
+    return [(n.name, n.op_type) for n in proto.graph.node
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and n.op_type not in _LOSSLESS_OPS
+            and any(i in dequantized for i in n.input if i)]
 
 
 def quantize_int8(
@@ -124,46 +264,16 @@ def quantize_int8(
     calibration: Iterable,
     *,
     settings: QuantizeSettings | None = None,
+    exclude: Sequence[str] = (),
 ) -> QuantizeResult:
     """Write the int8 QDQ model of ``fp32_path`` to ``out_path`` (the caller makes it atomic).
 
     ``calibration``: batches of normalised images (tensors, arrays or Batch objects). The fp32
-    file's metadata is carried over, with ``quantization`` describing what was done.
+    file's metadata is carried over, with ``quantization`` describing what was done. ``exclude``:
+    node names (of the pre-processed graph, as :func:`quantized_layers` lists them) left in float.
     """
-    settings = settings or QuantizeSettings()
-    for value, allowed in ((settings.activation_type, _QUANT_TYPES), (settings.weight_type, _QUANT_TYPES),
-                           (settings.calibration_method, _CALIBRATION_METHODS)):
-        if value not in allowed:
-            raise UserError(f"unknown quantization setting {value!r}: choose {', '.join(allowed)}")
-    batches = [_as_numpy(b) for b in calibration]
-    samples = sum(len(b) for b in batches)
-    if samples == 0:
-        raise UserError("int8 quantization needs calibration images: pass --data SPEC")
-    fp32 = onnx.load(str(fp32_path))
-    input_name = fp32.graph.input[0].name
-    meta = read_metadata(fp32)
-    with tempfile.TemporaryDirectory(prefix="kdcompress-int8-") as tmp, _quiet_ort():
-        source = Path(fp32_path)
-        if settings.preprocess:
-            source = Path(tmp) / "preprocessed.onnx"
-            quant_pre_process(str(fp32_path), str(source), skip_symbolic_shape=False)
-        quantize_static(
-            str(source),
-            str(out_path),
-            BatchCalibrationReader(batches, input_name),
-            quant_format=QuantFormat.QDQ,
-            per_channel=settings.per_channel,
-            reduce_range=settings.reduce_range,
-            activation_type=getattr(QuantType, _QUANT_TYPES[settings.activation_type]),
-            weight_type=getattr(QuantType, _QUANT_TYPES[settings.weight_type]),
-            calibrate_method=getattr(CalibrationMethod, _CALIBRATION_METHODS[settings.calibration_method]),
-        )
-    quantized = onnx.load(str(out_path))
-    meta.quantization = settings.describe()
-    meta.extra["calibration_samples"] = samples
-    write_metadata(quantized, meta)
-    onnx.save(quantized, str(out_path))
-    return QuantizeResult(str(out_path), settings, samples, os.path.getsize(fp32_path), os.path.getsize(out_path))
+    with Int8Quantizer(fp32_path, calibration, settings=settings) as quantizer:
+        return quantizer.quantize(out_path, exclude)
 
 
 @contextlib.contextmanager
@@ -205,7 +315,8 @@ class Int8Comparison:
     int8_bytes: int
     calibration_samples: int
     settings: str
-    path: str = ""
+    path: str = ""  # empty when accuracy control did not write the file
+    control: Any = None  # export.int8_control.Int8Control when the validation split held it to the margin
 
     @property
     def drop(self) -> float:
@@ -215,27 +326,41 @@ class Int8Comparison:
     def flagged(self) -> bool:
         return self.drop > self.margin
 
+    @property
+    def written(self) -> bool:
+        return bool(self.path)
+
+    @property
+    def missed_margin(self) -> bool:
+        """Accuracy control could not fit the margin (the file is then written only if asked)."""
+        return self.control is not None and not self.control.met_margin
+
     def summary_lines(self) -> list[str]:
-        lines = [
-            f"int8 {self.path} ({self.settings}, calibrated on {self.calibration_samples} training images)",
+        lines = list(self.control.summary_lines()) if self.control is not None else []
+        name = self.path if self.written else "model (not written)"
+        lines += [
+            f"int8 {name} ({self.settings}, calibrated on {self.calibration_samples} training images)",
             f"  accuracy on {self.test_samples} test images: fp32 {self.fp32_accuracy:.2f}%  "
             f"int8 {self.int8_accuracy:.2f}%  (drop {self.drop:+.2f} points, margin {self.margin:.2f}); "
             f"same prediction on {self.agreement:.1f}%",
             f"  size: fp32 {self.fp32_bytes / 1e6:.2f} MB  int8 {self.int8_bytes / 1e6:.2f} MB "
             f"({self.fp32_bytes / max(self.int8_bytes, 1):.1f}x smaller)",
         ]
-        if self.flagged:
-            lines.insert(0, "!" * 72)
-            lines.insert(
-                1,
-                f"!! WARNING: int8 model loses {self.drop:.2f} accuracy points (> margin {self.margin:.2f});"
-                " try --calibration entropy, more calibration images, or ship fp32",
-            )
-            lines.insert(2, "!" * 72)
+        if self.flagged and (self.control is None or self.written):
+            at = len(lines) - 3
+            lines[at:at] = [
+                "!" * 72,
+                f"!! WARNING: int8 model loses {self.drop:.2f} accuracy points on the test split (> margin "
+                f"{self.margin:.2f}); try --calibration entropy, more calibration images, or ship fp32",
+                "!" * 72,
+            ]
         return lines
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "drop": self.drop, "flagged": self.flagged}
+        out = {**asdict(self), "drop": self.drop, "flagged": self.flagged, "written": self.written,
+               "missed_margin": self.missed_margin}
+        out["control"] = self.control.to_dict() if self.control is not None else None
+        return out
 
 
 def compare_int8(
