@@ -9,14 +9,19 @@ Order of work for ``export_model``:
   4. optionally simplify, and keep the simplified graph only if it passes the same checks;
   5. rename the verified file onto the destination.
 ``quantize_model`` does the same for the int8 file: quantize into a temporary file, check it, measure
-fp32 and int8 accuracy on the test batches, rename. A quantized model that loses more than the
-margin is kept but flagged (``Int8Comparison.flagged``), loudly, in the summary lines.
+fp32 and int8 accuracy on the test batches, rename. Given validation batches, it first holds the int8
+model to the margin on them, leaving the most sensitive layers float until it fits
+(:mod:`export.int8_control`), and does not write a model that cannot fit unless asked to.
+Without them, a quantized model that loses more than the margin on the test batches is kept but
+flagged (``Int8Comparison.flagged``), loudly, in the summary lines.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from compressor.errors import UserError
+from export.int8_control import DEFAULT_RANKING_SAMPLES, control_int8
 from export.io import atomic_output
 from export.metadata import ExportMetadata, write_metadata
 from export.onnx_export import DEFAULT_OPSET, ExportedGraph, Log, export_graph, stderr_log
@@ -34,6 +40,7 @@ from export.parity import DEFAULT_ATOL, ParityResult, check_parity, random_input
 from export.quantize import (
     DEFAULT_MARGIN_POINTS,
     Int8Comparison,
+    Int8Quantizer,
     QuantizeSettings,
     compare_int8,
     quantize_int8,
@@ -222,18 +229,44 @@ def quantize_model(
     *,
     margin: float = DEFAULT_MARGIN_POINTS,
     settings: QuantizeSettings | None = None,
+    val_batches: Iterable | None = None,
+    keep_anyway: bool = False,
+    max_float: int | None = None,
+    ranking_samples: int = DEFAULT_RANKING_SAMPLES,
     log: Log | None = stderr_log,
 ) -> Int8Comparison:
     """int8 QDQ file from a verified fp32 file: checked, compared on the test batches, then kept.
 
     ``calibration``: batches of training images; ``test_batches``: labelled batches (Batch or (x, y)).
+    With ``val_batches`` (labelled validation batches) the int8 model is under accuracy control
+    (:mod:`export.int8_control`): layers fall back to float until the validation drop fits
+    ``margin``, and a model that cannot fit is not written unless ``keep_anyway``
+    (``comparison.control`` says which; ``comparison.written``). Without them it is always kept,
+    and flagged when the test drop exceeds the margin.
     """
     calibration = list(calibration)
     if not calibration:
         raise UserError("int8 quantization needs calibration images: pass --data SPEC")
-    with atomic_output(int8_path) as tmp:
-        result = quantize_int8(fp32_path, tmp, calibration, settings=settings)
-        run_checker(tmp)
-        comparison = compare_int8(fp32_path, result, test_batches, margin=margin)
-    comparison.path = str(int8_path)
+    if val_batches is None:
+        with atomic_output(int8_path) as tmp:
+            result = quantize_int8(fp32_path, tmp, calibration, settings=settings)
+            run_checker(tmp)
+            comparison = compare_int8(fp32_path, result, test_batches, margin=margin)
+        comparison.path = str(int8_path)
+        return comparison
+    with Int8Quantizer(fp32_path, calibration, settings=settings) as quantizer, \
+            tempfile.TemporaryDirectory(prefix="kdcompress-int8-control-") as work:
+        control, chosen = control_int8(quantizer, work, val_batches, margin=margin, max_float=max_float,
+                                       ranking_samples=ranking_samples, log=log)
+        run_checker(chosen.path)
+        comparison = compare_int8(fp32_path, chosen, test_batches, margin=margin)
+        comparison.control = control
+        control.kept_anyway = not control.met_margin and keep_anyway
+        if control.met_margin or keep_anyway:
+            with atomic_output(int8_path) as tmp:
+                shutil.copyfile(chosen.path, tmp)
+            control.written = True
+            comparison.path = str(int8_path)
+        else:
+            comparison.path = ""
     return comparison

@@ -68,6 +68,8 @@ def compress(
     epochs: int | None = None,
     seed: int = 0,
     int8: bool = False,
+    int8_margin: float | None = None,
+    keep_int8_anyway: bool = False,
     baseline: bool = False,
     search: str = "rule",
     probe_k: int = 4,
@@ -81,7 +83,9 @@ def compress(
     echo: Echo = print,
 ) -> CompressResult:
     """``corruption`` (None: clean, or what a resumed run or a saved plan records) corrupts the
-    training labels of every stage, the baseline's too."""
+    training labels of every stage, the baseline's too. ``int8_margin``: top-1 points the int8 file
+    may lose on the validation split (None: export.quantize.DEFAULT_MARGIN_POINTS); one that cannot
+    fit is not written unless ``keep_int8_anyway`` (report["student"]["int8"]["missed_margin"])."""
     started = time.time()
     out_dir = Path(out) if out is not None else default_out_dir(teacher, budget)
     if not resume and not preset:
@@ -120,12 +124,13 @@ def compress(
         run = run_plan(plan, inputs.source, out_dir, teacher=inputs.teacher, resume=resume, device=device,
                        echo=echo, on_stage_end=stage_done)
         return _deliver(plan, inputs, run, probe_rows, out_dir, teacher, started, resume=resume, baseline=baseline,
-                        int8=int8, latency_threads=latency_threads, device=device, echo=echo)
+                        int8=int8, latency_threads=latency_threads, device=device, echo=echo,
+                        int8_margin=int8_margin, keep_int8_anyway=keep_int8_anyway)
 
 
 def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, out_dir: Path, teacher: str | None,
              started: float, *, resume: bool, baseline: bool, int8: bool, latency_threads: int, device: str,
-             echo: Echo) -> CompressResult:
+             echo: Echo, int8_margin: float | None = None, keep_int8_anyway: bool = False) -> CompressResult:
     """After the stages: the student file, the baseline, ONNX (+ int8), latency and the report."""
     student_path = out_dir / "student.pt"
     copy_file(run.stages[-1].checkpoint, student_path)
@@ -140,7 +145,10 @@ def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, o
 
     int8_path = out_dir / "student.int8.onnx" if int8 else None
     deployment = export_with_data(student.model, student.meta, out_dir / "student.onnx", inputs.source,
-                                  int8_path=int8_path, seed=plan.seed, source_checkpoint=str(student_path), log=None)
+                                  int8_path=int8_path, seed=plan.seed, source_checkpoint=str(student_path), log=None,
+                                  int8_margin=int8_margin, keep_int8_anyway=keep_int8_anyway)
+    if deployment.int8 is not None and not deployment.int8.get("written"):
+        int8_path = None  # it missed the margin: nothing to time or list
     for line in deployment.lines:
         echo(line)
     shape = tuple(inputs.input_shape)
@@ -264,7 +272,8 @@ def _int8_summary(int8: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     return {"path": int8.get("path"), "fp32_top1": int8.get("fp32_accuracy"), "int8_top1": int8.get("int8_accuracy"),
             "fp32_bytes": int8.get("fp32_bytes"), "int8_bytes": int8.get("int8_bytes"), "flagged": int8.get("flagged"),
-            "margin": int8.get("margin"), "agreement": int8.get("agreement")}
+            "margin": int8.get("margin"), "agreement": int8.get("agreement"), "written": int8.get("written"),
+            "missed_margin": int8.get("missed_margin"), "control": int8.get("control")}
 
 
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -38,11 +38,17 @@ def export_with_data(
     seed: int = 0,
     source_checkpoint: str | None = None,
     simplify: bool = False,
+    int8_margin: float | None = None,
+    keep_int8_anyway: bool = False,
     log: Log | None = None,
 ) -> Deployment:
-    """Export with parity on real test images; optionally int8, calibrated and compared on the data."""
+    """Export with parity on real test images; optionally int8, calibrated on training images, held to
+    ``int8_margin`` top-1 points on the validation split (layers fall back to float until it fits,
+    :mod:`export.int8_control`) and compared on the test split. An int8 model that cannot fit is not
+    written (and a stale one at ``int8_path`` removed) unless ``keep_int8_anyway``."""
     from export.io import metadata_from_model_meta
     from export.pipeline import export_model, quantize_model
+    from export.quantize import DEFAULT_MARGIN_POINTS
 
     from compressor.threads import threads_for
 
@@ -55,8 +61,13 @@ def export_with_data(
         calibration = source.sample("train", CALIBRATION_SAMPLES, seed=seed).x.cpu()
         batches = [calibration[i:i + 32] for i in range(0, len(calibration), 32)]
         test = source.loader("test", 256, shuffle=False, augment=False)
-        comparison = quantize_model(out_path, int8_path, batches, test, log=log)
-        deployment.int8 = {**comparison.to_dict(), "flagged": comparison.flagged}
+        val = source.loader("val", 256, shuffle=False, augment=False)
+        margin = DEFAULT_MARGIN_POINTS if int8_margin is None else int8_margin
+        comparison = quantize_model(out_path, int8_path, batches, test, val_batches=val, margin=margin,
+                                    keep_anyway=keep_int8_anyway, log=log)
+        if not comparison.written:  # a resumed run's earlier int8 file would contradict the report
+            Path(int8_path).unlink(missing_ok=True)
+        deployment.int8 = comparison.to_dict()
         deployment.lines += comparison.summary_lines()
     return deployment
 

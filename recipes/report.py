@@ -91,9 +91,17 @@ def markdown(result: dict[str, Any]) -> str:
         int8 = s.get("int8")
         if int8:
             flag = " **ACCURACY DROP ABOVE THE MARGIN**" if int8.get("flagged") else ""
-            lines.append(f"int8 file {int8.get('path')}: test top-1 {_fmt(int8.get('int8_top1'))}% vs fp32 "
+            name = f"int8 file {int8.get('path')}" if int8.get("written", True) else "int8 model (not written)"
+            lines.append(f"{name}: test top-1 {_fmt(int8.get('int8_top1'))}% vs fp32 "
                          f"{_fmt(int8.get('fp32_top1'))}%, {_fmt(int8.get('int8_bytes', 0) / 1e6, 3)} MB vs "
                          f"{_fmt(int8.get('fp32_bytes', 0) / 1e6, 3)} MB.{flag}")
+            control = int8.get("control")
+            if control:
+                floats = ", ".join(f"`{n}`" for n in control.get("float_layers") or []) or "none"
+                lines.append(f"Accuracy control on {control.get('val_samples')} validation images (margin "
+                             f"{_fmt(control.get('margin'))} points): fp32 {_fmt(control.get('fp32_val_accuracy'))}%, "
+                             f"int8 {_fmt(control.get('val_accuracy'))}%; layers left float: {floats} "
+                             f"(of {control.get('layers')}); {control.get('verdict')}.")
     pruning = s.get("pruning")
     if pruning:
         speedup = pruning.get("torch_speedup_vs_teacher")

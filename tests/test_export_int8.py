@@ -105,3 +105,127 @@ def test_cli_int8_without_data_fails_before_writing(cli, tmp_path, registered):
     assert result.exit_code == 2 and "--int8 needs calibration" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "s.onnx").exists() and not (tmp_path / "s.int8.onnx").exists()
+
+
+# accuracy control ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sensitive_digits_model():
+    """A digits CNN whose second convolution int8 cannot represent: input channel 0 of that conv is
+    dead (its BatchNorm scale 0, shift -1, so the ReLU always outputs 0) and every output channel
+    weighs it by 1000. The float model ignores those weights (they multiply zeros; no gradient moves
+    them), but per-channel int8 scales are set by them (1000 / 63), so the conv's real weights round
+    to 0 and the int8 model predicts one class. Leaving that one conv float repairs it."""
+    from compressor.data import load_source
+
+    source = load_source("digits", seed=0)
+    torch.manual_seed(0)
+    model = SmallNet(num_classes=10, in_chans=1, width=16)
+    with torch.no_grad():
+        model.features[1].weight[0], model.features[1].bias[0] = 0.0, -1.0
+        model.features[3].weight[:, 0] = 1000.0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for epoch in range(5):
+        for batch in source.loader("train", 64, shuffle=True, augment=False, epoch=epoch):
+            loss = nn.functional.cross_entropy(model(batch.x), batch.y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert float(model.features[3].weight[:, 0].detach().min()) == 1000.0  # still there after training
+    return model.eval(), source
+
+
+def _export_sensitive(tmp_path, sensitive_digits_model):
+    model, source = sensitive_digits_model
+    fp32 = tmp_path / "s.onnx"
+    export_model(model, fp32, inputs=source.sample("test", 32, seed=0).x, inputs_from_data=True, exporter=FAST,
+                 metadata=ExportMetadata(mean=list(source.mean), std=list(source.std)), measure_cost=False, log=None)
+    convs = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"]
+    return fp32, convs[1], source
+
+
+def _quantize_controlled(fp32, out, source, **kwargs):
+    return quantize_model(fp32, out, [source.sample("train", 300, seed=0).x],
+                          source.loader("test", 256, shuffle=False, augment=False),
+                          val_batches=source.loader("val", 256, shuffle=False, augment=False), log=None, **kwargs)
+
+
+def _optimized_op(path, node_name: str) -> str:
+    """The op onnxruntime runs for ``node_name`` after its graph optimisations (QLinearConv = int8)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(path) + ".optimized"
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(options.optimized_model_filepath)
+    return next(n.op_type for n in optimized.graph.node if n.name == node_name)
+
+
+def test_accuracy_control_leaves_the_sensitive_layer_float_first(tmp_path, sensitive_digits_model):
+    fp32, sensitive, source = _export_sensitive(tmp_path, sensitive_digits_model)
+    int8 = tmp_path / "s.int8.onnx"
+    comparison = _quantize_controlled(fp32, int8, source, margin=1.0)
+    control = comparison.control
+    assert control.fp32_val_accuracy > 85.0 and control.val_samples == source.split_size("val")
+    assert control.full_int8_val_accuracy < 30.0  # all-int8 is broken, as built
+    assert control.ranking[0].name == sensitive and control.ranking[0].sensitivity > 0
+    assert control.float_layers == [sensitive] and control.steps[-1].float_layers == 1
+    assert control.met_margin and control.drop <= 1.0 and comparison.written and int8.exists()
+    assert control.layers >= 3 and control.latency["fp32_ms"] > 0 and control.latency["int8_ms"] > 0
+    assert comparison.drop <= 2.0  # the test split agrees (359 images; reported, not used to choose)
+    # the file really runs that conv in float: onnxruntime does not fuse it back into an int8 kernel
+    assert _optimized_op(int8, sensitive) in ("Conv", "FusedConv")
+    first = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"][0]
+    assert _optimized_op(int8, first) == "QLinearConv"
+    meta = read_metadata(int8)
+    assert meta.extra["float_layers"] == [sensitive] and "1 layer(s) left float" in meta.quantization
+    lines = "\n".join(comparison.summary_lines())
+    assert f"left float: {sensitive}" in lines and "meets the margin" in lines and "speed at batch 1" in lines
+    assert comparison.to_dict()["control"]["float_layers"] == [sensitive]
+    assert leftovers(tmp_path) == []
+
+
+def test_a_margin_that_cannot_be_met_writes_nothing_unless_asked(tmp_path, sensitive_digits_model):
+    fp32, _, source = _export_sensitive(tmp_path, sensitive_digits_model)
+    int8 = tmp_path / "s.int8.onnx"
+    missed = _quantize_controlled(fp32, int8, source, margin=1.0, max_float=0)
+    assert missed.missed_margin and not missed.written and not int8.exists()
+    assert missed.control.float_layers == [] and missed.control.ranking == []  # no fallback allowed: nothing ranked
+    line = missed.control.missed_line()
+    assert "not written (exit status 3" in line and "--int8-margin 1.00" in line
+    assert missed.to_dict()["missed_margin"] is True and missed.to_dict()["written"] is False
+    kept = _quantize_controlled(fp32, int8, source, margin=1.0, max_float=0, keep_anyway=True)
+    assert kept.missed_margin and kept.written and int8.exists() and kept.control.kept_anyway
+    assert "kept anyway" in kept.control.missed_line()
+    assert leftovers(tmp_path) == []
+
+
+def test_cli_export_int8_margin_missed_exit_status_and_keep_anyway(cli, tmp_path, registered, sensitive_digits_model):
+    from compressor.checkpoint import ModelMeta, save_model
+    from export.int8_control import MISSED_MARGIN_STATUS
+    from recipes.cli._options import MISSED_MARGIN_STATUS as CLI_STATUS
+
+    assert MISSED_MARGIN_STATUS == CLI_STATUS == 3
+    name = registered("exporttest_digitsnet", SmallNet)
+    model, source = sensitive_digits_model
+    ckpt = tmp_path / "sensitive.pt"
+    save_model(ckpt, model, ModelMeta.from_source(name, source, width=16))
+    args = ("export", str(ckpt), "-o", str(tmp_path / "student.onnx"), "--int8", "--data", "digits",
+            "--exporter", FAST, "--int8-max-float", "0", "--report", str(tmp_path / "r.json"))
+    result = cli(*args)
+    assert result.exit_code == 3, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "int8 file not written (exit status 3" in errors[0]
+    assert (tmp_path / "student.onnx").exists() and not (tmp_path / "student.int8.onnx").exists()
+    report = json.loads((tmp_path / "r.json").read_text())["int8"]
+    assert report["missed_margin"] is True and report["written"] is False
+    result = cli(*args, "--keep-int8-anyway")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "student.int8.onnx").exists() and "kept anyway" in result.output
+    # the default lets layers fall back: the sensitive conv goes float and the file is written
+    result = cli(*args[:-4], "--report", str(tmp_path / "r2.json"))
+    assert result.exit_code == 0, result.output
+    control = json.loads((tmp_path / "r2.json").read_text())["int8"]["control"]
+    assert control["met_margin"] and len(control["float_layers"]) == 1

@@ -78,6 +78,35 @@ trust_option = click.option(
 )
 
 
+MISSED_MARGIN_STATUS = 3  # = export.int8_control.MISSED_MARGIN_STATUS (not imported here: it pulls in torch)
+
+
+def int8_control_options(func=None, *, max_float: bool = True):
+    """``--int8-margin``, ``--keep-int8-anyway`` (and ``--int8-max-float`` unless ``max_float=False``):
+    accuracy control of the int8 file (export/int8_control.py), on `export --int8` and the main command."""
+    if func is None:
+        return lambda f: int8_control_options(f, max_float=max_float)
+    options = [
+        click.option("--int8-margin", default=1.0, show_default=True, type=click.FloatRange(min=0),
+                     help="top-1 points the int8 model may lose against fp32 on the validation split; beyond it "
+                          "the most sensitive layers stay float, one at a time, until it fits"),
+        click.option("--keep-int8-anyway", is_flag=True,
+                     help="write the int8 file even when no fallback fits the margin (default: not written, "
+                          f"exit status {MISSED_MARGIN_STATUS})"),
+        click.option("--int8-max-float", default=None, type=click.IntRange(min=0),
+                     help="at most this many layers left float (default: all but one)"),
+    ][:3 if max_float else 2]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def missed_margin_exit(line: str) -> None:
+    """The int8 file missed the margin and was not written; everything else was: one line, status 3."""
+    click.echo(f"error: {line}", err=True)
+    raise click.exceptions.Exit(MISSED_MARGIN_STATUS)
+
+
 def corruption_options(func):
     """``--label-noise``, ``--imbalance``, ``--imbalance-gamma``: the KD robustness study's training-set
     corruptions (Sarfraz et al.). Plain floats here; :func:`corruption_from_flags` checks them, so a bad

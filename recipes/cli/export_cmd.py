@@ -8,7 +8,13 @@ from pathlib import Path
 import click
 
 from compressor.errors import UserError
-from recipes.cli._options import input_shape_option, parse_input_shape, trust_option
+from recipes.cli._options import (
+    input_shape_option,
+    int8_control_options,
+    missed_margin_exit,
+    parse_input_shape,
+    trust_option,
+)
 
 
 def _int8_path(out: Path) -> Path:
@@ -28,8 +34,7 @@ def _int8_path(out: Path) -> Path:
               help="largest absolute logit difference allowed between onnxruntime and PyTorch")
 @click.option("--int8", "int8", is_flag=True, help="also write an int8 static-quantized copy (QDQ, per-channel)")
 @click.option("--int8-output", default=None, type=click.Path(dir_okay=False), help="default: OUTPUT with .int8.onnx")
-@click.option("--int8-margin", default=1.0, show_default=True, type=click.FloatRange(min=0),
-              help="accuracy points int8 may lose on the test split before it is flagged")
+@int8_control_options
 @click.option("--calibration-samples", default=300, show_default=True, type=click.IntRange(min=1),
               help="training images used to calibrate the int8 ranges")
 @click.option("--calibration", "calibration_method", default="minmax", show_default=True,
@@ -40,8 +45,9 @@ def _int8_path(out: Path) -> Path:
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="also write the results as JSON")
 @trust_option
 def command(checkpoint: str, output: str, data: str | None, opset: int, exporter: str, simplify: bool, atol: float,
-            int8: bool, int8_output: str | None, int8_margin: float, calibration_samples: int,
-            calibration_method: str, arch: str | None, input_shape: str | None, seed: int, report_path: str | None, trust: bool) -> None:
+            int8: bool, int8_output: str | None, int8_margin: float, keep_int8_anyway: bool, int8_max_float: int | None,
+            calibration_samples: int, calibration_method: str, arch: str | None, input_shape: str | None, seed: int,
+            report_path: str | None, trust: bool) -> None:
     """Export a checkpoint to ONNX, verified against PyTorch before it is kept (optionally also int8)."""
     from export.io import atomic_output, load_for_export
     from export.pipeline import export_model, quantize_model
@@ -82,7 +88,10 @@ def command(checkpoint: str, output: str, data: str | None, opset: int, exporter
         calibration = source.sample("train", calibration_samples, seed=seed).x
         test = source.loader("test", 256, shuffle=False, augment=False)
         comparison = quantize_model(out, int8_out, [calibration[i:i + 32] for i in range(0, len(calibration), 32)],
-                                    test, margin=int8_margin, settings=QuantizeSettings(calibration_method=calibration_method))
+                                    test, margin=int8_margin, settings=QuantizeSettings(calibration_method=calibration_method),
+                                    val_batches=source.loader("val", 256, shuffle=False, augment=False),
+                                    keep_anyway=keep_int8_anyway, max_float=int8_max_float,
+                                    log=lambda m: click.echo(m, err=True))
         for line in comparison.summary_lines():
             click.echo(line)
         result["int8"] = comparison.to_dict()
@@ -90,6 +99,8 @@ def command(checkpoint: str, output: str, data: str | None, opset: int, exporter
         with atomic_output(report_path) as tmp:
             tmp.write_text(json.dumps(result, indent=2))
         click.echo(f"report: {report_path}")
+    if int8 and comparison.missed_margin and not comparison.written:
+        missed_margin_exit(comparison.control.missed_line())
 
 
 def _check_fits(meta, source, spec: str) -> None:
