@@ -348,6 +348,7 @@ class BenchmarkReport:
     machine: dict = field(default_factory=machine_info)
     notes: list[str] = field(default_factory=list)
     compute: dict | None = None  # achieved multiply-adds/s at batch 1 beside the peak (export/peak.py)
+    startup: list = field(default_factory=list)  # export.load_metrics.StartupStats, one per runtime
 
     def baseline(self, stats: LatencyStats) -> LatencyStats | None:
         """The eager run at the same batch and thread count, if there is one."""
@@ -369,6 +370,8 @@ class BenchmarkReport:
                "notes": self.notes, "results": rows}
         if self.compute is not None:
             out["compute"] = self.compute
+        if self.startup:
+            out["startup"] = [s.to_dict() for s in self.startup]
         return out
 
     def table(self) -> str:
@@ -385,6 +388,11 @@ class BenchmarkReport:
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = ["  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
         lines.insert(1, "-" * len(lines[0]))
+        if self.startup:
+            from export.load_metrics import startup_table
+
+            lines += ["", "start-up, each runtime in its own process (load = creating the session / loading the "
+                          "checkpoint; first = the first inference after it):", startup_table(self.startup)]
         return "\n".join(lines)
 
     def write_json(self, path: str | os.PathLike) -> None:

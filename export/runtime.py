@@ -12,7 +12,6 @@ from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from compressor.errors import UserError
 
@@ -45,7 +44,11 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.inter_op_num_threads = 1
-    so.intra_op_num_threads = int(threads) if threads is not None else torch.get_num_threads()
+    if threads is None:
+        import torch  # here, not at the top: the start-up probe (export/startup_child.py) loads this file without torch
+
+        threads = torch.get_num_threads()
+    so.intra_op_num_threads = int(threads)
     so.log_severity_level = 3  # errors only: a warning per missing CUDA kernel is noise here
     return so
 

@@ -84,9 +84,48 @@ def test_cli_bench_onnx_and_checkpoint_with_json(cli, tmp_path, registered):
         assert r["speedup_vs_eager_p50"] > 0 and (r["speedup_vs_eager_p50"] == 1.0 or r["backend"] == "onnxruntime")
     assert all(r["provider"] == "CPUExecutionProvider" for r in rows if r["backend"] == "onnxruntime")
     assert data["machine"]["cores"] == all_cores() and data["timing"]["min_runs"] == 5
+    # start-up figures per runtime; the eager child cannot build an architecture this test registered in-process
+    (ort_row,) = data["startup"]
+    assert ort_row["backend"] == "onnxruntime" and ort_row["load_ms"] > 0 and ort_row["peak_rss_mb"] > 0
+    assert any("no start-up figures for eager" in n and "exporttest_smallnet" in n for n in data["notes"])
+    assert "start-up" in result.output and "peak RSS MiB" in result.output
     # a checkpoint is exported to a temporary file, timed, and nothing is left behind
     before = set(os.listdir(tmp_path))
     result = cli("bench", str(ckpt), "--batch", "1", "--threads", "1", *fast)
     assert result.exit_code == 0, result.output
     assert "parity passed" in result.output and "eager" in result.output
     assert set(os.listdir(tmp_path)) == before
+
+
+def test_startup_of_an_onnx_file_and_of_a_broken_one(tmp_path):
+    from export.load_metrics import Runtime, measure_startup, startup_table
+
+    out = tmp_path / "m.onnx"
+    export_model(seeded(SmallNet()), out, input_shape=(3, 16, 16), exporter=FAST, measure_cost=False)
+    stats = measure_startup(Runtime("m", "onnxruntime", str(out)), (3, 16, 16), threads=1, batch=2)
+    assert stats.backend == "onnxruntime" and stats.provider == "CPUExecutionProvider" and stats.batch == 2
+    assert stats.load_ms > 0 and stats.first_ms >= 0 and stats.peak_rss_mb >= stats.base_rss_mb > 0
+    assert "load ms" in startup_table([stats]) and f"{stats.peak_rss_mb:.1f}" in startup_table([stats])
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(out.read_bytes()[:200])
+    with pytest.raises(UserError, match="onnxruntime cannot load"):
+        measure_startup(Runtime("b", "onnxruntime", str(broken)), (3, 16, 16), threads=1)
+
+
+def test_cli_bench_startup_per_runtime_in_its_own_process(cli, tmp_path):
+    from compressor.models import create
+
+    ckpt = make_checkpoint(tmp_path, "resnet8", create("resnet8", num_classes=10).eval())
+    js = tmp_path / "bench.json"
+    result = cli("bench", str(ckpt), "--batch", "1", "--threads", "1", "--runs", "3", "--min-time", "0", "--warmup", "0",
+                 "--json", str(js))
+    assert result.exit_code == 0, result.output
+    rows = {r["backend"]: r for r in json.loads(js.read_text())["startup"]}
+    assert set(rows) == {"pytorch", "onnxruntime"}
+    for r in rows.values():
+        assert r["load_ms"] > 0 and r["first_ms"] >= 0 and r["batch"] == 1 and r["threads"] == 1
+        assert r["peak_rss_mb"] >= r["base_rss_mb"] > 0
+        assert r["model_rss_mb"] == pytest.approx(r["peak_rss_mb"] - r["base_rss_mb"])
+    # the onnxruntime child never imported torch: the eager runtime's memory does not mask it
+    assert rows["onnxruntime"]["peak_rss_mb"] < rows["pytorch"]["base_rss_mb"]
+    assert "peak RSS MiB" in result.output and "first ms" in result.output

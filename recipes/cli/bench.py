@@ -25,12 +25,14 @@ from recipes.cli._options import input_shape_option, parse_input_shape, trust_op
               help="auto: CUDA where onnxruntime has its CUDA provider, else CPU (eager PyTorch runs on the same)")
 @click.option("--eager/--no-eager", default=True, show_default=True,
               help="also time the PyTorch eager model (a checkpoint, or the one an ONNX file records)")
+@click.option("--startup/--no-startup", default=True, show_default=True,
+              help="also measure each runtime's load time, first inference and peak RSS, each in its own process")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="also write the results as JSON")
 @click.option("--arch", default=None, help="architecture of a checkpoint that does not record it")
 @input_shape_option(default=None)
 @trust_option
 def command(model: str, batch: int, threads: str, runs: int, min_time: float, warmup: int, device: str, eager: bool,
-            json_path: str | None, arch: str | None, input_shape: str | None, trust: bool) -> None:
+            startup: bool, json_path: str | None, arch: str | None, input_shape: str | None, trust: bool) -> None:
     """Time an ONNX file (onnxruntime) and the PyTorch eager model: mean, p50/p90/p99, min, throughput."""
     from export.io import kind_of, load_for_export
     from export.latency import Timing, benchmark, fixed_batch, thread_counts
@@ -77,6 +79,16 @@ def command(model: str, batch: int, threads: str, runs: int, min_time: float, wa
         result = benchmark(onnx_models, torch_model=torch_model, input_shape=shape, batches=batches,
                            threads=counts, timing=timing, provider=provider, torch_device=torch_device)
         compute = _compute_lines(result, meta.flops if kind == "onnx" else None, torch_model, shape, onnx_models)
+        if startup:
+            from export.latency import onnx_input_shape
+            from export.load_metrics import bench_runtimes, startup_of
+
+            checkpoint = None if torch_model is None else (meta.source_checkpoint if kind == "onnx" else model)
+            runtimes = bench_runtimes(onnx_models, checkpoint, provider=provider, torch_device=torch_device, arch=arch,
+                                      trust=trust)
+            result.startup, failed = startup_of(runtimes, shape or onnx_input_shape(next(iter(onnx_models.values()))),
+                                                threads=counts[0])
+            notes += failed
     result.notes += notes
     machine = result.machine
     click.echo(f"{machine['cpu']}, {machine['cores']} cores; onnxruntime {machine['onnxruntime']}, torch {machine['torch']}; "

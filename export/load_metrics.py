@@ -1,0 +1,135 @@
+"""Start-up cost of each runtime: model load time, first-inference time and peak resident memory.
+
+What onnxruntime's own perf tool (``onnxruntime_perf_test``) prints beside its latencies
+("Session creation time cost", "First inference time cost", "Peak working set size"), for every
+runtime ``kdcompress bench`` times:
+  * load: creating the onnxruntime session (graph optimisation included) from the file; for
+    PyTorch eager, reading the checkpoint into a module (``compressor.checkpoint.load_model``) and
+    moving it to the device;
+  * first inference: the first forward of a seeded batch right after the load, which pays the
+    one-off costs (allocations, kernel selection, lazy initialisation) that latency's warm-up hides;
+  * peak RSS: the process's high-water mark of resident memory (Linux ``VmHWM``; ``ru_maxrss``
+    elsewhere), beside its resident memory before the load (the interpreter and the runtime's
+    libraries), so the model's own share shows too.
+Each runtime runs in its own fresh child process (``export/startup_child.py``, ``python -I``), so
+one runtime's memory cannot mask another's and neither carries the parent's (the parent holds torch
+and the other runtime; an onnxruntime child never imports torch). One child per runtime, at batch 1
+and the first thread count benchmarked; times are wall-clock on a possibly busy machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from compressor.errors import UserError
+
+CHILD_SOURCE = Path(__file__).with_name("startup_child.py")
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = ("onnxruntime", "pytorch")
+
+
+@dataclass
+class StartupStats:
+    label: str
+    backend: str  # "onnxruntime" or "pytorch"
+    provider: str
+    batch: int
+    threads: int
+    load_ms: float
+    first_ms: float
+    peak_rss_mb: float  # MiB: the child's high-water mark
+    base_rss_mb: float | None  # MiB: resident before the model was loaded (None where /proc is missing)
+
+    @property
+    def model_rss_mb(self) -> float | None:
+        """Peak minus the resident memory before the load: what loading and one run of the model added."""
+        return None if self.base_rss_mb is None else self.peak_rss_mb - self.base_rss_mb
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "model_rss_mb": self.model_rss_mb}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One runtime to start: an ONNX file in onnxruntime or a checkpoint in PyTorch eager."""
+
+    label: str
+    backend: str
+    path: str
+    provider: str | None = None  # onnxruntime: the execution provider; pytorch: "cpu" / "cuda"
+    arch: str | None = None
+    trust: bool = False
+
+
+def measure_startup(runtime: Runtime, input_shape: Sequence[int], *, threads: int, batch: int = 1,
+                    timeout: float = 600.0) -> StartupStats:
+    """Load, first inference and peak RSS of ``runtime`` in a fresh child process."""
+    if runtime.backend not in BACKENDS:
+        raise UserError(f"unknown runtime {runtime.backend!r}: choose {', '.join(BACKENDS)}")
+    providers = [runtime.provider or "CPUExecutionProvider"]
+    if "CPUExecutionProvider" not in providers:
+        providers.append("CPUExecutionProvider")
+    device = "cuda" if runtime.provider in ("cuda", "CUDAExecutionProvider") else "cpu"
+    request = {"root": str(ROOT), "backend": runtime.backend, "path": str(Path(runtime.path).resolve()),
+               "input_shape": [int(d) for d in input_shape], "batch": int(batch), "threads": int(threads),
+               "providers": providers, "device": device, "arch": runtime.arch, "trust": runtime.trust}
+    done = subprocess.run([sys.executable, "-I", "-c", CHILD_SOURCE.read_text(), json.dumps(request)],
+                          capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    lines = done.stdout.strip().splitlines()
+    try:
+        result = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+    except json.JSONDecodeError:
+        result = None
+    if result is None:
+        detail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"start-up probe of {runtime.label} ({runtime.backend}) failed: {detail}")
+    if "error" in result:
+        raise UserError(result["error"])
+    mib = 1024 * 1024
+    return StartupStats(label=runtime.label, backend=runtime.backend, provider=result["provider"], batch=batch,
+                        threads=threads, load_ms=result["load_ms"], first_ms=result["first_ms"],
+                        peak_rss_mb=result["peak_rss_bytes"] / mib,
+                        base_rss_mb=None if result["base_rss_bytes"] is None else result["base_rss_bytes"] / mib)
+
+
+def startup_of(runtimes: Sequence[Runtime], input_shape: Sequence[int], *, threads: int,
+               batch: int = 1) -> tuple[list[StartupStats], list[str]]:
+    """(figures, notes): one child per runtime, one after the other (never two at once: they would
+    share the cores). A runtime whose child fails (e.g. an architecture registered only in this
+    process, which a fresh interpreter cannot build) gets a note instead of its figures: start-up
+    figures are extras beside the latency table, not a reason to lose it."""
+    stats, notes = [], []
+    for runtime in runtimes:
+        try:
+            stats.append(measure_startup(runtime, input_shape, threads=threads, batch=batch))
+        except (UserError, RuntimeError, subprocess.TimeoutExpired) as err:
+            notes.append(f"no start-up figures for {runtime.label} ({runtime.backend}): {err}")
+    return stats, notes
+
+
+def bench_runtimes(onnx_models: dict[str, str], checkpoint: str | None, *, provider: str | None = None,
+                   torch_device: str | None = None, arch: str | None = None, trust: bool = False) -> list[Runtime]:
+    """The runtimes a bench run times: each labelled ONNX file, and the eager checkpoint if there is one."""
+    runtimes = [Runtime(label, "onnxruntime", str(path), provider) for label, path in onnx_models.items()]
+    if checkpoint is not None:
+        runtimes.insert(0, Runtime("eager", "pytorch", str(checkpoint), torch_device, arch, trust))
+    return runtimes
+
+
+def startup_table(rows: Sequence[StartupStats]) -> str:
+    """The start-up figures as a small aligned table (printed under the latency table)."""
+    header = ("model", "backend", "batch", "thr", "load ms", "first ms", "peak RSS MiB", "before load", "model")
+    body = [header] + [(
+        r.label, r.backend, str(r.batch), str(r.threads), f"{r.load_ms:.1f}", f"{r.first_ms:.2f}",
+        f"{r.peak_rss_mb:.1f}", "-" if r.base_rss_mb is None else f"{r.base_rss_mb:.1f}",
+        "-" if r.model_rss_mb is None else f"{r.model_rss_mb:.1f}",
+    ) for r in rows]
+    widths = [max(len(row[i]) for row in body) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in body]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
