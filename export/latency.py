@@ -78,6 +78,7 @@ class LatencyStats:
     std_ms: float
     throughput: float  # images per second
     cpu_p50_ms: float | None = None  # median CPU time of the calling thread (meaningful at 1 thread)
+    p95_ms: float | None = None  # only where a device runner reports it (export/device_kit.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -349,6 +350,7 @@ class BenchmarkReport:
     notes: list[str] = field(default_factory=list)
     compute: dict | None = None  # achieved multiply-adds/s at batch 1 beside the peak (export/peak.py)
     startup: list = field(default_factory=list)  # export.load_metrics.StartupStats, one per runtime
+    method: str | None = None  # how the figures were measured (default: this module's method)
 
     def baseline(self, stats: LatencyStats) -> LatencyStats | None:
         """The eager run at the same batch and thread count, if there is one."""
@@ -363,10 +365,10 @@ class BenchmarkReport:
             base = self.baseline(r)
             rows.append({
                 **r.to_dict(),
-                "speedup_vs_eager_p50": (base.p50_ms / r.p50_ms) if base else None,
-                "speedup_vs_eager_mean": (base.mean_ms / r.mean_ms) if base else None,
+                "speedup_vs_eager_p50": (base.p50_ms / r.p50_ms) if base and r.p50_ms else None,
+                "speedup_vs_eager_mean": (base.mean_ms / r.mean_ms) if base and r.mean_ms else None,
             })
-        out = {"machine": self.machine, "timing": asdict(self.timing), "method": __doc__.strip(),
+        out = {"machine": self.machine, "timing": asdict(self.timing), "method": self.method or __doc__.strip(),
                "notes": self.notes, "results": rows}
         if self.compute is not None:
             out["compute"] = self.compute
@@ -381,9 +383,10 @@ class BenchmarkReport:
         for r in self.results:
             base = self.baseline(r)
             rows.append((
-                r.label, r.backend, r.provider.replace("ExecutionProvider", ""), str(r.batch), str(r.threads),
-                str(r.runs), f"{r.mean_ms:.3f}", f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}",
-                f"{r.min_ms:.3f}", f"{r.throughput:,.0f}", f"{base.p50_ms / r.p50_ms:.2f}x" if base else "-",
+                r.label, r.backend, r.provider.replace("ExecutionProvider", ""), _cell(r.batch), _cell(r.threads),
+                _cell(r.runs), _cell(r.mean_ms, ".3f"), _cell(r.p50_ms, ".3f"), _cell(r.p90_ms, ".3f"),
+                _cell(r.p99_ms, ".3f"), _cell(r.min_ms, ".3f"), _cell(r.throughput, ",.0f"),
+                f"{base.p50_ms / r.p50_ms:.2f}x" if base and r.p50_ms else "-",
             ))
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = ["  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
@@ -391,8 +394,8 @@ class BenchmarkReport:
         if self.startup:
             from export.load_metrics import startup_table
 
-            lines += ["", "start-up, each runtime in its own process (load = creating the session / loading the "
-                          "checkpoint; first = the first inference after it):", startup_table(self.startup)]
+            lines += ["", "start-up per runtime (load = creating the session / loading the model; first = the first "
+                          "inference after it; memory in MiB):", startup_table(self.startup)]
         return "\n".join(lines)
 
     def write_json(self, path: str | os.PathLike) -> None:
@@ -400,6 +403,11 @@ class BenchmarkReport:
 
         with atomic_output(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def _cell(value, spec: str = "") -> str:
+    """One table cell; "-" where a figure is missing (a device runner that does not report it)."""
+    return "-" if value is None else format(value, spec)
 
 
 def benchmark(

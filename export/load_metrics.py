@@ -35,23 +35,21 @@ BACKENDS = ("onnxruntime", "pytorch")
 
 @dataclass
 class StartupStats:
-    label: str
-    backend: str  # "onnxruntime" or "pytorch"
-    provider: str
-    batch: int
-    threads: int
-    load_ms: float
-    first_ms: float
-    peak_rss_mb: float  # MiB: the child's high-water mark
-    base_rss_mb: float | None  # MiB: resident before the model was loaded (None where /proc is missing)
+    """Start-up figures of one runtime; None where the runtime does not report one (device runners)."""
 
-    @property
-    def model_rss_mb(self) -> float | None:
-        """Peak minus the resident memory before the load: what loading and one run of the model added."""
-        return None if self.base_rss_mb is None else self.peak_rss_mb - self.base_rss_mb
+    label: str
+    backend: str  # "onnxruntime" or "pytorch" here; a device runner's kind in export/device_kit.py
+    provider: str
+    batch: int | None
+    threads: int | None
+    load_ms: float | None
+    first_ms: float | None
+    peak_rss_mb: float | None  # MiB: the process's high-water mark
+    base_rss_mb: float | None = None  # MiB: resident before the model was loaded (None where /proc is missing)
+    model_rss_mb: float | None = None  # MiB: what loading and one run of the model added (peak - base here)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "model_rss_mb": self.model_rss_mb}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -91,10 +89,11 @@ def measure_startup(runtime: Runtime, input_shape: Sequence[int], *, threads: in
     if "error" in result:
         raise UserError(result["error"])
     mib = 1024 * 1024
+    peak = result["peak_rss_bytes"] / mib
+    base = None if result["base_rss_bytes"] is None else result["base_rss_bytes"] / mib
     return StartupStats(label=runtime.label, backend=runtime.backend, provider=result["provider"], batch=batch,
-                        threads=threads, load_ms=result["load_ms"], first_ms=result["first_ms"],
-                        peak_rss_mb=result["peak_rss_bytes"] / mib,
-                        base_rss_mb=None if result["base_rss_bytes"] is None else result["base_rss_bytes"] / mib)
+                        threads=threads, load_ms=result["load_ms"], first_ms=result["first_ms"], peak_rss_mb=peak,
+                        base_rss_mb=base, model_rss_mb=None if base is None else peak - base)
 
 
 def startup_of(runtimes: Sequence[Runtime], input_shape: Sequence[int], *, threads: int,
@@ -123,11 +122,13 @@ def bench_runtimes(onnx_models: dict[str, str], checkpoint: str | None, *, provi
 
 def startup_table(rows: Sequence[StartupStats]) -> str:
     """The start-up figures as a small aligned table (printed under the latency table)."""
-    header = ("model", "backend", "batch", "thr", "load ms", "first ms", "peak RSS MiB", "before load", "model")
+    def cell(value, spec: str = "") -> str:
+        return "-" if value is None else format(value, spec)
+
+    header = ("model", "backend", "batch", "thr", "load ms", "first ms", "peak RSS", "RSS before load", "added by model")
     body = [header] + [(
-        r.label, r.backend, str(r.batch), str(r.threads), f"{r.load_ms:.1f}", f"{r.first_ms:.2f}",
-        f"{r.peak_rss_mb:.1f}", "-" if r.base_rss_mb is None else f"{r.base_rss_mb:.1f}",
-        "-" if r.model_rss_mb is None else f"{r.model_rss_mb:.1f}",
+        r.label, r.backend, cell(r.batch), cell(r.threads), cell(r.load_ms, ".1f"), cell(r.first_ms, ".2f"),
+        cell(r.peak_rss_mb, ".1f"), cell(r.base_rss_mb, ".1f"), cell(r.model_rss_mb, ".1f"),
     ) for r in rows]
     widths = [max(len(row[i]) for row in body) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in body]
