@@ -40,6 +40,7 @@ def export_with_data(
     simplify: bool = False,
     int8_margin: float | None = None,
     keep_int8_anyway: bool = False,
+    int8_max_float: int | None = None,
     log: Log | None = None,
 ) -> Deployment:
     """Export with parity on real test images; optionally int8, calibrated on training images, held to
@@ -64,7 +65,7 @@ def export_with_data(
         val = source.loader("val", 256, shuffle=False, augment=False)
         margin = DEFAULT_MARGIN_POINTS if int8_margin is None else int8_margin
         comparison = quantize_model(out_path, int8_path, batches, test, val_batches=val, margin=margin,
-                                    keep_anyway=keep_int8_anyway, log=log)
+                                    keep_anyway=keep_int8_anyway, max_float=int8_max_float, log=log)
         if not comparison.written:  # a resumed run's earlier int8 file would contradict the report
             Path(int8_path).unlink(missing_ok=True)
         deployment.int8 = comparison.to_dict()

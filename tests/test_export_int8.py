@@ -229,3 +229,46 @@ def test_cli_export_int8_margin_missed_exit_status_and_keep_anyway(cli, tmp_path
     assert result.exit_code == 0, result.output
     control = json.loads((tmp_path / "r2.json").read_text())["int8"]["control"]
     assert control["met_margin"] and len(control["float_layers"]) == 1
+
+
+def test_deploy_step_holds_int8_to_the_margin_and_drops_a_stale_file(tmp_path, registered, sensitive_digits_model):
+    """The main command's deploy step (recipes/deploy.py) runs the same accuracy control."""
+    from compressor.checkpoint import ModelMeta
+    from recipes.deploy import export_with_data
+
+    name = registered("exporttest_digitsnet", SmallNet)
+    model, source = sensitive_digits_model
+    meta = ModelMeta.from_source(name, source, width=16)
+    int8 = tmp_path / "student.int8.onnx"
+    deployment = export_with_data(model, meta, tmp_path / "student.onnx", source, int8_path=int8, int8_margin=1.0)
+    control = deployment.int8["control"]
+    assert deployment.int8["written"] and int8.exists() and control["met_margin"] and len(control["float_layers"]) == 1
+    assert any("left float" in line for line in deployment.lines)
+    # a model that cannot fit: nothing is written, and an earlier run's int8 file (a resume) is removed
+    deployment = export_with_data(model, meta, tmp_path / "student.onnx", source, int8_path=int8, int8_margin=1.0,
+                                  int8_max_float=0)
+    assert deployment.int8["missed_margin"] and not deployment.int8["written"] and not int8.exists()
+
+
+def test_main_command_exit_status_when_int8_missed_the_margin(cli, tmp_path, monkeypatch):
+    """Everything else was written; the one line and status 3 say the int8 file was not."""
+    from recipes.compress import CompressResult
+
+    verdict = "int8 file not written (exit status 3; the fp32 model and the rest were): the best int8 model loses 5.00"
+    report = {"student": {"arch": "resnet8", "int8": {"missed_margin": True, "written": False,
+                                                      "control": {"verdict": verdict}}}}
+    seen = {}
+
+    def fake_compress(**kwargs):
+        seen.update(kwargs)
+        return CompressResult(tmp_path, None, report, {"student.onnx": str(tmp_path / "student.onnx")})
+
+    monkeypatch.setattr("recipes.compress.compress", fake_compress)
+    monkeypatch.setattr("recipes.report.summary_rows", lambda r: [("architecture", "-", "resnet8")])
+    result = cli("--teacher", "t.pt", "--budget", "1MFLOPs", "--int8", "--int8-margin", "0.5")
+    assert result.exit_code == 3, result.output
+    assert seen["int8_margin"] == 0.5 and seen["keep_int8_anyway"] is False
+    assert result.output.strip().splitlines()[-1] == f"error: {verdict}"
+    report["student"]["int8"]["written"] = True  # --keep-int8-anyway wrote it: a normal exit
+    result = cli("--teacher", "t.pt", "--budget", "1MFLOPs", "--int8", "--keep-int8-anyway")
+    assert result.exit_code == 0 and seen["keep_int8_anyway"] is True
