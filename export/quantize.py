@@ -221,13 +221,20 @@ def keep_float(proto: onnx.ModelProto, names: Iterable[str]) -> int:
         if node is None:
             continue
         for tensor in list(node.output):
-            consumers = [n for n in graph.node if tensor in n.input]
-            while len(consumers) == 1 and consumers[0].op_type in ("Relu", "Clip") and tensor not in graph_outputs:
-                tensor = consumers[0].output[0]
-                consumers = [n for n in graph.node if tensor in n.input]
+            tensor, consumers = _through_activations(graph, tensor, graph_outputs)
             for q in [n for n in consumers if n.op_type == "QuantizeLinear"]:
                 cuts += _cut_quantize(graph, q, tensor, graph_outputs)
     return cuts
+
+
+def _through_activations(graph, tensor: str, graph_outputs: set[str]) -> tuple[str, list]:
+    """(tensor, its consumers) after following a branch-free chain of Relu/Clip from ``tensor``:
+    where onnxruntime's QDQ fusions look for the QuantizeLinear that closes an int8 group."""
+    consumers = [n for n in graph.node if tensor in n.input]
+    while len(consumers) == 1 and consumers[0].op_type in ("Relu", "Clip") and tensor not in graph_outputs:
+        tensor = consumers[0].output[0]
+        consumers = [n for n in graph.node if tensor in n.input]
+    return tensor, consumers
 
 
 def _cut_quantize(graph, q, tensor: str, graph_outputs: set[str]) -> int:
@@ -248,14 +255,23 @@ def _cut_quantize(graph, q, tensor: str, graph_outputs: set[str]) -> int:
 
 
 def quantized_layers(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """(name, op type) of the nodes a QDQ file computes in int8: those fed by a DequantizeLinear,
-    less the ones that only move data (a reshape or max-pool of int8 values loses nothing, so
-    leaving it in float cannot recover accuracy). In graph order."""
-    proto = onnx.load(str(path), load_external_data=False)
-    dequantized = {out for n in proto.graph.node if n.op_type == "DequantizeLinear" for out in n.output}
-    return [(n.name, n.op_type) for n in proto.graph.node
-            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and n.op_type not in _LOSSLESS_OPS
-            and any(i in dequantized for i in n.input if i)]
+    """(name, op type) of the nodes a QDQ file computes in int8: fed by a DequantizeLinear and
+    closed by a QuantizeLinear (the group onnxruntime fuses into an int8 kernel), less the ones
+    that only move data (a reshape or max-pool of int8 values loses nothing, so leaving it in
+    float cannot recover accuracy). In graph order."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    graph_outputs = {o.name for o in graph.output}
+    dequantized = {out for n in graph.node if n.op_type == "DequantizeLinear" for out in n.output}
+    layers = []
+    for n in graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.op_type in _LOSSLESS_OPS:
+            continue
+        if not any(i in dequantized for i in n.input if i):
+            continue
+        if any(c.op_type == "QuantizeLinear" for out in n.output
+               for c in _through_activations(graph, out, graph_outputs)[1]):
+            layers.append((n.name, n.op_type))
+    return layers
 
 
 def quantize_int8(

@@ -272,3 +272,28 @@ def test_main_command_exit_status_when_int8_missed_the_margin(cli, tmp_path, mon
     report["student"]["int8"]["written"] = True  # --keep-int8-anyway wrote it: a normal exit
     result = cli("--teacher", "t.pt", "--budget", "1MFLOPs", "--int8", "--keep-int8-anyway")
     assert result.exit_code == 0 and seen["keep_int8_anyway"] is True
+
+
+def test_a_float_last_layer_keeps_the_graph_output_and_runs_in_float(tmp_path, digits_model):
+    """The classifier at the end: its QuantizeLinear fed the graph output, which keeps its name."""
+    import numpy as np
+
+    from export.quantize import quantize_int8, quantized_layers
+    from export.runtime import make_session, run_logits
+
+    model, source = digits_model
+    fp32, int8 = tmp_path / "d.onnx", tmp_path / "d.int8.onnx"
+    export_model(model, fp32, input_shape=(1, 8, 8), exporter=FAST, measure_cost=False, log=None)
+    calibration = [source.sample("train", 64, seed=0).x]
+    full = tmp_path / "full.onnx"
+    quantize_int8(fp32, full, calibration)
+    gemm = next(name for name, op in quantized_layers(full) if op == "Gemm")
+    result = quantize_int8(fp32, int8, calibration, exclude=[gemm])
+    assert result.float_layers == [gemm] and gemm not in [name for name, _ in quantized_layers(int8)]
+    proto = onnx.load(str(int8))
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    assert next(n for n in proto.graph.node if n.name == gemm).output == ["logits"]
+    onnx.checker.check_model(proto, full_check=True)
+    assert _optimized_op(int8, gemm) == "Gemm"  # not QGemm
+    x = source.sample("test", 16, seed=0).x.numpy()
+    assert np.isfinite(run_logits(make_session(int8), x)).all()
