@@ -13,8 +13,9 @@ runtime ``kdcompress bench`` times:
     libraries), so the model's own share shows too.
 Each runtime runs in its own fresh child process (``export/startup_child.py``, ``python -I``), so
 one runtime's memory cannot mask another's and neither carries the parent's (the parent holds torch
-and the other runtime; an onnxruntime child never imports torch). One child per runtime, at batch 1
-and the first thread count benchmarked; times are wall-clock on a possibly busy machine.
+and the other runtime; an onnxruntime child never imports torch). One child per runtime, at batch 1 (or
+the batch an ONNX file is fixed at) and the first thread count benchmarked; times are wall-clock on a
+possibly busy machine.
 """
 
 from __future__ import annotations

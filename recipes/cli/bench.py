@@ -87,7 +87,7 @@ def command(model: str, batch: int, threads: str, runs: int, min_time: float, wa
             runtimes = bench_runtimes(onnx_models, checkpoint, provider=provider, torch_device=torch_device, arch=arch,
                                       trust=trust)
             result.startup, failed = startup_of(runtimes, shape or onnx_input_shape(next(iter(onnx_models.values()))),
-                                                threads=counts[0])
+                                                threads=counts[0], batch=min(batches))
             notes += failed
     result.notes += notes
     machine = result.machine
