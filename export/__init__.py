@@ -1,11 +1,16 @@
-"""Deployment: ONNX export with parity checks, int8 quantization, latency benchmarking.
+"""Deployment: export to ONNX and the other targets with parity checks, int8 quantization, latency.
 
-Depends on torch, onnx and onnxruntime (and on ``compressor`` only to read checkpoints and count
-FLOPs). Library calls take an ``nn.Module`` (or a path) and return result dataclasses with
-``to_dict()``; the CLI (``kdcompress export`` / ``kdcompress bench``) is a thin shell over them.
+Layering rule: ``export`` depends on torch, onnx, onnxruntime and the optional target runtimes
+(``export/targets``), and from ``compressor`` only on its leaf modules: ``errors`` (UserError),
+``atomic`` (atomic writes), ``threads`` (the usable cores), ``cost`` (fvcore FLOPs of a given
+module), ``plugins`` (registry discovery) and the version string. It never loads a checkpoint,
+builds a zoo model or reads data: that is ``recipes`` (``recipes/deploy.py``, ``recipes/bench.py``),
+which hands ``export`` an ``nn.Module``, sample inputs and an :class:`ExportMetadata`.
+Library calls return result dataclasses with ``to_dict()``; the CLI (``kdcompress export`` /
+``kdcompress bench``) is a thin shell over ``recipes``.
 """
 
-from export.io import atomic_output, kind_of, load_for_export, metadata_from_model_meta
+from export.io import atomic_output, kind_of
 from export.latency import BenchmarkReport, LatencyStats, Timing, bench_onnx, bench_torch, benchmark, thread_counts
 from export.metadata import ExportMetadata, read_metadata, write_metadata
 from export.onnx_export import DEFAULT_OPSET, ExportedGraph, export_graph
@@ -37,8 +42,6 @@ __all__ = [
     "export_graph",
     "export_model",
     "kind_of",
-    "load_for_export",
-    "metadata_from_model_meta",
     "quantize_int8",
     "quantize_model",
     "read_metadata",

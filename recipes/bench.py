@@ -45,7 +45,8 @@ def bench_model(
 
     ``echo`` gets the line that says a checkpoint was exported for timing; ``log`` the exporter's notes.
     """
-    from export.io import kind_of, load_for_export
+    from export.io import kind_of
+    from recipes.deploy import load_for_export
     from export.latency import benchmark, fixed_batch
     from export.metadata import read_metadata
     from export.runtime import available_providers
@@ -101,7 +102,7 @@ def _device(choice: str, providers: list[str]) -> tuple[str, str]:
 
 def _recorded_source(meta, trust: bool):
     """The eager model an ONNX file was exported from, if its metadata names a checkpoint that exists."""
-    from export.io import load_for_export
+    from recipes.deploy import load_for_export
 
     source = meta.source_checkpoint
     if not source:

@@ -7,18 +7,72 @@ against fp32, and the normalisation the checkpoint records for the file's metada
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch.nn as nn
 
 from compressor.checkpoint import ModelMeta
+from compressor.errors import UserError
+
+if TYPE_CHECKING:
+    from export.metadata import ExportMetadata
 
 Log = Callable[[str], None]
 PARITY_SAMPLES = 64
 CALIBRATION_SAMPLES = 300
+
+
+def metadata_from_model_meta(meta: ModelMeta, source_checkpoint: str | None = None) -> "ExportMetadata":
+    """ExportMetadata from a checkpoint's ``ModelMeta`` (what an app needs to feed the exported file)."""
+    from export.metadata import ExportMetadata
+
+    return ExportMetadata(
+        in_chans=meta.in_chans,
+        input_size=list(meta.input_size) if meta.input_size is not None else None,
+        mean=list(meta.mean) if meta.mean is not None else None,
+        std=list(meta.std) if meta.std is not None else None,
+        class_names=list(meta.class_names) if meta.class_names is not None else None,
+        num_classes=meta.num_classes,
+        arch=meta.arch,
+        dataset=meta.dataset,
+        source_checkpoint=source_checkpoint,
+    )
+
+
+def load_for_export(
+    path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None, trust: bool = False
+) -> tuple[nn.Module, "ExportMetadata"]:
+    """(model in eval mode, ExportMetadata from what the checkpoint records) for a checkpoint file."""
+    from compressor.checkpoint import load_model
+    from export.io import kind_of
+
+    if kind_of(path) == "onnx":
+        raise UserError(f"{path} is already an ONNX model: export takes a checkpoint (.pt); time it with `kdcompress bench`")
+    loaded = load_model(path, arch=arch, num_classes=num_classes, trust=trust)
+    return loaded.model.eval(), metadata_from_model_meta(loaded.meta, str(Path(path).resolve()))
+
+
+def check_fits(meta: "ExportMetadata", source: Any, spec: str) -> None:
+    """The data must be what the model takes: same classes, same image shape. What the checkpoint
+    does not record (input size, normalisation, class names) is taken from the data."""
+    if meta.num_classes is not None and meta.num_classes != source.num_classes:
+        raise UserError(f"the model predicts {meta.num_classes} classes but {spec} has {source.num_classes}")
+    shape = tuple(source.input_shape)
+    if meta.in_chans is not None and meta.in_chans != shape[0]:
+        raise UserError(f"the model takes {meta.in_chans}-channel images but {spec} has {shape[0]} channels")
+    if meta.input_size is not None and tuple(meta.input_size) != shape[1:]:
+        raise UserError(f"the model was trained at {'x'.join(map(str, meta.input_size))} but {spec} is "
+                        f"{'x'.join(map(str, shape[1:]))}")
+    if meta.input_size is None:
+        meta.in_chans, meta.input_size = shape[0], list(shape[1:])
+    if meta.mean is None:
+        meta.mean, meta.std = list(source.mean), list(source.std)
+    if meta.class_names is None:
+        meta.class_names = list(source.class_names)
 
 
 @dataclass
@@ -41,7 +95,6 @@ def export_with_data(
     log: Log | None = None,
 ) -> Deployment:
     """Export with parity on real test images; optionally int8, calibrated and compared on the data."""
-    from export.io import metadata_from_model_meta
     from export.pipeline import export_model, quantize_model
 
     from compressor.threads import threads_for
@@ -52,13 +105,89 @@ def export_with_data(
                               metadata=metadata_from_model_meta(meta, source_checkpoint), simplify=simplify, log=log)
     deployment = Deployment(onnx=report.to_dict(), lines=report.summary_lines())
     if int8_path is not None:
-        calibration = source.sample("train", CALIBRATION_SAMPLES, seed=seed).x.cpu()
-        batches = [calibration[i:i + 32] for i in range(0, len(calibration), 32)]
-        test = source.loader("test", 256, shuffle=False, augment=False)
-        comparison = quantize_model(out_path, int8_path, batches, test, log=log)
+        calibration, test = int8_data(source, CALIBRATION_SAMPLES, seed)
+        comparison = quantize_model(out_path, int8_path, calibration, test, log=log)
         deployment.int8 = {**comparison.to_dict(), "flagged": comparison.flagged}
         deployment.lines += comparison.summary_lines()
     return deployment
+
+
+def int8_data(source: Any, samples: int, seed: int) -> tuple[list, Any]:
+    """(calibration batches of seeded training images, the test loader int8 is compared on)."""
+    calibration = source.sample("train", samples, seed=seed).x.cpu()
+    batches = [calibration[i:i + 32] for i in range(0, len(calibration), 32)]
+    return batches, source.loader("test", 256, shuffle=False, augment=False)
+
+
+def int8_path_for(out: Path) -> Path:
+    """student.onnx -> student.int8.onnx"""
+    return out.with_name(out.stem + ".int8" + (out.suffix or ".onnx"))
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    data: str | None = None,
+    opset: int = 18,
+    exporter: str = "auto",
+    simplify: bool = False,
+    atol: float = 1e-4,
+    int8: bool = False,
+    int8_output: str | os.PathLike | None = None,
+    int8_margin: float = 1.0,
+    calibration_samples: int = 300,
+    calibration_method: str = "minmax",
+    arch: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    seed: int = 0,
+    trust: bool = False,
+    echo: Log = print,
+    log: Log | None = None,
+) -> dict[str, Any]:
+    """``kdcompress export``: a checkpoint to a verified ONNX file (parity on 32 test images of
+    ``data``, else seeded random inputs), optionally an int8 copy compared on the test split.
+    Summary lines go to ``echo`` as each file is kept; returns {"export": ..., "int8": ...}."""
+    from compressor.threads import threads_for
+    from export.pipeline import export_model, quantize_model
+    from export.quantize import QuantizeSettings
+
+    if int8 and data is None:
+        raise UserError("--int8 needs calibration and test images: pass --data SPEC (e.g. --data digits)")
+    out = Path(output)
+    int8_out = Path(int8_output) if int8_output else int8_path_for(out)
+    if int8 and int8_out.resolve() == out.resolve():
+        raise UserError("--int8-output must differ from --output")
+    for path in [out] + ([int8_out] if int8 else []):
+        if not path.resolve().parent.is_dir():
+            raise UserError(f"folder {path.parent} does not exist: create it first")
+    model, meta = load_for_export(checkpoint, arch=arch, trust=trust)
+
+    source, inputs = None, None
+    if data is not None:
+        from compressor.data import load_source
+
+        source = load_source(data, seed=seed)
+        check_fits(meta, source, data)
+        inputs = source.sample("test", 32, seed=seed).x
+    shape = input_shape
+    if shape is None and inputs is None and meta.input_size is None:
+        raise UserError(f"{checkpoint} does not record its input size: give --input CxHxW or --data SPEC")
+    probe = tuple(inputs.shape[1:]) if inputs is not None else shape or (meta.in_chans or 3, *meta.input_size)
+    with threads_for(model.eval(), probe, 32):  # the parity check's threads (onnxruntime follows torch's)
+        report = export_model(model, out, inputs=inputs, inputs_from_data=inputs is not None, metadata=meta,
+                              input_shape=shape, opset=opset, exporter=exporter, simplify=simplify, atol=atol, log=log)
+    for line in report.summary_lines():
+        echo(line)
+    result: dict[str, Any] = {"export": report.to_dict()}
+    if int8:
+        calibration, test = int8_data(source, calibration_samples, seed)
+        comparison = quantize_model(out, int8_out, calibration, test, margin=int8_margin,
+                                    settings=QuantizeSettings(calibration_method=calibration_method))
+        for line in comparison.summary_lines():
+            echo(line)
+        result["int8"] = comparison.to_dict()
+    return result
 
 
 def latency_of(model: nn.Module, input_shape: tuple[int, ...], *, threads: int, onnx_path: str | Path | None = None,
