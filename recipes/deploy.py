@@ -11,7 +11,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch.nn as nn
 
@@ -20,6 +20,7 @@ from compressor.errors import UserError
 
 if TYPE_CHECKING:
     from export.metadata import ExportMetadata
+    from export.targets import TargetResult
 
 Log = Callable[[str], None]
 PARITY_SAMPLES = 64
@@ -77,9 +78,36 @@ def check_fits(meta: "ExportMetadata", source: Any, spec: str) -> None:
 
 @dataclass
 class Deployment:
-    onnx: dict[str, Any]
+    onnx: dict[str, Any] | None  # the ONNX file's report (None when ONNX is not a target)
     int8: dict[str, Any] | None = None
     lines: list[str] = field(default_factory=list)
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)  # target name -> what the report shows
+    files: dict[str, str] = field(default_factory=dict)  # file name -> path, every file written
+
+
+def check_targets(targets: Sequence[str], *, int8: bool = False) -> list[str]:
+    """The target names, checked before any work: known, installed, and ONNX among them for int8."""
+    from export.targets import resolve_targets
+
+    names = [t.name for t in resolve_targets(targets)]
+    if int8 and "onnx" not in names:
+        raise UserError("int8 quantizes the ONNX file: add the onnx target (--target onnx)")
+    return names
+
+
+def target_summary(result: "TargetResult") -> dict[str, Any]:
+    """One target's row of the report: its files, size, converter, parity figures and findings."""
+    parity = result.parity.to_dict()
+    row: dict[str, Any] = {"target": result.target, "path": result.path, "files": list(result.files),
+                           "bytes": result.bytes, "converter": result.converter,
+                           **{k: parity[k] for k in ("max_abs_diff", "atol", "top1_agreement", "samples", "inputs",
+                                                     "provider", "passed")}}
+    for key, value in result.details.items():
+        if key == "export":  # the ONNX exporter's record: which exporter and opset
+            row.update(exporter=value.get("exporter"), opset=value.get("opset"))
+        elif key not in ("simplify", "notes"):
+            row[key] = value
+    return row
 
 
 def export_with_data(
@@ -88,27 +116,35 @@ def export_with_data(
     out_path: str | Path,
     source: Any,
     *,
+    targets: Sequence[str] = ("onnx",),
     int8_path: str | Path | None = None,
     seed: int = 0,
     source_checkpoint: str | None = None,
     simplify: bool = False,
     log: Log | None = None,
 ) -> Deployment:
-    """Export with parity on real test images; optionally int8, calibrated and compared on the data."""
-    from export.pipeline import export_model, quantize_model
+    """Export to each target (``out_path`` with the target's suffix) with parity on real test images
+    in the target's own runtime; optionally int8, calibrated and compared on the data."""
+    from export.pipeline import quantize_model
+    from export.targets import export_targets
 
     from compressor.threads import threads_for
 
+    names = check_targets(targets, int8=int8_path is not None)
     inputs = source.sample("test", PARITY_SAMPLES, seed=seed).x.cpu()
     with threads_for(model.cpu().eval(), tuple(inputs.shape[1:]), PARITY_SAMPLES):  # the parity runs' threads
-        report = export_model(model, out_path, inputs=inputs, inputs_from_data=True,
-                              metadata=metadata_from_model_meta(meta, source_checkpoint), simplify=simplify, log=log)
-    deployment = Deployment(onnx=report.to_dict(), lines=report.summary_lines())
+        results = export_targets(model, out_path, names, inputs=inputs, inputs_from_data=True,
+                                 metadata=metadata_from_model_meta(meta, source_checkpoint), simplify=simplify, log=log)
+    deployment = Deployment(onnx=results["onnx"].to_dict() if "onnx" in results else None,
+                            lines=[line for r in results.values() for line in r.summary_lines()],
+                            targets={name: target_summary(r) for name, r in results.items()},
+                            files={Path(f).name: f for r in results.values() for f in r.files})
     if int8_path is not None:
         calibration, test = int8_data(source, CALIBRATION_SAMPLES, seed)
-        comparison = quantize_model(out_path, int8_path, calibration, test, log=log)
+        comparison = quantize_model(results["onnx"].path, int8_path, calibration, test, log=log)
         deployment.int8 = {**comparison.to_dict(), "flagged": comparison.flagged}
         deployment.lines += comparison.summary_lines()
+        deployment.files[Path(int8_path).name] = str(int8_path)
     return deployment
 
 
@@ -129,6 +165,7 @@ def export_checkpoint(
     output: str | os.PathLike,
     *,
     data: str | None = None,
+    targets: Sequence[str] = ("onnx",),
     opset: int = 18,
     exporter: str = "auto",
     simplify: bool = False,
@@ -145,13 +182,17 @@ def export_checkpoint(
     echo: Log = print,
     log: Log | None = None,
 ) -> dict[str, Any]:
-    """``kdcompress export``: a checkpoint to a verified ONNX file (parity on 32 test images of
-    ``data``, else seeded random inputs), optionally an int8 copy compared on the test split.
-    Summary lines go to ``echo`` as each file is kept; returns {"export": ..., "int8": ...}."""
+    """``kdcompress export``: a checkpoint to verified files of each target (``output`` with the
+    target's suffix; parity on 32 test images of ``data``, else seeded random inputs, in the
+    target's own runtime), optionally an int8 ONNX copy compared on the test split. Summary lines
+    go to ``echo`` as the files are kept; returns {"targets": {name: ...}, "export": the ONNX
+    file's report, "int8": ...}."""
     from compressor.threads import threads_for
-    from export.pipeline import export_model, quantize_model
+    from export.pipeline import quantize_model
     from export.quantize import QuantizeSettings
+    from export.targets import export_targets
 
+    names = check_targets(targets, int8=int8)  # an unknown or missing target: one line, before anything
     if int8 and data is None:
         raise UserError("--int8 needs calibration and test images: pass --data SPEC (e.g. --data digits)")
     out = Path(output)
@@ -175,11 +216,13 @@ def export_checkpoint(
         raise UserError(f"{checkpoint} does not record its input size: give --input CxHxW or --data SPEC")
     probe = tuple(inputs.shape[1:]) if inputs is not None else shape or (meta.in_chans or 3, *meta.input_size)
     with threads_for(model.eval(), probe, 32):  # the parity check's threads (onnxruntime follows torch's)
-        report = export_model(model, out, inputs=inputs, inputs_from_data=inputs is not None, metadata=meta,
-                              input_shape=shape, opset=opset, exporter=exporter, simplify=simplify, atol=atol, log=log)
-    for line in report.summary_lines():
+        results = export_targets(model, out, names, inputs=inputs, inputs_from_data=inputs is not None, metadata=meta,
+                                 input_shape=shape, opset=opset, exporter=exporter, simplify=simplify, atol=atol, log=log)
+    for line in (line for r in results.values() for line in r.summary_lines()):
         echo(line)
-    result: dict[str, Any] = {"export": report.to_dict()}
+    result: dict[str, Any] = {"targets": {name: r.to_dict() for name, r in results.items()}}
+    if "onnx" in results:
+        result["export"] = result["targets"]["onnx"]
     if int8:
         calibration, test = int8_data(source, calibration_samples, seed)
         comparison = quantize_model(out, int8_out, calibration, test, margin=int8_margin,
@@ -191,10 +234,13 @@ def export_checkpoint(
 
 
 def latency_of(model: nn.Module, input_shape: tuple[int, ...], *, threads: int, onnx_path: str | Path | None = None,
-               int8_path: str | Path | None = None, batch: int = 1) -> dict[str, Any]:
-    """Batch-1 latency of eager PyTorch and onnxruntime (exporting to a temporary file if needed)."""
+               int8_path: str | Path | None = None, targets: dict[str, str] | None = None,
+               batch: int = 1) -> dict[str, Any]:
+    """Batch-1 latency of eager PyTorch and onnxruntime (exporting to a temporary file if needed),
+    and of each other target's file (name -> main file) in its own runtime."""
     from export.latency import bench_onnx, bench_torch
     from export.pipeline import export_model
+    from export.targets import bench_target
 
     out: dict[str, Any] = {"threads": threads, "batch": batch}
     eager = bench_torch(model.cpu().eval(), input_shape, batch=batch, threads=threads)
@@ -208,4 +254,10 @@ def latency_of(model: nn.Module, input_shape: tuple[int, ...], *, threads: int, 
         if int8_path is not None:
             q = bench_onnx(int8_path, batch=batch, threads=threads, input_shape=input_shape, label="int8")
             out["int8_ms"], out["int8"] = q.p50_ms, q.to_dict()
+    others = {name: path for name, path in (targets or {}).items() if name != "onnx"}
+    if others:
+        out["targets"] = {}
+        for name, path in others.items():
+            stats = bench_target(name, path, input_shape=input_shape, batch=batch, threads=threads)
+            out["targets"][name] = {"p50_ms": stats.p50_ms, "runtime": stats.backend, **stats.to_dict()}
     return out

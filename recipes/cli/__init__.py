@@ -16,7 +16,7 @@ import click
 from compressor.atomic import CANNOT_WRITE
 from compressor.errors import UserError
 from compressor.plugins import import_submodules
-from recipes.cli._options import corruption_from_flags, planning_options, threads_option
+from recipes.cli._options import corruption_from_flags, planning_options, target_option, threads_option
 
 
 class _Group(click.Group):
@@ -66,6 +66,7 @@ def _resume_hint(ctx: click.Context) -> str:
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="output directory (default runs/<teacher>-<budget>/)")
 @click.option("--int8", is_flag=True, help="also write student.int8.onnx (static QDQ, calibrated on training images)")
+@target_option
 @click.option("--baseline", is_flag=True, help="also train the student without distillation and report the KD gain")
 @click.option("--search", type=click.Choice(["rule", "probe"]), default="rule", show_default=True,
               help="rule: the documented pick; probe: short distillations of the top candidates, best on validation")
@@ -78,7 +79,7 @@ def _resume_hint(ctx: click.Context) -> str:
 @threads_option
 @click.pass_context
 def cli(ctx: click.Context, teacher, teacher_arch, budgets, data, recipe, method, family, candidates, gap_threshold, epochs,
-        latency_threads, seed, preset, trust, label_noise, imbalance, imbalance_gamma, out, int8, baseline, search,
+        latency_threads, seed, preset, trust, label_noise, imbalance, imbalance_gamma, out, int8, targets, baseline, search,
         probe_k, resume_dir, force, device, dry_run, threads) -> None:
     """kdcompress: distil a big classifier into a small one that fits a budget, then export and time it.
 
@@ -112,7 +113,7 @@ def cli(ctx: click.Context, teacher, teacher_arch, budgets, data, recipe, method
     result = compress(
         teacher=teacher, budget=budgets, data=data, out=resume_dir or out, teacher_arch=teacher_arch, recipe=recipe,
         method=method, family=family, candidates=candidates, gap_threshold=gap_threshold, epochs=epochs, seed=seed, int8=int8,
-        baseline=baseline, search=search, probe_k=probe_k, latency_threads=latency_threads,
+        targets=targets, baseline=baseline, search=search, probe_k=probe_k, latency_threads=latency_threads,
         resume=resume_dir is not None, force=force, device=device, trust=trust, preset=preset, corruption=corruption,
         echo=lambda line: click.echo(line, err=True),
     )

@@ -1,4 +1,4 @@
-"""`kdcompress export CHECKPOINT -o student.onnx [--int8 --data SPEC --opset N --simplify]`."""
+"""`kdcompress export CHECKPOINT -o student.onnx [--target NAME ... --int8 --data SPEC --opset N --simplify]`."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import json
 
 import click
 
-from recipes.cli._options import input_shape_option, parse_input_shape, trust_option
+from recipes.cli._options import input_shape_option, parse_input_shape, target_option, trust_option
 
 
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="the ONNX file to write")
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
+              help="the file to write; each target writes this name with its own suffix (student.onnx, student.pte, ...)")
+@target_option
 @click.option("--data", default=None, help="digits | fashion-mnist[:DIR] | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR: real inputs for the "
               "parity check, calibration and test images for --int8 (default: random inputs; --int8 needs it)")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(min=1), help="ONNX opset (17 or newer)")
@@ -33,15 +35,15 @@ from recipes.cli._options import input_shape_option, parse_input_shape, trust_op
 @click.option("--seed", default=0, show_default=True, type=int, help="seeds the parity and calibration samples")
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="also write the results as JSON")
 @trust_option
-def command(checkpoint: str, output: str, data: str | None, opset: int, exporter: str, simplify: bool, atol: float,
+def command(checkpoint: str, output: str, targets: tuple[str, ...], data: str | None, opset: int, exporter: str, simplify: bool, atol: float,
             int8: bool, int8_output: str | None, int8_margin: float, calibration_samples: int,
             calibration_method: str, arch: str | None, input_shape: str | None, seed: int, report_path: str | None, trust: bool) -> None:
-    """Export a checkpoint to ONNX, verified against PyTorch before it is kept (optionally also int8)."""
+    """Export a checkpoint to ONNX (or other targets), verified against PyTorch before it is kept (optionally also int8)."""
     from export.io import atomic_output
     from recipes.deploy import export_checkpoint
 
     result = export_checkpoint(
-        checkpoint, output, data=data, opset=opset, exporter=exporter, simplify=simplify, atol=atol, int8=int8,
+        checkpoint, output, data=data, targets=targets, opset=opset, exporter=exporter, simplify=simplify, atol=atol, int8=int8,
         int8_output=int8_output, int8_margin=int8_margin, calibration_samples=calibration_samples,
         calibration_method=calibration_method, arch=arch, input_shape=parse_input_shape(input_shape) if input_shape else None,
         seed=seed, trust=trust, echo=click.echo, log=lambda m: click.echo(m, err=True))
