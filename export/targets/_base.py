@@ -128,9 +128,8 @@ class Target:
         """One line naming the pip command when the target's extra is not installed."""
         missing = self.missing()
         if missing:
-            raise MissingExtra(f"export target {self.name} needs {', '.join(self.packages or missing)}, which "
-                               f"{'is' if len(missing) == 1 else 'are'} not installed: "
-                               f"pip install 'kdcompress[{self.extra}]'")
+            raise MissingExtra(f"export target {self.name} needs {' and '.join(self.packages or missing)}, "
+                               f"not installed here: pip install 'kdcompress[{self.extra}]'")
 
     def converter(self) -> str:
         return ", ".join(f"{p} {package_version(p)}" for p in self.packages) or self.name

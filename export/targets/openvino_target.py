@@ -1,9 +1,12 @@
 """``openvino``: OpenVINO IR (``.xml`` graph + ``.bin`` weights), from the verified ONNX file.
 
-Conversion: ``openvino.convert_model`` reads the ONNX file (names, the dynamic batch and the
-folded BatchNorms carry over) and ``openvino.save_model`` writes the IR with fp32 weights
-(``compress_to_fp16=False``: the parity rule is the fp32 one). The metadata is one JSON string in
-the IR's ``rt_info`` under ``kdcompress_metadata``.
+Conversion: OpenVINO's ONNX frontend reads the ONNX file (``Core.read_model``: names, the dynamic
+batch and the folded BatchNorms carry over) and ``openvino.save_model`` writes the IR with fp32
+weights (``compress_to_fp16=False``: the parity rule is the fp32 one). Not ``openvino.convert_model``:
+that is the model-conversion tool's API, which starts a process to send usage telemetry over the
+network unless the user opted out (openvino_telemetry; nothing here may reach the network), and
+for an ONNX file it runs the same frontend. The metadata is one JSON string in the IR's
+``rt_info`` under ``kdcompress_metadata``.
 
 Parity and latency: the IR compiled for the ``CPU`` device with ``INFERENCE_PRECISION_HINT=f32``
 (a CPU with bf16 or AMX units would otherwise run in bf16 and fail the fp32 tolerance), the
@@ -39,7 +42,7 @@ class OpenVinoTarget(Target):
     def convert(self, job: ConvertJob, main: Path) -> dict[str, Any]:
         import openvino as ov
 
-        model = ov.convert_model(str(job.onnx_path))
+        model = ov.Core().read_model(str(job.onnx_path))
         model.set_rt_info(metadata_json(self.metadata_for(job)), [METADATA_KEY])
         ov.save_model(model, str(main), compress_to_fp16=False)
         return {"device": DEVICE, "precision": "f32", "weights": "fp32"}
