@@ -213,6 +213,17 @@ def test_main_command_exports_every_installed_target_and_reports_each(cli, cache
     assert all(any(line.startswith(f"latency, {n} in ") for line in table) for n in installed if n != "onnx")
 
 
+def test_a_run_folder_counts_every_targets_files_as_its_own(tmp_path):
+    """--force may replace a run that wrote other targets; a file no target writes stays foreign."""
+    from recipes.run_folder import foreign_files
+
+    names = ["student.pte", "student.xml", "student.bin", "student.ort", "student.required_operators.config",
+             "student.tflite", "notes.txt"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    assert [p.name for p in foreign_files(tmp_path)] == ["notes.txt"]
+
+
 def _checkpoint(folder: Path, registered) -> Path:
     from _export_models import make_checkpoint, seeded
 
