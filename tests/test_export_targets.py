@@ -145,6 +145,16 @@ def test_a_target_whose_file_fails_parity_keeps_nothing(tmp_path, digits, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student.ort"] and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("name", ["executorch", "tflite"])
+def test_a_model_the_converter_cannot_take_is_one_line_and_no_file(name, tmp_path):
+    from _export_models import DataDependent, seeded
+
+    needs(name)
+    with pytest.raises(UserError, match=f"^{name} conversion failed: ") as info:
+        export_targets(seeded(DataDependent()), tmp_path / "m.onnx", [name], input_shape=(3, 16, 16), log=None)
+    assert "\n" not in str(info.value) and list(tmp_path.iterdir()) == []
+
+
 def test_cli_export_several_targets_with_ort_mobile_findings_in_the_report(cli, tmp_path, registered, digits):
     from compressor.checkpoint import ModelMeta, save_model
 

@@ -173,8 +173,9 @@ class Target:
         return meta
 
     def parity(self, path: Path, job: ConvertJob, *, raise_on_failure: bool = True) -> ParityResult:
-        """The file in its runtime against PyTorch on the job's inputs (a fixed-batch file one batch at a time)."""
-        predict = self.load(path)
+        """The file in its runtime against PyTorch on the job's inputs (a fixed-batch file one batch at a
+        time), at PyTorch's thread count, which the caller's thread policy set (compressor/threads.py)."""
+        predict = self.load(path, torch.get_num_threads())
         x = job.inputs.detach().float().cpu().numpy()
         step = self.batch or len(x)
         candidate = np.concatenate([predict(np.ascontiguousarray(x[i:i + step])) for i in range(0, len(x), step)])
