@@ -18,6 +18,7 @@ from export.parity import DEFAULT_ATOL, ParityError, ParityResult, check_parity
 from export.pipeline import ExportReport, export_model, quantize_model
 from export.quantize import BatchCalibrationReader, Int8Comparison, QuantizeSettings, quantize_int8
 from export.simplify import SimplifiedGraph, simplify_graph
+from export.targets import TargetResult, bench_target, export_targets, get_target, target_names
 
 __all__ = [
     "DEFAULT_ATOL",
@@ -33,19 +34,24 @@ __all__ = [
     "ParityResult",
     "QuantizeSettings",
     "SimplifiedGraph",
+    "TargetResult",
     "Timing",
     "atomic_output",
     "bench_onnx",
+    "bench_target",
     "bench_torch",
     "benchmark",
     "check_parity",
     "export_graph",
     "export_model",
+    "export_targets",
+    "get_target",
     "kind_of",
     "quantize_int8",
     "quantize_model",
     "read_metadata",
     "simplify_graph",
+    "target_names",
     "thread_counts",
     "write_metadata",
 ]

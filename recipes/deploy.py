@@ -196,8 +196,8 @@ def export_checkpoint(
     if int8 and data is None:
         raise UserError("--int8 needs calibration and test images: pass --data SPEC (e.g. --data digits)")
     out = Path(output)
-    int8_out = Path(int8_output) if int8_output else int8_path_for(out)
-    if int8 and int8_out.resolve() == out.resolve():
+    int8_out = Path(int8_output) if int8_output else int8_path_for(out.with_suffix(".onnx"))
+    if int8 and int8_out.resolve() == out.with_suffix(".onnx").resolve():
         raise UserError("--int8-output must differ from --output")
     for path in [out] + ([int8_out] if int8 else []):
         if not path.resolve().parent.is_dir():
@@ -225,7 +225,7 @@ def export_checkpoint(
         result["export"] = result["targets"]["onnx"]
     if int8:
         calibration, test = int8_data(source, calibration_samples, seed)
-        comparison = quantize_model(out, int8_out, calibration, test, margin=int8_margin,
+        comparison = quantize_model(results["onnx"].path, int8_out, calibration, test, margin=int8_margin,
                                     settings=QuantizeSettings(calibration_method=calibration_method))
         for line in comparison.summary_lines():
             echo(line)

@@ -19,7 +19,7 @@ import copy
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import TYPE_CHECKING, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,9 @@ from export.metadata import ExportMetadata
 from export.onnx_export import DEFAULT_OPSET, Log, stderr_log
 from export.parity import DEFAULT_ATOL
 from export.targets._base import ConvertJob, MissingExtra, Target, TargetResult
+
+if TYPE_CHECKING:
+    from export.latency import LatencyStats, Timing
 
 DEFAULT_TARGETS = ("onnx",)
 _TARGETS: dict[str, Target] = {}
@@ -145,9 +148,9 @@ def bench_target(
     input_shape: Sequence[int],
     batch: int = 1,
     threads: int | None = None,
-    timing=None,
+    timing: "Timing | None" = None,
     label: str | None = None,
-):
+) -> "LatencyStats":
     """Latency of one target file in its own runtime: the same timing loop and statistics as
     :func:`export.latency.bench_onnx` (warm-up, then runs until both minimums are met)."""
     from export.latency import Timing, sample, summarize
