@@ -64,32 +64,3 @@ def kind_of(path: str | os.PathLike) -> str:
         if check(p):
             return kind
     raise UserError(f"{p} is neither an ONNX model nor a PyTorch checkpoint: give a .onnx file or a .pt checkpoint")
-
-
-def metadata_from_model_meta(meta, source_checkpoint: str | None = None):
-    """ExportMetadata from a checkpoint's ``compressor.checkpoint.ModelMeta`` (what an app needs to feed it)."""
-    from export.metadata import ExportMetadata
-
-    return ExportMetadata(
-        in_chans=meta.in_chans,
-        input_size=list(meta.input_size) if meta.input_size is not None else None,
-        mean=list(meta.mean) if meta.mean is not None else None,
-        std=list(meta.std) if meta.std is not None else None,
-        class_names=list(meta.class_names) if meta.class_names is not None else None,
-        num_classes=meta.num_classes,
-        arch=meta.arch,
-        dataset=meta.dataset,
-        source_checkpoint=source_checkpoint,
-    )
-
-
-def load_for_export(
-    path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None, trust: bool = False
-):
-    """(model in eval mode, ExportMetadata from what the checkpoint records) for a checkpoint file."""
-    from compressor.checkpoint import load_model
-
-    if kind_of(path) == "onnx":
-        raise UserError(f"{path} is already an ONNX model: export takes a checkpoint (.pt); time it with `kdcompress bench`")
-    loaded = load_model(path, arch=arch, num_classes=num_classes, trust=trust)
-    return loaded.model.eval(), metadata_from_model_meta(loaded.meta, str(Path(path).resolve()))

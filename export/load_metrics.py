@@ -63,6 +63,8 @@ class Runtime:
     provider: str | None = None  # onnxruntime: the execution provider; pytorch: "cpu" / "cuda"
     arch: str | None = None
     trust: bool = False
+    loader: str | None = None  # pytorch: "module:function" that reads the checkpoint into a LoadedModel-like (.model)
+    preload: tuple[str, ...] = ()  # pytorch: modules imported before the clock (the model code's library)
 
 
 def measure_startup(runtime: Runtime, input_shape: Sequence[int], *, threads: int, batch: int = 1,
@@ -70,13 +72,16 @@ def measure_startup(runtime: Runtime, input_shape: Sequence[int], *, threads: in
     """Load, first inference and peak RSS of ``runtime`` in a fresh child process."""
     if runtime.backend not in BACKENDS:
         raise UserError(f"unknown runtime {runtime.backend!r}: choose {', '.join(BACKENDS)}")
+    if runtime.backend == "pytorch" and not runtime.loader:
+        raise UserError(f"the pytorch runtime {runtime.label} needs a checkpoint loader ('module:function')")
     providers = [runtime.provider or "CPUExecutionProvider"]
     if "CPUExecutionProvider" not in providers:
         providers.append("CPUExecutionProvider")
     device = "cuda" if runtime.provider in ("cuda", "CUDAExecutionProvider") else "cpu"
     request = {"root": str(ROOT), "backend": runtime.backend, "path": str(Path(runtime.path).resolve()),
                "input_shape": [int(d) for d in input_shape], "batch": int(batch), "threads": int(threads),
-               "providers": providers, "device": device, "arch": runtime.arch, "trust": runtime.trust}
+               "providers": providers, "device": device, "arch": runtime.arch, "trust": runtime.trust,
+               "loader": runtime.loader, "preload": list(runtime.preload)}
     done = subprocess.run([sys.executable, "-I", "-c", CHILD_SOURCE.read_text(), json.dumps(request)],
                           capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
     lines = done.stdout.strip().splitlines()
@@ -113,11 +118,14 @@ def startup_of(runtimes: Sequence[Runtime], input_shape: Sequence[int], *, threa
 
 
 def bench_runtimes(onnx_models: dict[str, str], checkpoint: str | None, *, provider: str | None = None,
-                   torch_device: str | None = None, arch: str | None = None, trust: bool = False) -> list[Runtime]:
-    """The runtimes a bench run times: each labelled ONNX file, and the eager checkpoint if there is one."""
+                   torch_device: str | None = None, arch: str | None = None, trust: bool = False,
+                   loader: str | None = None, preload: Sequence[str] = ()) -> list[Runtime]:
+    """The runtimes a bench run times: each labelled ONNX file, and the eager checkpoint if there is
+    one (read by ``loader``, which the caller names: export never loads checkpoints itself)."""
     runtimes = [Runtime(label, "onnxruntime", str(path), provider) for label, path in onnx_models.items()]
     if checkpoint is not None:
-        runtimes.insert(0, Runtime("eager", "pytorch", str(checkpoint), torch_device, arch, trust))
+        runtimes.insert(0, Runtime("eager", "pytorch", str(checkpoint), torch_device, arch, trust, loader,
+                                   tuple(preload)))
     return runtimes
 
 

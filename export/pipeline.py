@@ -130,7 +130,25 @@ def _input_shape(model: nn.Module, meta: ExportMetadata, inputs: torch.Tensor | 
     raise UserError(f"cannot tell the input shape of {type(model).__name__}: give input_shape or sample inputs")
 
 
-def _fill_cost(model: nn.Module, meta: ExportMetadata, input_shape: tuple[int, ...]) -> None:
+def prepare_inputs(
+    model: nn.Module, meta: ExportMetadata, inputs: torch.Tensor | None, inputs_from_data: bool,
+    input_shape: Sequence[int] | None,
+) -> tuple[torch.Tensor, bool, tuple[int, ...]]:
+    """(parity inputs, whether they are data, input shape): a seeded random batch when none is given.
+    Records the input shape in ``meta``."""
+    shape = _input_shape(model, meta, inputs, input_shape)
+    if inputs is not None and len(inputs) == 0:
+        raise UserError("the parity inputs are empty: give at least one sample")
+    if inputs is None:
+        inputs, inputs_from_data = random_inputs(shape, PARITY_SAMPLES), False
+    if tuple(inputs.shape[1:]) != shape:
+        raise UserError(f"parity inputs have shape {tuple(inputs.shape[1:])} but the model takes {shape}")
+    meta.in_chans, meta.input_size = shape[0], list(shape[1:])
+    return inputs, inputs_from_data, shape
+
+
+def fill_cost(model: nn.Module, meta: ExportMetadata, input_shape: tuple[int, ...]) -> None:
+    """FLOPs and parameters (fvcore) into ``meta``, unless it already has them."""
     if meta.flops is not None:
         return
     from compressor.cost import FLOP_CONVENTION, measure
@@ -166,16 +184,9 @@ def export_model(
     if not dest.resolve().parent.is_dir():  # before minutes of work, not after
         raise UserError(f"folder {dest.parent} does not exist: create it first")
     meta = copy.deepcopy(metadata) if metadata is not None else ExportMetadata()  # the caller's is not changed
-    shape = _input_shape(model, meta, inputs, input_shape)
-    if inputs is not None and len(inputs) == 0:
-        raise UserError("the parity inputs are empty: give at least one sample")
-    if inputs is None:
-        inputs, inputs_from_data = random_inputs(shape, PARITY_SAMPLES), False
-    if tuple(inputs.shape[1:]) != shape:
-        raise UserError(f"parity inputs have shape {tuple(inputs.shape[1:])} but the model takes {shape}")
-    meta.in_chans, meta.input_size = shape[0], list(shape[1:])
+    inputs, inputs_from_data, shape = prepare_inputs(model, meta, inputs, inputs_from_data, input_shape)
     if measure_cost:
-        _fill_cost(model, meta, shape)
+        fill_cost(model, meta, shape)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     # batch 2: a batch of 1 lets an exporter treat the batch dimension as a constant

@@ -56,8 +56,14 @@ def _onnxruntime(request):
 def _pytorch(request):
     import torch
 
-    import compressor.models  # noqa: F401  the zoo's code is the runtime's library here: imported before the clock
-    from compressor.checkpoint import load_model  # not export.io: that package would bring onnxruntime in
+    import importlib
+
+    # the caller (recipes) names how a checkpoint becomes a module and what that code imports: the
+    # zoo's code is the runtime's library here, so it is imported before the clock
+    for name in request.get("preload") or []:
+        importlib.import_module(name)
+    module, _, function = request["loader"].partition(":")
+    load_model = getattr(importlib.import_module(module), function)
 
     torch.set_num_threads(request["threads"])
     device = torch.device(request["device"])
@@ -81,7 +87,7 @@ def main():
     request = json.loads(sys.argv[1])
     sys.path.insert(0, request["root"])  # this checkout's packages (-I dropped PYTHONPATH and the script's folder)
     try:
-        from compressor.errors import UserError
+        from compressor.errors import UserError  # a leaf module (export/__init__.py's layering rule)
     except ImportError:
         UserError = Exception
     try:
@@ -93,4 +99,5 @@ def main():
                       "peak_rss_bytes": _peak_bytes(), "provider": provider}))
 
 
-main()
+if __name__ == "__main__":  # run as ``python -I -c SOURCE``; importing it runs nothing
+    main()

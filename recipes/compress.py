@@ -70,6 +70,7 @@ def compress(
     int8: bool = False,
     int8_margin: float | None = None,
     keep_int8_anyway: bool = False,
+    targets: Sequence[str] = ("onnx",),
     baseline: bool = False,
     search: str = "rule",
     probe_k: int = 4,
@@ -85,8 +86,13 @@ def compress(
     """``corruption`` (None: clean, or what a resumed run or a saved plan records) corrupts the
     training labels of every stage, the baseline's too. ``int8_margin``: top-1 points the int8 file
     may lose on the validation split (None: export.quantize.DEFAULT_MARGIN_POINTS); one that cannot
-    fit is not written unless ``keep_int8_anyway`` (report["student"]["int8"]["missed_margin"])."""
+    fit is not written unless ``keep_int8_anyway`` (report["student"]["int8"]["missed_margin"]).
+    ``targets``: the export targets the student is written to (export/targets), each verified in its
+    own runtime."""
+    from recipes.deploy import check_targets
+
     started = time.time()
+    targets = check_targets(targets, int8=int8)  # an unknown or missing target fails before any training
     out_dir = Path(out) if out is not None else default_out_dir(teacher, budget)
     if not resume and not preset:
         parse_budgets(budget)  # a bad budget fails before anything is read or written
@@ -124,13 +130,13 @@ def compress(
         run = run_plan(plan, inputs.source, out_dir, teacher=inputs.teacher, resume=resume, device=device,
                        echo=echo, on_stage_end=stage_done)
         return _deliver(plan, inputs, run, probe_rows, out_dir, teacher, started, resume=resume, baseline=baseline,
-                        int8=int8, latency_threads=latency_threads, device=device, echo=echo,
+                        int8=int8, targets=targets, latency_threads=latency_threads, device=device, echo=echo,
                         int8_margin=int8_margin, keep_int8_anyway=keep_int8_anyway)
 
 
 def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, out_dir: Path, teacher: str | None,
-             started: float, *, resume: bool, baseline: bool, int8: bool, latency_threads: int, device: str,
-             echo: Echo, int8_margin: float | None = None, keep_int8_anyway: bool = False) -> CompressResult:
+             started: float, *, resume: bool, baseline: bool, int8: bool, targets: Sequence[str], latency_threads: int,
+             device: str, echo: Echo, int8_margin: float | None = None, keep_int8_anyway: bool = False) -> CompressResult:
     """After the stages: the student file, the baseline, ONNX (+ int8), latency and the report."""
     student_path = out_dir / "student.pt"
     copy_file(run.stages[-1].checkpoint, student_path)
@@ -140,11 +146,12 @@ def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, o
     if baseline:
         baseline_row = _baseline(plan, inputs, out_dir, resume, device, echo, run.metrics.get("test_top1"))
 
-    echo("exporting the student to ONNX (parity against PyTorch on test images)")
+    echo(f"exporting the student to {', '.join('ONNX' if t == 'onnx' else t for t in targets)} "
+         "(parity against PyTorch on test images)")
     from recipes.deploy import export_with_data, latency_of
 
     int8_path = out_dir / "student.int8.onnx" if int8 else None
-    deployment = export_with_data(student.model, student.meta, out_dir / "student.onnx", inputs.source,
+    deployment = export_with_data(student.model, student.meta, out_dir / "student.onnx", inputs.source, targets=targets,
                                   int8_path=int8_path, seed=plan.seed, source_checkpoint=str(student_path), log=None,
                                   int8_margin=int8_margin, keep_int8_anyway=keep_int8_anyway)
     if deployment.int8 is not None and not deployment.int8.get("written"):
@@ -153,8 +160,9 @@ def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, o
         echo(line)
     shape = tuple(inputs.input_shape)
     echo(f"timing teacher and student at batch 1, {latency_threads} thread(s)")
-    student_latency = latency_of(student.model, shape, threads=latency_threads, onnx_path=out_dir / "student.onnx",
-                                 int8_path=int8_path)
+    student_latency = latency_of(student.model, shape, threads=latency_threads,
+                                 onnx_path=out_dir / "student.onnx" if deployment.onnx else None, int8_path=int8_path,
+                                 targets={name: row["path"] for name, row in deployment.targets.items()})
     student_cost = measure(student.model, shape)
     report: dict[str, Any] = {
         "kdcompress_version": __version__, "flop_convention": FLOP_CONVENTION, "data": inputs.data_spec,
@@ -168,12 +176,11 @@ def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, o
             "arch": student.meta.arch, "search_name": _search_name(plan), "checkpoint": str(student_path),
             "flops": student_cost.flops, "params": student_cost.params, "test_top1": run.metrics.get("test_top1"),
             "val_top1": run.metrics.get("val_top1"), "latency": student_latency,
-            "onnx": _onnx_summary(deployment.onnx), "int8": _int8_summary(deployment.int8),
+            "onnx": _onnx_summary(deployment.onnx) if deployment.onnx else None, "int8": _int8_summary(deployment.int8),
+            "targets": deployment.targets,
         },
         "baseline": baseline_row,
-        "files": {"student.pt": str(student_path), "student.onnx": str(out_dir / "student.onnx"),
-                  "plan.yaml": str(out_dir / "plan.yaml"),
-                  **({"student.int8.onnx": str(int8_path)} if int8_path else {})},
+        "files": {"student.pt": str(student_path), "plan.yaml": str(out_dir / "plan.yaml"), **deployment.files},
     }
     if inputs.teacher is not None:
         teacher_latency = latency_of(inputs.teacher.model, shape, threads=latency_threads)

@@ -57,6 +57,8 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
         tv, sv = (t.get("latency") or {}).get(key), (s.get("latency") or {}).get(key)
         if tv is not None or sv is not None:
             rows.append((label, _fmt(tv, 3), _fmt(sv, 3)))
+    for name, row in ((s.get("latency") or {}).get("targets") or {}).items():
+        rows.append((f"latency, {name} in {row.get('runtime', name)} (ms)", "-", _fmt(row.get("p50_ms"), 3)))
     return rows
 
 
@@ -83,9 +85,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {st['name']} | {st['arch']} | {st['scheme']} | {', '.join(st.get('teachers') or []) or '-'} | "
                      f"{_fmt(m.get('test_top1'))} | {_fmt(m.get('val_top1'))} | {m.get('best_epoch', '-')} |")
     onnx = s.get("onnx")
+    if onnx or s.get("targets"):
+        lines += ["", "## Deployment", ""]
     if onnx:
-        lines += ["", "## Deployment", "",
-                  f"ONNX file {onnx.get('path')} (exporter: {onnx.get('exporter')}, opset {onnx.get('opset')}): "
+        lines += [f"ONNX file {onnx.get('path')} (exporter: {onnx.get('exporter')}, opset {onnx.get('opset')}): "
                   f"max |logit difference| vs PyTorch {_fmt(onnx.get('max_abs_diff'), 7)} "
                   f"(tolerance {onnx.get('atol')}), top-1 agreement {_fmt(onnx.get('top1_agreement'), 4)}."]
         int8 = s.get("int8")
@@ -102,6 +105,7 @@ def markdown(result: dict[str, Any]) -> str:
                              f"{_fmt(control.get('margin'))} points): fp32 {_fmt(control.get('fp32_val_accuracy'))}%, "
                              f"int8 {_fmt(control.get('val_accuracy'))}%; layers left float: {floats} "
                              f"(of {control.get('layers')}); {control.get('verdict')}.")
+    lines += _target_lines(s)
     pruning = s.get("pruning")
     if pruning:
         speedup = pruning.get("torch_speedup_vs_teacher")
@@ -133,6 +137,31 @@ def markdown(result: dict[str, Any]) -> str:
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _target_lines(s: dict[str, Any]) -> list[str]:
+    """The deployment targets, one row each: file, size, converter, parity in its own runtime, latency."""
+    targets = s.get("targets") or {}
+    if not targets:
+        return []
+    latency = (s.get("latency") or {}).get("targets") or {}
+    lines = ["", "| target | file | MB | converter | max abs logit diff | top-1 agreement | parity | batch-1 latency (ms) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, t in targets.items():
+        ms = (s.get("latency") or {}).get("onnx_ms") if name == "onnx" else (latency.get(name) or {}).get("p50_ms")
+        lines.append(f"| {name} | {Path(t.get('path') or '-').name} | {_fmt((t.get('bytes') or 0) / 1e6, 3)} | "
+                     f"{t.get('converter', '-')} | {_fmt(t.get('max_abs_diff'), 7)} | {_fmt(t.get('top1_agreement'), 4)} | "
+                     f"{'passed' if t.get('passed') else 'FAILED'} ({t.get('provider', '-')}) | {_fmt(ms, 3)} |")
+    for name, t in targets.items():
+        usability = t.get("mobile_usability")
+        if usability:
+            verdicts = "; ".join(f"{ep}: {v.get('as_is')} as is" + (f", {v['fixed_shapes']} with fixed input shapes"
+                                                                    if v.get("fixed_shapes") else "")
+                                 for ep, v in (usability.get("providers") or {}).items())
+            lines += ["", f"{name}: onnxruntime's mobile-usability check: {verdicts or 'no verdict'}; "
+                          f"{len(t.get('required_operators') or [])} required operators "
+                          f"({Path(t['files'][-1]).name})."]
+    return lines
 
 
 # panel title -> the key of the trainer's per-epoch record (compressor.trainer.loop: ``train_epoch``

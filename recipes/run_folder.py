@@ -33,6 +33,13 @@ PREVIOUS = ".previous-run"
 RUN_MARKERS = ("plan.yaml", "report.json", "stages", PREVIOUS)
 
 
+def target_files() -> list[str]:
+    """The student's files of every export target (``--target``): student.pte, student.xml, ..."""
+    from export.targets import get_target, path_for, target_names
+
+    return [p.name for t in map(get_target, target_names()) for p in t.paths(path_for("student.onnx", t))]
+
+
 def foreign_files(folder: Path) -> list[Path]:
     """Files and folders in ``folder`` that no run of ours writes (its own files are listed above)."""
     if not folder.is_dir():
@@ -40,7 +47,7 @@ def foreign_files(folder: Path) -> list[Path]:
     found: list[Path] = []
     for entry in sorted(folder.iterdir()):
         name = entry.name
-        if is_temporary(name) or (entry.is_file() and name in (*RUN_FILES, LOCK_NAME)) or \
+        if is_temporary(name) or (entry.is_file() and name in (*RUN_FILES, *target_files(), LOCK_NAME)) or \
                 (entry.is_dir() and name == PREVIOUS):
             continue
         if entry.is_dir() and name == "plots":

@@ -265,3 +265,24 @@ def test_cli_export_refuses_an_onnx_input_and_old_opsets(cli, tmp_path, register
     result = cli("export", str(ckpt), "-o", str(tmp_path / "o.onnx"), "--opset", "11")
     assert result.exit_code == 2 and "opset 11 is too old" in result.output
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_export_imports_only_the_leaf_modules_of_compressor():
+    """The layering rule (export/__init__.py): export never loads checkpoints, models or data."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import importlib, pkgutil, sys, export\n"
+            "for info in pkgutil.walk_packages(export.__path__, 'export.'):\n"
+            "    importlib.import_module(info.name)\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] == 'compressor')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    loaded = set(done.stdout.split())
+    allowed = {"compressor", "compressor.errors", "compressor.atomic", "compressor.threads", "compressor.cost",
+               "compressor.plugins"}
+    assert loaded <= allowed, sorted(loaded - allowed)

@@ -512,10 +512,11 @@ def test_onnx_fuzz_mutated_models_are_read_or_refused_by_what_bench_reads(tmp_pa
     or are refused with one line."""
     from onnx import TensorProto, helper
 
-    from export.io import kind_of, metadata_from_model_meta
+    from export.io import kind_of
     from export.latency import fixed_batch, onnx_input_shape
     from export.metadata import read_metadata, write_metadata
     from export.runtime import make_session
+    from recipes.deploy import metadata_from_model_meta
 
     weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 1, 3, 3], np.linspace(-1, 1, 36).tolist())
     graph = helper.make_graph(

@@ -21,6 +21,7 @@ from recipes.cli._options import (
     int8_control_options,
     missed_margin_exit,
     planning_options,
+    target_option,
     threads_option,
 )
 
@@ -73,6 +74,7 @@ def _resume_hint(ctx: click.Context) -> str:
               help="output directory (default runs/<teacher>-<budget>/)")
 @click.option("--int8", is_flag=True, help="also write student.int8.onnx (static QDQ, calibrated on training images)")
 @int8_control_options(max_float=False)
+@target_option
 @click.option("--baseline", is_flag=True, help="also train the student without distillation and report the KD gain")
 @click.option("--search", type=click.Choice(["rule", "probe"]), default="rule", show_default=True,
               help="rule: the documented pick; probe: short distillations of the top candidates, best on validation")
@@ -86,7 +88,7 @@ def _resume_hint(ctx: click.Context) -> str:
 @click.pass_context
 def cli(ctx: click.Context, teacher, teacher_arch, budgets, data, recipe, method, family, candidates, gap_threshold, epochs,
         latency_threads, seed, preset, trust, label_noise, imbalance, imbalance_gamma, out, int8, int8_margin,
-        keep_int8_anyway, baseline, search, probe_k, resume_dir, force, device, dry_run, threads) -> None:
+        keep_int8_anyway, targets, baseline, search, probe_k, resume_dir, force, device, dry_run, threads) -> None:
     """kdcompress: distil a big classifier into a small one that fits a budget, then export and time it.
 
     \b
@@ -119,8 +121,8 @@ def cli(ctx: click.Context, teacher, teacher_arch, budgets, data, recipe, method
     result = compress(
         teacher=teacher, budget=budgets, data=data, out=resume_dir or out, teacher_arch=teacher_arch, recipe=recipe,
         method=method, family=family, candidates=candidates, gap_threshold=gap_threshold, epochs=epochs, seed=seed, int8=int8,
-        int8_margin=int8_margin, keep_int8_anyway=keep_int8_anyway, baseline=baseline, search=search, probe_k=probe_k,
-        latency_threads=latency_threads,
+        int8_margin=int8_margin, keep_int8_anyway=keep_int8_anyway, targets=targets, baseline=baseline, search=search,
+        probe_k=probe_k, latency_threads=latency_threads,
         resume=resume_dir is not None, force=force, device=device, trust=trust, preset=preset, corruption=corruption,
         echo=lambda line: click.echo(line, err=True),
     )

@@ -163,3 +163,20 @@ def planning_options(func):
     for option in reversed(options):
         func = option(func)
     return corruption_options(func)
+
+
+class _TargetOption(click.Option):
+    """``--target``'s help lists the registered export targets, read from the registry only when
+    the help is shown (building the CLI must not import torch). A plain string, checked by the
+    registry: an unknown name is one line listing the known ones (click's Choice prints a usage block)."""
+
+    def get_help_record(self, ctx: click.Context):
+        from export.targets import target_names
+
+        self.help = (f"export target, repeatable: {', '.join(target_names())}; each file is verified in its own "
+                     "runtime (the heavy ones need their extra, e.g. pip install 'kdcompress[executorch]')")
+        return super().get_help_record(ctx)
+
+
+target_option = click.option("--target", "targets", multiple=True, default=("onnx",), show_default=True,
+                             cls=_TargetOption, metavar="NAME")
