@@ -39,7 +39,7 @@ def plan_compression(
     inputs = resolve_inputs(teacher, data, arch=teacher_arch, trust=trust, load_data=load_data, seed=seed,
                             corruption=corruption)
     latency = None
-    if any(b.kind == "latency" for b in parsed):
+    if any(b.timed for b in parsed):
         from recipes.latency_probe import zoo_latency_probe
 
         latency = zoo_latency_probe(inputs.num_classes, inputs.input_shape, threads=latency_threads)
@@ -68,7 +68,7 @@ def _pruned(inputs: RunInputs, budgets, latency_threads: int):
     if inputs.teacher is None:
         return None, "no pruned candidate: there is no teacher to prune"
     timer = None
-    if any(b.kind == "latency" for b in budgets):
+    if any(b.timed for b in budgets):
         from recipes.latency_probe import module_latency_probe
 
         timer = module_latency_probe(inputs.input_shape, threads=latency_threads)

@@ -23,7 +23,7 @@ from compressor.cost import FLOP_CONVENTION, measure
 from compressor.data.corruptions import Corruption
 from compressor.errors import UserError
 from compressor.metrics import kd_gain
-from recipes.budget import parse_budgets
+from recipes.budget import cost_limits, parse_budgets
 from recipes.context import RunInputs, resolve_inputs, same_corruption
 from recipes.distill_plan import load_preset, preset_plan
 from recipes.distill_run import teacher_accuracy
@@ -239,11 +239,8 @@ def _baseline(plan: Plan, inputs: RunInputs, out_dir: Path, resume: bool, device
 def _budget_lines(plan: Plan, inputs: RunInputs) -> dict[str, list[float]]:
     lines: dict[str, list[float]] = {"mflops": [], "mparams": []}
     teacher_flops = inputs.teacher_cost.flops if inputs.teacher_cost else None
-    for b in parse_budgets(plan.budgets) if plan.budgets else []:
-        if b.kind in ("flops", "factor"):
-            lines["mflops"].append(b.flops_limit(teacher_flops) / 1e6)
-        elif b.kind == "params":
-            lines["mparams"].append(b.value / 1e6)
+    for _, metric, limit in cost_limits(parse_budgets(plan.budgets) if plan.budgets else [], teacher_flops):
+        lines.setdefault(f"m{metric}", []).append(limit / 1e6)
     return lines
 
 

@@ -30,8 +30,8 @@ from typing import Sequence
 
 from compressor.cost import measure_arch
 from compressor.models import WidthScaling, resolve, scaling_of
-from recipes.budget import Budget
-from recipes.search import Candidate, cost_limits, cost_rejections
+from recipes.budget import Budget, cost_limits
+from recipes.search import Candidate, cost_rejections
 
 MAX_PROBES = 8  # fvcore measurements per family, at most
 GOOD_ENOUGH = 0.95  # a fitting width that uses this much of the binding budget ends the search

@@ -20,8 +20,8 @@ from compressor.checkpoint import LoadedModel
 from compressor.errors import UserError
 from compressor.models import list_models, model_family
 from compressor.pruning import PruneSettings, describe, prune_to_budget, replay
-from recipes.budget import Budget
-from recipes.search import Candidate, cost_limits
+from recipes.budget import Budget, cost_limits
+from recipes.search import Candidate
 
 CANDIDATE_SETS = ("zoo", "pruned", "all")
 DEFAULT_CANDIDATES = "zoo"  # becomes "all" once the issue-14 benchmark shows where pruning wins
@@ -56,7 +56,7 @@ def pruned_candidate(
     params_limits = [limit for _, metric, limit in limits if metric == "params"]
     timed: dict[int, float] = {}
     check = None
-    latency_limits = [b.value for b in budgets if b.kind == "latency"]
+    latency_limits = [b.value for b in budgets if b.timed]
     if latency_limits and latency_of_model is not None:
         limit_ms = min(latency_limits)
 

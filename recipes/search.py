@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 from compressor.cost import measure_arch
 from compressor.errors import UserError
 from compressor.models import list_models, model_family
-from recipes.budget import Budget
+from recipes.budget import Budget, cost_limits
 
 LatencyFn = Callable[[str], float]  # arch name -> batch-1 latency in ms on this machine
 
@@ -36,7 +36,7 @@ class Candidate:
 
     def uses(self, budgets: Sequence[Budget]) -> str:
         """``uses 93% of <= 2 MFLOPs``: how much of each FLOPs/params budget this candidate takes."""
-        parts = [f"{self.utilization[b.text]:.0%} of {_limit_text(b)}" for b in budgets if b.text in self.utilization]
+        parts = [f"{self.utilization[b.text]:.0%} of {b.limit_text()}" for b in budgets if b.text in self.utilization]
         return f"uses {', '.join(parts)}" if parts else ""
 
     @property
@@ -60,21 +60,6 @@ def measure_candidates(
         cost = measure_arch(name, num_classes, shape)
         out.append(Candidate(name, family, cost.flops, cost.params))
     return out
-
-
-def _limit_text(budget: Budget) -> str:
-    return f"the FLOPs {budget.text!r} allows" if budget.kind == "factor" else budget.describe()
-
-
-def cost_limits(budgets: Sequence[Budget], teacher_flops: int | None) -> list[tuple[str, str, float]]:
-    """(budget text, "flops" | "params", ceiling) of every budget a measured cost can break."""
-    limits = []
-    for b in budgets:
-        if b.kind == "params":
-            limits.append((b.text, "params", float(b.value)))
-        elif b.kind in ("flops", "factor"):
-            limits.append((b.text, "flops", float(b.flops_limit(teacher_flops))))
-    return limits
 
 
 def cost_rejections(flops: int, params: int, budgets: Sequence[Budget], teacher_flops: int | None) -> list[str]:
@@ -113,7 +98,7 @@ def apply_budgets(
         c.utilization = utilization(c.flops, c.params, budgets, teacher_flops)
         c.rejected_by += [r for r in cost_rejections(c.flops, c.params, budgets, teacher_flops)
                           if r not in c.rejected_by]
-    latency_budgets = [b for b in budgets if b.kind == "latency"]
+    latency_budgets = [b for b in budgets if b.timed]
     if not latency_budgets:
         return
     if latency is None:
@@ -143,12 +128,13 @@ def check_budget_range(candidates: list[Candidate], budgets: Sequence[Budget], t
                        teacher_params: int | None) -> None:
     """The two user mistakes worth a precise answer: a budget below every model, or above the teacher."""
     if teacher_flops is not None:
-        for b in budgets:
-            roomy = (b.kind in ("flops", "factor") and b.flops_limit(teacher_flops) >= teacher_flops) or (
-                b.kind == "params" and teacher_params is not None and b.value >= teacher_params
-            )
+        teacher_cost = {"flops": teacher_flops, "params": teacher_params}
+        for _, metric, limit in cost_limits(budgets, teacher_flops):
+            roomy = teacher_cost.get(metric) is not None and limit >= teacher_cost[metric]
             if roomy and len(budgets) == 1:
-                suggestion = f"{teacher_flops / 4 / 1e6:.3g}MFLOPs" if b.kind != "params" else f"{teacher_params / 4 / 1e6:.3g}Mparams"
+                suggestion = (f"{teacher_params / 4 / 1e6:.3g}Mparams" if metric == "params"
+                              else f"{teacher_flops / 4 / 1e6:.3g}MFLOPs")
+                b = budgets[0]
                 raise UserError(
                     f"budget {b.text!r} already allows the teacher itself ({teacher_flops / 1e6:.1f} MFLOPs, "
                     f"{(teacher_params or 0) / 1e6:.3f} M params); ask for less, e.g. --budget {suggestion}"

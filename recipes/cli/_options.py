@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import click
 
 from compressor.errors import UserError
+from recipes.budget import budget_help
 
 if TYPE_CHECKING:
     from compressor.data.corruptions import Corruption
@@ -139,9 +140,7 @@ def planning_options(func):
     options = [
         click.option("--teacher", "teacher", default=None, help="the trained teacher (.pt: kdcompress, RepDistiller, or a state_dict with --teacher-arch)"),
         click.option("--teacher-arch", default=None, help="architecture of a teacher file that does not record it"),
-        click.option("--budget", "budgets", multiple=True,
-                     help="repeatable, all must hold: FLOPs (0.1GFLOPs, 100M FLOPs; 1 multiply-add = 1 FLOP, fvcore), "
-                          "params (1.5Mparams, 300K params), batch-1 latency on this machine (5ms), or a factor of the teacher's FLOPs (10x)"),
+        click.option("--budget", "budgets", multiple=True, help=budget_help()),
         click.option("--data", default=None, help="digits | fashion-mnist[:DIR] | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR (default: the teacher's recorded dataset)"),
         click.option("--recipe", default=None, type=click.Choice(["single", "takd", "dgkd", "modreduce", "cohort", "osakd", "tcn"]),
                      help="force a scheme (default: chosen from the capacity gap)"),
