@@ -1,23 +1,17 @@
-"""Default training settings per dataset: what a stage trains with unless the plan says otherwise.
+"""Default training settings of a stage: its data source's protocol, the stage's own, the user's.
 
-CIFAR follows the CRD/SemCKD benchmark protocol (Tian et al. 2020): SGD momentum 0.9, lr 0.05
-(0.01 for MobileNetV2 and ShuffleNet students), 240 epochs, lr x0.1 at 150/180/210, batch 64,
-weight decay 5e-4. Digits is the CPU-sized protocol: ResNet-110 reaches 97.5% test accuracy in
-25 epochs (batch 32 gives 40 steps an epoch; the gradient norm is clipped at 1 because a 110-layer
-ResNet starts with gradient norms near 90, which otherwise stall the first epochs).
-
-Fashion-MNIST and MNIST (``fashion-mnist``, ``mnist``) get a CPU-sized protocol: batch 128, SGD
-momentum 0.9 with Nesterov, lr 0.05, cosine to 0 over 10 epochs, weight decay 5e-4, gradient norm
-clipped at 5: a guard, not a regulator (first epoch on 2,000 images, measured: ResNet-20's norm
-peaks at 4.5, the BatchNorm-free osakd_fmnist_cnn's at 7.0). One epoch of the 54,000 training
-images costs a ResNet-20 several minutes on one CPU thread; for a quick teacher use a subset
-(``load_source("fashion-mnist", train_limit=12000)``) or fewer epochs. On a GPU run the full
-protocol with ``--epochs 60`` (every other setting unchanged; the cosine stretches with it).
+Each data source owns its protocol (:class:`compressor.data.Protocol`, declared where the source is
+registered: CIFAR follows the CRD/SemCKD benchmark, digits, Fashion-MNIST and MNIST get CPU-sized
+protocols, image folders an ImageNet-style one that also serves any source without its own). Here
+they are layered: the protocol, then the scheme's own settings (ModReduce's Nesterov momentum, the
+teacher-class network's Adam), then what the command line or the plan says, which always wins.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
+
+from compressor.data import DataSpec
 
 # Distillation stages of our own recipes clip the global gradient norm (unless the protocol clips
 # already). Why, measured on Fashion-MNIST (12,000 images, resnet8 teacher, batch 64, each term at
@@ -34,48 +28,62 @@ KD_GRAD_CLIP = 5.0
 
 _LOW_LR_FAMILIES = ("mobilenetv2", "shufflenetv1", "shufflenetv2", "shufflev1", "shufflev2")
 
-PROTOCOLS: dict[str, dict[str, Any]] = {
-    "cifar": {
-        "epochs": 240, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False,
-        "weight_decay": 5e-4, "schedule": "step", "milestones": [150, 180, 210], "gamma": 0.1,
-    },
-    "digits": {
-        "epochs": 25, "batch_size": 32, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True,
-        "weight_decay": 5e-4, "schedule": "cosine", "grad_clip": 1.0,
-    },
-    "fashion-mnist": {
-        "epochs": 10, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True,
-        "weight_decay": 5e-4, "schedule": "cosine", "grad_clip": 5.0,
-    },
-    "imagefolder": {
-        "epochs": 90, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True,
-        "weight_decay": 5e-4, "schedule": "cosine",
-    },
-}
+
+class _Protocols(Mapping[str, dict[str, Any]]):
+    """Protocol name -> its settings, read from the data-source registry when asked."""
+
+    def _all(self) -> dict[str, dict[str, Any]]:
+        from compressor.data.spec import protocols
+
+        return {name: dict(p.settings) for name, p in protocols().items()}
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        return self._all()[name]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
 
 
-PROTOCOLS["mnist"] = dict(PROTOCOLS["fashion-mnist"])  # same images and size; digits are easier, not different
+PROTOCOLS: Mapping[str, dict[str, Any]] = _Protocols()
 
 
-def protocol_name(data_spec: str) -> str:
-    """The protocol of a data spec: by its source name (``cifar10:DIR`` -> ``cifar``); a source
-    without its own protocol (image folders, and any registered later) gets ``imagefolder``'s."""
-    name = data_spec.split(":", 1)[0].strip().lower()
-    return "cifar" if name.startswith("cifar") else name if name in PROTOCOLS else "imagefolder"
+def _source_name(data: str | DataSpec) -> str:
+    return data.name if isinstance(data, DataSpec) else data.split(":", 1)[0].strip().lower()
 
 
-def default_train(data_spec: str, arch: str, family: str | None = None, *, distill: bool = False,
-                  **overrides: Any) -> dict[str, Any]:
-    """The protocol's settings for one stage; ``overrides`` (e.g. epochs) win when not None.
+def protocol_name(data: str | DataSpec) -> str:
+    """The protocol of a data spec: its source's (``cifar10:DIR`` -> ``cifar``); a source without its
+    own protocol (and any name no source registers) gets the fallback's."""
+    from compressor.data import protocol_of
 
-    ``distill``: the stage learns from a teacher, so its gradient norm is clipped at
+    return protocol_of(_source_name(data)).name
+
+
+def given(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that say something: None means "not given, keep the default"."""
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def default_train(data: str | DataSpec, arch: str, family: str | None = None, *, distill: bool = False,
+                  scheme_defaults: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    """The settings of one stage: the data's protocol, then ``scheme_defaults``, then ``overrides``
+    (e.g. epochs) where not None.
+
+    ``distill``: the stage learns knowledge terms from a teacher, so its gradient norm is clipped at
     :data:`KD_GRAD_CLIP` unless the protocol clips already (see there why).
     """
-    settings = dict(PROTOCOLS[protocol_name(data_spec)])
+    from compressor.data import protocol_of
+
+    protocol = protocol_of(_source_name(data))
+    settings = dict(protocol.settings)
     if distill:
         settings.setdefault("grad_clip", KD_GRAD_CLIP)
     low_lr = (family or "").lower() in _LOW_LR_FAMILIES or arch.lower().startswith(("mobilenet", "shuffle"))
-    if protocol_name(data_spec) == "cifar" and low_lr:
-        settings["lr"] = 0.01
-    settings.update({k: v for k, v in overrides.items() if v is not None})
+    if protocol.low_lr is not None and low_lr:
+        settings["lr"] = protocol.low_lr
+    settings.update(scheme_defaults or {})
+    settings.update(given(overrides))
     return settings

@@ -6,16 +6,30 @@
 """
 
 from compressor.data.base import SPLITS, BatchLoader, DataSource, SplitOptions
-from compressor.data.spec import list_sources, load_source, parse_spec, register_source, spec_forms
+from compressor.data.spec import (
+    DataSpec,
+    Protocol,
+    data_help,
+    list_sources,
+    load_source,
+    parse_spec,
+    protocol_of,
+    register_source,
+    spec_forms,
+)
 
 __all__ = [
     "SPLITS",
     "BatchLoader",
     "DataSource",
+    "DataSpec",
+    "Protocol",
     "SplitOptions",
+    "data_help",
     "list_sources",
     "load_source",
     "parse_spec",
+    "protocol_of",
     "register_source",
     "spec_forms",
 ]

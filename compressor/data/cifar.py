@@ -29,7 +29,7 @@ import torch
 from compressor.data.augment import CropFlip
 from compressor.data.base import SplitOptions
 from compressor.data.memory import InMemorySource, pool_and_test_source
-from compressor.data.spec import register_source
+from compressor.data.spec import Protocol, register_source
 from compressor.errors import UserError
 
 AUGMENTATION = CropFlip(pad=4, flip=True)
@@ -142,6 +142,14 @@ def read_cifar(directory: Path, layout: CifarLayout) -> tuple[torch.Tensor, torc
     return train_x, train_y, test_x, test_y, class_names
 
 
+# The CRD/SemCKD benchmark protocol (Tian et al. 2020): SGD momentum 0.9, lr 0.05 (0.01 for MobileNetV2 and
+# ShuffleNet students), 240 epochs, lr x0.1 at 150/180/210, batch 64, weight decay 5e-4.
+PROTOCOL = Protocol("cifar", {
+    "epochs": 240, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False,
+    "weight_decay": 5e-4, "schedule": "step", "milestones": [150, 180, 210], "gamma": 0.1,
+}, low_lr=0.01)
+
+
 def build_cifar(layout: CifarLayout, directory: Path, spec: str, options: SplitOptions, device: str | torch.device) -> InMemorySource:
     train_x, train_y, test_x, test_y, class_names = read_cifar(directory, layout)
     return pool_and_test_source(spec=spec, name=layout.name, pool=(train_x, train_y), test=(test_x, test_y),
@@ -149,11 +157,13 @@ def build_cifar(layout: CifarLayout, directory: Path, spec: str, options: SplitO
                                 augmentation=AUGMENTATION, options=options, device=device)
 
 
-@register_source("cifar10", needs_dir=True, summary="CIFAR-10 in torchvision's python format, 10 classes, 3x32x32")
+@register_source("cifar10", needs_dir=True, summary="CIFAR-10 in torchvision's python format, 10 classes, 3x32x32",
+                 protocol=PROTOCOL, rank=10)
 def build_cifar10(directory: Path, *, spec: str, options: SplitOptions, device: str | torch.device = "cpu") -> InMemorySource:
     return build_cifar(CIFAR10, directory, spec, options, device)
 
 
-@register_source("cifar100", needs_dir=True, summary="CIFAR-100 in torchvision's python format, 100 fine classes, 3x32x32")
+@register_source("cifar100", needs_dir=True, summary="CIFAR-100 in torchvision's python format, 100 fine classes, 3x32x32",
+                 protocol=PROTOCOL, rank=11)
 def build_cifar100(directory: Path, *, spec: str, options: SplitOptions, device: str | torch.device = "cpu") -> InMemorySource:
     return build_cifar(CIFAR100, directory, spec, options, device)

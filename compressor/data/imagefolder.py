@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 from compressor.batch import Batch
 from compressor.data.base import DataSource, SplitOptions, check_batch_size, check_nonempty, check_split, split_training_pool
 from compressor.data.order import AUGMENT_STREAM, SAMPLE_STREAM, epoch_order, generator, num_batches
-from compressor.data.spec import register_source
+from compressor.data.spec import Protocol, register_source
 from compressor.data.splits import channel_stats
 from compressor.errors import UserError
 
@@ -317,7 +317,16 @@ def _probe_size(paths: list[Path]) -> int:
     return DEFAULT_INPUT_SIZE
 
 
-@register_source("imagefolder", needs_dir=True, summary="DIR/train/<class>/*, DIR/val/<class>/*, optional DIR/test/<class>/*")
+# ImageNet-style folders: 90 epochs, batch 64, SGD Nesterov lr 0.05, cosine, weight decay 5e-4; also the
+# protocol of any source that declares none (compressor.data.spec.FALLBACK_PROTOCOL).
+PROTOCOL = Protocol("imagefolder", {
+    "epochs": 90, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True,
+    "weight_decay": 5e-4, "schedule": "cosine",
+})
+
+
+@register_source("imagefolder", needs_dir=True, summary="DIR/train/<class>/*, DIR/val/<class>/*, optional DIR/test/<class>/*",
+                 protocol=PROTOCOL, rank=30)
 def build_imagefolder(directory: Path, *, spec: str, options: SplitOptions, device: str | torch.device = "cpu",
                       input_size: int | None = None, num_workers: int | None = None, crop_fraction: float | None = None) -> FolderSource:
     if input_size is not None and (not isinstance(input_size, int) or input_size < 1):

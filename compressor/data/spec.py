@@ -6,14 +6,24 @@
     cifar10:DIR       torchvision's on-disk CIFAR-10  (DIR or DIR/cifar-10-batches-py)
     cifar100:DIR      torchvision's on-disk CIFAR-100 (DIR or DIR/cifar-100-python)
     imagefolder:DIR   DIR/train/<class>/*, DIR/val/<class>/*, optional DIR/test/<class>/*
+
+A source is a module in this package that registers its builder with ``@register_source``; the
+package's modules are imported when the registry is first read, so no list names them. A source
+also owns its training protocol (:class:`Protocol`: the settings a model of this data trains with
+unless a plan says otherwise); one without a protocol trains with the default source's fallback
+(:data:`FALLBACK_PROTOCOL`, image folders').
+
+A spec is parsed once, at the edge, into a :class:`DataSpec` (the entry, the directory, the text),
+which is what :func:`load_source` and the planner take.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -23,6 +33,19 @@ from compressor.errors import UserError
 
 # builder(directory or None, spec, options, device, **source_options) -> DataSource
 SourceBuilder = Callable[..., DataSource]
+FALLBACK_PROTOCOL = "imagefolder"  # the protocol of a source that declares none
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a model of a source's data is trained unless a plan says otherwise (recipes.protocols).
+
+    ``settings`` are :class:`compressor.trainer.TrainConfig` fields; ``low_lr`` is the learning rate
+    of the families the benchmark trains slower (CIFAR: 0.01 for MobileNetV2 and ShuffleNets)."""
+
+    name: str
+    settings: Mapping[str, Any]
+    low_lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -33,13 +56,35 @@ class SourceEntry:
     summary: str
     builder: SourceBuilder
     accepts_dir: bool = False  # True also when the directory is optional (``name[:DIR]``)
+    protocol: Protocol | None = None
+    rank: int = 100  # place in listings and help (the default source first)
+
+    def takes(self, option: str) -> bool:
+        """Whether the builder accepts ``option`` (e.g. ``input_size``) beyond the spec."""
+        return option in inspect.signature(self.builder).parameters
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A parsed data spec: which source, which directory, and the text the user wrote."""
+
+    text: str
+    entry: SourceEntry = field(compare=False)
+    directory: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def __str__(self) -> str:
+        return self.text
 
 
 _SOURCES: dict[str, SourceEntry] = {}
 
 
-def register_source(name: str, *, needs_dir: bool, summary: str,
-                    accepts_dir: bool | None = None) -> Callable[[SourceBuilder], SourceBuilder]:
+def register_source(name: str, *, needs_dir: bool, summary: str, accepts_dir: bool | None = None,
+                    protocol: Protocol | None = None, rank: int = 100) -> Callable[[SourceBuilder], SourceBuilder]:
     """Register a builder for specs of the form ``name``, ``name:DIR`` or, with ``accepts_dir``
     and not ``needs_dir``, both (``name[:DIR]``: the builder gets None without a directory)."""
     accepts = needs_dir or bool(accepts_dir)
@@ -48,35 +93,57 @@ def register_source(name: str, *, needs_dir: bool, summary: str,
         if name in _SOURCES:
             raise ValueError(f"data source {name!r} is registered twice")
         usage = f"{name}:DIR" if needs_dir else f"{name}[:DIR]" if accepts else name
-        _SOURCES[name] = SourceEntry(name, needs_dir, usage, summary, builder, accepts)
+        _SOURCES[name] = SourceEntry(name, needs_dir, usage, summary, builder, accepts, protocol, rank)
         return builder
 
     return decorator
 
 
-BUILTIN_ORDER = ("digits", "cifar10", "cifar100", "fashion-mnist", "mnist", "imagefolder")
-
-
 def list_sources() -> list[SourceEntry]:
-    """Built-in sources in a fixed order (the default first), whatever imported them first; then the others."""
-    _ensure_builtin()
-    rank = {name: i for i, name in enumerate(BUILTIN_ORDER)}
-    return sorted(_SOURCES.values(), key=lambda e: rank.get(e.name, len(rank)))
+    """Every registered source, by rank (the default first), then by name."""
+    _ensure_loaded()
+    return sorted(_SOURCES.values(), key=lambda e: (e.rank, e.name))
 
 
-def spec_forms() -> str:
-    return ", ".join(e.usage for e in list_sources())
+def spec_forms(separator: str = ", ") -> str:
+    return separator.join(e.usage for e in list_sources())
 
 
-def _ensure_builtin() -> None:
+def data_help(default: str | None = None) -> str:
+    """The ``--data`` option's help: every form a spec takes, from the registry (lazily: a callable
+    so building the CLI does not import the sources)."""
+    forms = spec_forms(" | ")
+    return forms + (f" (default: {default})" if default else "")
+
+
+def protocol_of(name: str) -> Protocol:
+    """The training protocol of source ``name``; a source without one (or an unknown name) gets
+    :data:`FALLBACK_PROTOCOL`'s."""
+    _ensure_loaded()
+    entry = _SOURCES.get(name.strip().lower())
+    if entry is not None and entry.protocol is not None:
+        return entry.protocol
+    return _SOURCES[FALLBACK_PROTOCOL].protocol  # type: ignore[return-value]
+
+
+def protocols() -> dict[str, Protocol]:
+    """Protocol name -> protocol, over every registered source."""
+    return {e.protocol.name: e.protocol for e in list_sources() if e.protocol is not None}
+
+
+def _ensure_loaded() -> None:
     # Import for the registration side effect; kept lazy so `compressor.data` imports cheaply.
-    from compressor.data import digits  # noqa: F401  (first: the default source)
-    from compressor.data import cifar, idx, imagefolder  # noqa: F401
+    import compressor.data
+    from compressor.plugins import import_submodules
+
+    import_submodules(compressor.data.__name__, compressor.data.__path__)
 
 
-def parse_spec(spec: str) -> tuple[SourceEntry, Path | None]:
-    """``'cifar100:~/data'`` -> (entry, Path('~/data').expanduser()); UserError on a bad spec."""
-    _ensure_builtin()
+def parse_spec(spec: "str | DataSpec") -> DataSpec:
+    """``'cifar100:~/data'`` -> DataSpec(entry cifar100, Path('~/data').expanduser()); UserError on a bad spec."""
+    if isinstance(spec, DataSpec):
+        return spec
+    _ensure_loaded()
     if not isinstance(spec, str) or not spec.strip():
         raise UserError(f"empty data spec: expected one of {spec_forms()}")
     name, sep, rest = spec.strip().partition(":")
@@ -86,7 +153,7 @@ def parse_spec(spec: str) -> tuple[SourceEntry, Path | None]:
     if not rest.strip():
         if entry.needs_dir:
             raise UserError(f"data spec {spec!r} names no directory: write {entry.usage!r}")
-        return entry, None
+        return DataSpec(spec.strip(), entry, None)
     if not entry.accepts_dir:
         raise UserError(f"data spec {spec!r}: {entry.name} takes no directory, write just {entry.usage!r}")
     directory = Path(rest.strip()).expanduser()
@@ -94,7 +161,7 @@ def parse_spec(spec: str) -> tuple[SourceEntry, Path | None]:
         raise UserError(f"data directory {str(directory)!r} does not exist (from spec {spec!r})")
     if not directory.is_dir():
         raise UserError(f"data path {str(directory)!r} is not a directory (from spec {spec!r})")
-    return entry, directory
+    return DataSpec(spec.strip(), entry, directory)
 
 
 def _check_val_fraction(val_fraction: float) -> None:
@@ -103,7 +170,7 @@ def _check_val_fraction(val_fraction: float) -> None:
 
 
 def load_source(
-    spec: str,
+    spec: str | DataSpec,
     *,
     val_fraction: float = 0.1,
     seed: int = 0,
@@ -122,13 +189,14 @@ def load_source(
     ``source_options`` go to the source (image folders: ``input_size``, ``num_workers``, ``crop_fraction``;
     Fashion-MNIST and MNIST: ``train_limit``).
     """
-    entry, directory = parse_spec(spec)
+    parsed = parse_spec(spec)
+    entry, directory = parsed.entry, parsed.directory
     _check_val_fraction(val_fraction)
     corruption = Corruption.create(label_noise, None if imbalance == 1.0 else imbalance, imbalance_gamma)
     options = SplitOptions(float(val_fraction), int(seed), corruption.label_noise, corruption.imbalance,
                            corruption.imbalance_gamma)
     try:
-        return entry.builder(directory, spec=spec.strip(), options=options, device=device, **source_options)
+        return entry.builder(directory, spec=parsed.text, options=options, device=device, **source_options)
     except TypeError as err:
         if "unexpected keyword argument" in str(err) and source_options:
             raise UserError(f"data source {entry.name!r} does not take option(s) {sorted(source_options)}") from None

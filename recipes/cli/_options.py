@@ -38,6 +38,37 @@ class LazyChoice(click.Choice):
         pass
 
 
+class LazyHelpOption(click.Option):
+    """A ``click.Option`` whose help text is made from a registry only when a help page shows it."""
+
+    def __init__(self, *args, help_text: Callable[[], str], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._help_text = help_text
+
+    def get_help_record(self, ctx: click.Context):
+        if self._help_text is not None:
+            self.help, self._help_text = self._help_text(), None
+        return super().get_help_record(ctx)
+
+
+def data_option(default: str | None = None, what: str = "", *, listed: bool = True):
+    """``--data SPEC``: its help lists every registered source form (from the registry, when a help
+    page shows it). ``what`` says what the data is for here; ``listed=False`` (the main command)
+    points at `kdcompress data-info --help` instead, so `kdcompress --help` imports no data source."""
+
+    def text() -> str:
+        if listed:
+            from compressor.data import data_help
+
+            forms = data_help()
+        else:
+            forms = "a data spec NAME[:DIR], e.g. digits or cifar100:DIR; every form: kdcompress data-info --help"
+        return forms + (f" ({what})" if what else "")
+
+    return click.option("--data", default=default, show_default=default is not None, cls=LazyHelpOption,
+                        help_text=text)
+
+
 threads_option = click.option(
     "--threads", type=click.IntRange(min=1), default=None,
     help="CPU intra-op threads (default: the cores this process can use that no other process is busy on, "
@@ -141,7 +172,7 @@ def planning_options(func):
         click.option("--teacher", "teacher", default=None, help="the trained teacher (.pt: kdcompress, RepDistiller, or a state_dict with --teacher-arch)"),
         click.option("--teacher-arch", default=None, help="architecture of a teacher file that does not record it"),
         click.option("--budget", "budgets", multiple=True, help=budget_help()),
-        click.option("--data", default=None, help="digits | fashion-mnist[:DIR] | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR (default: the teacher's recorded dataset)"),
+        data_option(what="default: the teacher's recorded dataset", listed=False),
         click.option("--recipe", default=None, type=click.Choice(["single", "takd", "dgkd", "modreduce", "cohort", "osakd", "tcn"]),
                      help="force a scheme (default: chosen from the capacity gap)"),
         click.option("--method", default=None, help="knowledge method per stage, e.g. hinton+crd or hinton:0.9,crd:0.8,ce:1.0"),

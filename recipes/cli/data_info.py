@@ -7,7 +7,16 @@ import json
 import click
 
 
-@click.command("data-info")
+class _DataInfoCommand(click.Command):
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from compressor.data import list_sources
+
+        formatter.write_paragraph()
+        with formatter.section("SPEC forms"):
+            formatter.write_dl([(e.usage, e.summary) for e in list_sources()])
+
+
+@click.command("data-info", cls=_DataInfoCommand)
 @click.argument("spec")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Training fraction held out for validation.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the val hold-out and corruptions.")
@@ -18,11 +27,12 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def command(spec: str, val_fraction: float, seed: int, label_noise: float, imbalance: float,
             imbalance_gamma: float | None, input_size: int | None, as_json: bool) -> None:
-    """Show what SPEC resolves to. SPEC forms: digits, fashion-mnist[:DIR], mnist:DIR, cifar10:DIR, cifar100:DIR, imagefolder:DIR."""
-    from compressor.data import SPLITS, load_source
+    """Show what SPEC resolves to (the forms SPEC takes are listed below)."""
+    from compressor.data import SPLITS, load_source, parse_spec
 
-    extra = {"input_size": input_size, "num_workers": 0} if spec.strip().lower().startswith("imagefolder") else {}
-    src = load_source(spec, val_fraction=val_fraction, seed=seed, label_noise=label_noise, imbalance=imbalance,
+    parsed = parse_spec(spec)
+    extra = {k: v for k, v in {"input_size": input_size, "num_workers": 0}.items() if parsed.entry.takes(k)}
+    src = load_source(parsed, val_fraction=val_fraction, seed=seed, label_noise=label_noise, imbalance=imbalance,
                       imbalance_gamma=imbalance_gamma, **extra)
     info = src.describe()
     info["splits"] = {s: src.split_size(s) for s in SPLITS}

@@ -6,8 +6,8 @@ from __future__ import annotations
 import click
 
 from compressor.errors import UserError
-from recipes.cli._options import (corruption_from_flags, corruption_options, positive_finite, threads_option,
-                                  trust_option)
+from recipes.cli._options import (corruption_from_flags, corruption_options, data_option, positive_finite,
+                                  threads_option, trust_option)
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -20,7 +20,7 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--student", default=None, help="student architecture (see `kdcompress zoo`); a --preset names its own")
 @click.option("--method", default=None,
               help="knowledge terms with optional weights: hinton, hinton+crd, hinton:0.9,crd:0.8,ce:1.0 (default hinton)")
-@click.option("--data", default=None, help="digits | fashion-mnist[:DIR] | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR (default: the teacher's dataset)")
+@data_option(what="default: the teacher's dataset")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="the student file; the run's stages, logs and training states go to OUTPUT.run/")
 @click.option("--scheme", default=None, help="offline (default with a teacher), modreduce, cohort, osakd, tcn, dgkd")

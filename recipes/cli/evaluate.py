@@ -7,12 +7,12 @@ import math
 
 import click
 
-from recipes.cli._options import trust_option
+from recipes.cli._options import data_option, trust_option
 
 
 @click.command("eval")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--data", default=None, help="digits | fashion-mnist[:DIR] | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR (default: the checkpoint's dataset)")
+@data_option(what="default: the checkpoint's dataset")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)

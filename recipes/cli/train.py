@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from recipes.cli._options import LazyChoice, corruption_from_flags, corruption_options, positive_finite, threads_option
+from recipes.cli._options import (LazyChoice, corruption_from_flags, corruption_options, data_option, positive_finite,
+                                  threads_option)
 
 
 def _optimizers() -> list[str]:
@@ -36,7 +37,7 @@ def _milestones(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 @click.command("train")
 @click.option("--arch", required=True, help="zoo architecture, e.g. resnet110, resnet8x4, wrn_40_2 (see `kdcompress zoo`)")
-@click.option("--data", default="digits", show_default=True, help="digits | fashion-mnist[:DIR] | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR")
+@data_option(default="digits")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="the model file to write; its training state goes to OUTPUT.state, its metrics to OUTPUT.jsonl")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="default: the dataset's protocol")
