@@ -40,7 +40,7 @@ def distil(method: str, teacher: torch.nn.Module, student: str, epochs: int, see
     seed_everything(seed)
     source = load_source(DATA, val_fraction=0.1, seed=seed)
     request = SchemeRequest(student, source.num_classes, tuple(source.input_shape), source.num_train,
-                            teacher=teacher, method=method, options={"batch_size": config.batch_size})
+                            teacher=teacher, method=method, batch_size=config.batch_size)
     scheme = build_scheme("offline", request)
     t0 = time.perf_counter()
     try:

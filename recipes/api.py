@@ -1,76 +1,69 @@
-"""The product as Python calls: plan a compression, run it. The CLI is a thin shell over these."""
+"""The product as Python calls: plan a compression, run it. The CLI is a thin shell over these.
+
+    plan, inputs = plan_compression(teacher="resnet110.pt", budgets=["2MFLOPs"])
+    plan, inputs = plan_compression(PlanRequest(...))      # a request built already
+
+Every keyword is a :class:`~recipes.request.PlanRequest` field (or ``epochs``/``lr``/``batch_size``),
+given as a user would type it; it is parsed once, here.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any
 
-from compressor.data.corruptions import Corruption
 from recipes.budget import parse_budgets
-from recipes.context import RunInputs, resolve_inputs
+from recipes.context import RunInputs, inputs_for
 from recipes.plan import Plan
-from recipes.planner import PlanRequest, make_plan
-from recipes.pruned import parse_candidates
+from recipes.planner import DEFAULT_METHOD, PrunedOffer, make_plan
+from recipes.request import PlanRequest
 
 
-def plan_compression(
-    *,
-    teacher: str | None,
-    budgets: Sequence[str],
-    data: str | None = None,
-    teacher_arch: str | None = None,
-    recipe: str | None = None,
-    method: str | None = None,
-    family: str | None = None,
-    gap_threshold: float = 8.0,
-    epochs: int | None = None,
-    seed: int = 0,
-    latency_threads: int = 1,
-    trust: bool = False,
-    options: dict | None = None,
-    load_data: bool = False,
-    student: str | None = None,
-    corruption: Corruption | None = None,
-    candidates: str | None = None,
-) -> tuple[Plan, RunInputs]:
-    """Plan without training: seconds, not minutes (costs are cached on disk). The plan records
-    ``corruption`` (the training-label corruptions every stage trains with)."""
-    parsed = parse_budgets(budgets)
-    which = parse_candidates(candidates)
-    inputs = resolve_inputs(teacher, data, arch=teacher_arch, trust=trust, load_data=load_data, seed=seed,
-                            corruption=corruption)
+def main_request(**values: Any) -> PlanRequest:
+    """A request as the main command and ``kdcompress plan`` make it: their default method is
+    ``hinton+crd`` (``kdcompress distill`` trains with the scheme's own, ``hinton``). Without a
+    preset, at least one budget is asked for, before anything is read."""
+    if not values.get("preset"):
+        values["budgets"] = parse_budgets(values.get("budgets") or ())
+    return PlanRequest.from_user(**{"default_method": DEFAULT_METHOD, **values})
+
+
+def plan_compression(request: PlanRequest | None = None, /, *, load_data: bool = False,
+                     **values: Any) -> tuple[Plan, RunInputs | None]:
+    """Plan without training: seconds, not minutes (costs are cached on disk). ``load_data`` opens
+    the data even when the teacher records its shape (the run needs it; a plan alone does not).
+    A preset with neither a teacher nor data is shown as written: there are no inputs to resolve."""
+    request = request if request is not None else main_request(**values)
+    if request.preset is not None and request.teacher is None and request.data is None and not load_data:
+        from recipes.preset import fill_preset
+
+        return fill_preset(request.preset, request, None), None
+    inputs = inputs_for(request, load_data=load_data)
+    return plan_with(request, inputs), inputs
+
+
+def plan_with(request: PlanRequest, inputs: RunInputs) -> Plan:
+    """The one planner on resolved inputs, with what a search needs measured first: the latency
+    probe for a latency budget, the pruned teacher when ``--candidates`` asks for it."""
     latency = None
-    if any(b.timed for b in parsed):
+    searched = request.preset is None and bool(request.budgets)
+    if searched and any(b.timed for b in request.budgets):
         from recipes.latency_probe import zoo_latency_probe
 
-        latency = zoo_latency_probe(inputs.num_classes, inputs.input_shape, threads=latency_threads)
-    request = PlanRequest(
-        data=inputs.data_spec, budgets=parsed, input_shape=inputs.input_shape, num_classes=inputs.num_classes,
-        teacher=teacher, teacher_arch=inputs.teacher.meta.arch if inputs.teacher else None,
-        teacher_flops=inputs.teacher_cost.flops if inputs.teacher_cost else None,
-        teacher_params=inputs.teacher_cost.params if inputs.teacher_cost else None,
-        recipe=recipe, method=method, family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed,
-        options=dict(options or {}), student=student, candidates=which,
-    )
-    if which != "zoo":
-        request.pruned, request.pruned_reason = _pruned(inputs, parsed, latency_threads)
-    plan = make_plan(request, latency)
-    plan.corruption = inputs.corruption.to_dict()
-    if not inputs.corruption.clean:
-        plan.reasons.append(f"every stage trains on corrupted labels: {inputs.corruption} at seed {seed} "
-                            "(val and test stay clean)")
-    return plan, inputs
+        latency = zoo_latency_probe(inputs.num_classes, inputs.input_shape, threads=request.latency_threads)
+    pruned = _pruned(request, inputs) if searched and request.candidates != "zoo" else None
+    return make_plan(request, inputs, latency=latency, pruned=pruned)
 
 
-def _pruned(inputs: RunInputs, budgets, latency_threads: int):
+def _pruned(request: PlanRequest, inputs: RunInputs) -> PrunedOffer:
     """The teacher pruned to the budget, as a candidate (None and the reason when there is none)."""
     from recipes.pruned import pruned_candidate
 
     if inputs.teacher is None:
-        return None, "no pruned candidate: there is no teacher to prune"
+        return PrunedOffer(None, "no pruned candidate: there is no teacher to prune")
     timer = None
-    if any(b.timed for b in budgets):
+    if any(b.timed for b in request.budgets):
         from recipes.latency_probe import module_latency_probe
 
-        timer = module_latency_probe(inputs.input_shape, threads=latency_threads)
-    return pruned_candidate(inputs.teacher, budgets, inputs.input_shape,
-                            inputs.teacher_cost.flops if inputs.teacher_cost else None, timer)
+        timer = module_latency_probe(inputs.input_shape, threads=request.latency_threads)
+    return PrunedOffer(*pruned_candidate(inputs.teacher, request.budgets, inputs.input_shape, inputs.teacher_flops,
+                                         timer))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -20,14 +20,13 @@ from compressor import __version__
 from compressor.atomic import copy_file
 from compressor.checkpoint import load_model
 from compressor.cost import FLOP_CONVENTION, measure
-from compressor.data.corruptions import Corruption
-from compressor.errors import UserError
 from compressor.metrics import kd_gain
-from recipes.budget import cost_limits, parse_budgets
-from recipes.context import RunInputs, resolve_inputs, same_corruption
-from recipes.distill_plan import load_preset, preset_plan
+from recipes.api import main_request, plan_with
+from recipes.budget import Budget, cost_limits
+from recipes.context import RunInputs, inputs_for, resolve_inputs, same_corruption
 from recipes.distill_run import teacher_accuracy
 from recipes.plan import Plan, Stage
+from recipes.request import PlanRequest, RunSettings, split_run
 from recipes.report import summary_rows, write_report
 from recipes.run_folder import RunFolder
 from recipes.runner import run_plan
@@ -47,91 +46,65 @@ class CompressResult:
         return summary_rows(self.report)
 
 
-def default_out_dir(teacher: str | None, budgets: Sequence[str]) -> Path:
+def default_out_dir(teacher: str | None, budgets: Sequence[str | Budget]) -> Path:
     stem = Path(teacher).stem if teacher else "cohort"
-    slug = re.sub(r"[^A-Za-z0-9.]+", "", "-".join(budgets)) or "nobudget"
+    texts = [b if isinstance(b, str) else b.text for b in budgets]
+    slug = re.sub(r"[^A-Za-z0-9.]+", "", "-".join(texts)) or "nobudget"
     return Path("runs") / f"{stem}-{slug}"
 
 
-def compress(
-    teacher: str | None = None,
-    budget: Sequence[str] = (),
-    data: str | None = None,
-    out: str | Path | None = None,
-    *,
-    teacher_arch: str | None = None,
-    recipe: str | None = None,
-    method: str | None = None,
-    family: str | None = None,
-    candidates: str = "zoo",
-    gap_threshold: float = 8.0,
-    epochs: int | None = None,
-    seed: int = 0,
-    int8: bool = False,
-    int8_margin: float | None = None,
-    keep_int8_anyway: bool = False,
-    targets: Sequence[str] = ("onnx",),
-    baseline: bool = False,
-    search: str = "rule",
-    probe_k: int = 4,
-    latency_threads: int = 1,
-    resume: bool = False,
-    force: bool = False,
-    device: str = "auto",
-    trust: bool = False,
-    preset: str | None = None,
-    corruption: Corruption | None = None,
-    echo: Echo = print,
-) -> CompressResult:
-    """``corruption`` (None: clean, or what a resumed run or a saved plan records) corrupts the
-    training labels of every stage, the baseline's too. ``int8_margin``: top-1 points the int8 file
-    may lose on the validation split (None: export.quantize.DEFAULT_MARGIN_POINTS); one that cannot
-    fit is not written unless ``keep_int8_anyway`` (report["student"]["int8"]["missed_margin"]).
-    ``targets``: the export targets the student is written to (export/targets), each verified in its
-    own runtime."""
+def compress(teacher: str | None = None, budget: Sequence[str | Budget] = (), data: str | None = None,
+             out: str | Path | None = None, *, echo: Echo = print, **settings: Any) -> CompressResult:
+    """The whole flow as one call. ``settings`` are the request's fields as a user gives them
+    (:class:`recipes.request.PlanRequest`: teacher_arch, recipe, method, family, candidates, epochs,
+    seed, preset, corruption, ...) and the run's (:class:`recipes.request.RunSettings`: int8, baseline,
+    int8_margin, keep_int8_anyway, targets, search, probe_k, resume, force, device). ``corruption``
+    (None: clean, or what a resumed run or a saved plan records) corrupts the training labels of every
+    stage, the baseline's too. ``int8_margin``: top-1 points the int8 file may lose on the validation
+    split (None: export.quantize.DEFAULT_MARGIN_POINTS); one that cannot fit is not written unless
+    ``keep_int8_anyway`` (report["student"]["int8"]["missed_margin"]). ``targets``: the export targets
+    the student is written to (export/targets), each verified in its own runtime."""
+    values, run = split_run({"teacher": teacher, "budgets": budget, "data": data, "out": out, **settings})
+    # a bad budget or method fails here, before anything is read or written; a resumed run has its plan
+    request = PlanRequest.from_user(**values) if run.resume else main_request(**values)
+    return compress_request(request, run, echo=echo)
+
+
+def compress_request(request: PlanRequest, run: RunSettings, *, echo: Echo = print) -> CompressResult:
+    """The whole flow for a parsed request (the CLI's main command calls this)."""
     from recipes.deploy import check_targets
 
     started = time.time()
-    targets = check_targets(targets, int8=int8)  # an unknown or missing target fails before any training
-    out_dir = Path(out) if out is not None else default_out_dir(teacher, budget)
-    if not resume and not preset:
-        parse_budgets(budget)  # a bad budget fails before anything is read or written
+    # an unknown or missing target fails before any training
+    run = replace(run, targets=tuple(check_targets(run.targets, int8=run.int8)))
+    resume = run.resume
+    out_dir = run.out if run.out is not None else default_out_dir(request.teacher, request.budgets)
     folder = RunFolder(out_dir)
-    folder.check(resume=resume, force=force)  # before minutes of planning; again under the lock
+    folder.check(resume=resume, force=run.force)  # before minutes of planning; again under the lock
     if resume:
         plan = Plan.load(out_dir / "plan.yaml")
-        teacher = teacher or plan.teacher
-        corruption = same_corruption(plan.data_corruption, corruption, f"the run in {out_dir}")
-        inputs = resolve_inputs(teacher, data or plan.data, arch=teacher_arch, trust=trust, load_data=True, seed=plan.seed,
-                                corruption=corruption)
+        corruption = same_corruption(plan.data_corruption, request.corruption, f"the run in {out_dir}")
+        request = replace(request, teacher=request.teacher or plan.teacher, seed=plan.seed, corruption=corruption)
+        inputs = resolve_inputs(request.teacher, request.data or plan.data, arch=request.teacher_arch,
+                                trust=request.trust, load_data=True, seed=plan.seed, corruption=corruption)
         echo(f"resuming {out_dir} ({plan.recipe}: {' -> '.join(s.arch for s in plan.stages)})")
         probe_rows = None
-    elif preset:
-        raw = load_preset(preset)
-        teacher = teacher or raw.get("teacher")  # a saved plan names its teacher
-        corruption = corruption or Corruption.from_dict(raw.get("corruption"))  # and its corruptions
-        inputs = resolve_inputs(teacher, data, arch=teacher_arch, trust=trust, load_data=True, seed=seed,
-                                corruption=corruption)
-        plan = preset_plan(preset, teacher=teacher, data=inputs.data_spec, teacher_arch=teacher_arch, method=method,
-                           seed=seed, train={"epochs": epochs}, corruption=corruption)
-        probe_rows = None
     else:
-        plan, inputs, probe_rows = _plan(teacher, budget, data, teacher_arch, recipe, method, family, gap_threshold,
-                                         epochs, seed, latency_threads, trust, search, probe_k, device, echo,
-                                         corruption, candidates)
+        plan, inputs, probe_rows = _plan(request, run, echo)
     for note in inputs.notes:
         echo(note)
     # the folder appears (or its earlier run is set aside) only once the inputs made a plan
-    with folder.claim(resume=resume, force=force) as stage_done:
+    with folder.claim(resume=resume, force=run.force) as stage_done:
         if not resume:
             plan.save(out_dir / "plan.yaml")
         for reason in plan.reasons:
             echo(f"plan: {reason}")
-        run = run_plan(plan, inputs.source, out_dir, teacher=inputs.teacher, resume=resume, device=device,
-                       echo=echo, on_stage_end=stage_done)
-        return _deliver(plan, inputs, run, probe_rows, out_dir, teacher, started, resume=resume, baseline=baseline,
-                        int8=int8, targets=targets, latency_threads=latency_threads, device=device, echo=echo,
-                        int8_margin=int8_margin, keep_int8_anyway=keep_int8_anyway)
+        result = run_plan(plan, inputs.source, out_dir, teacher=inputs.teacher, resume=resume, device=run.device,
+                          echo=echo, on_stage_end=stage_done)
+        return _deliver(plan, inputs, result, probe_rows, out_dir, request.teacher, started, resume=resume,
+                        baseline=run.baseline, int8=run.int8, latency_threads=request.latency_threads,
+                        device=run.device, echo=echo, targets=run.targets, int8_margin=run.int8_margin,
+                        keep_int8_anyway=run.keep_int8_anyway)
 
 
 def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, out_dir: Path, teacher: str | None,
@@ -166,7 +139,7 @@ def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, o
     student_cost = measure(student.model, shape)
     report: dict[str, Any] = {
         "kdcompress_version": __version__, "flop_convention": FLOP_CONVENTION, "data": inputs.data_spec,
-        "budgets": list(plan.budgets), "recipe": plan.recipe, "reasons": list(plan.reasons),
+        "budgets": plan.budget_texts, "recipe": plan.recipe, "reasons": list(plan.reasons),
         "plan": plan.to_dict(), "candidates": plan.candidates, "probe": probe_rows,
         "budget_lines": _budget_lines(plan, inputs),
         "stages": [{"name": s.name, "arch": s.arch, "scheme": s.scheme, "teachers": st.teachers,
@@ -196,26 +169,17 @@ def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, o
     return CompressResult(out_dir, plan, report, report["files"])
 
 
-def _plan(teacher, budget, data, teacher_arch, recipe, method, family, gap_threshold, epochs, seed, latency_threads,
-          trust, search, probe_k, device, echo, corruption, candidates="zoo") -> tuple[Plan, RunInputs, list | None]:
-    from recipes.api import plan_compression
-
-    plan, inputs = plan_compression(
-        teacher=teacher, budgets=budget, data=data, teacher_arch=teacher_arch, recipe=recipe, method=method,
-        family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed, latency_threads=latency_threads,
-        trust=trust, load_data=True, corruption=corruption, candidates=candidates,
-    )
-    if search != "probe":
+def _plan(request: PlanRequest, run: RunSettings, echo: Echo) -> tuple[Plan, RunInputs, list | None]:
+    """The plan (a preset filled, or searched), and for ``--search probe`` the probe's table."""
+    inputs = inputs_for(request, load_data=True)
+    plan = plan_with(request, inputs)
+    if run.search != "probe" or request.preset is not None:
         return plan, inputs, None
     from recipes.probe import probe_search
 
-    winner, rows = probe_search(plan, inputs, k=probe_k, device=device, echo=echo)
+    winner, rows = probe_search(plan, inputs, k=run.probe_k, device=run.device, echo=echo)
     if winner != _search_name(plan):
-        plan, _ = plan_compression(
-            teacher=teacher, budgets=budget, data=data, teacher_arch=teacher_arch, recipe=recipe, method=method,
-            family=family, gap_threshold=gap_threshold, epochs=epochs, seed=seed, latency_threads=latency_threads,
-            trust=trust, load_data=False, student=winner, corruption=corruption, candidates=candidates,
-        )
+        plan = plan_with(replace(request, student=winner), inputs)  # the same inputs: nothing is read again
     plan.reasons.append(f"--search probe: {winner} scored best on the validation split after successive halving "
                         f"over {len({r['name'] for r in rows})} candidates")
     return plan, inputs, rows
@@ -225,7 +189,7 @@ def _baseline(plan: Plan, inputs: RunInputs, out_dir: Path, resume: bool, device
               kd_top1: float | None) -> dict[str, Any]:
     """The chosen student without distillation: same architecture, epochs, schedule and seed."""
     final = plan.final
-    stage = Stage("baseline", "vanilla", final.arch, [], None, {}, dict(final.train),
+    stage = Stage("baseline", "vanilla", final.arch, [], None, {}, final.train,
                   "the same student trained on labels only, for the KD gain")
     base_plan = Plan(data=plan.data, stages=[stage], seed=plan.seed, recipe="vanilla", corruption=plan.corruption)
     echo("baseline: the same student without distillation")
@@ -239,7 +203,7 @@ def _baseline(plan: Plan, inputs: RunInputs, out_dir: Path, resume: bool, device
 def _budget_lines(plan: Plan, inputs: RunInputs) -> dict[str, list[float]]:
     lines: dict[str, list[float]] = {"mflops": [], "mparams": []}
     teacher_flops = inputs.teacher_cost.flops if inputs.teacher_cost else None
-    for _, metric, limit in cost_limits(parse_budgets(plan.budgets) if plan.budgets else [], teacher_flops):
+    for _, metric, limit in cost_limits(plan.budgets, teacher_flops):
         lines.setdefault(f"m{metric}", []).append(limit / 1e6)
     return lines
 

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compressor.checkpoint import LoadedModel, load_model
 from compressor.cost import Cost, measure
+from compressor.data import DataSpec, parse_spec
 from compressor.data.corruptions import Corruption
 from compressor.errors import UserError
-from compressor.trainer.evaluate import class_names_warning
+from compressor.trainer.evaluate import check_fits, class_names_warning
+
+if TYPE_CHECKING:
+    from recipes.request import PlanRequest
 
 
 @dataclass
 class RunInputs:
-    data_spec: str
+    """The teacher and the data a run starts from; what the planner plans for (its Subject)."""
+
+    data: DataSpec
     num_classes: int
     input_shape: tuple[int, int, int]
     teacher: LoadedModel | None
@@ -23,11 +29,33 @@ class RunInputs:
     corruption: Corruption = field(default_factory=Corruption)  # what the training split was corrupted with
     notes: list[str] = field(default_factory=list)  # warnings for the user (one line each), not errors
 
+    @property
+    def data_spec(self) -> str:
+        return self.data.text
+
+    @property
+    def teacher_arch(self) -> str | None:
+        return self.teacher.meta.arch if self.teacher is not None else None
+
     @cached_property
     def teacher_cost(self) -> Cost | None:
         """The teacher's FLOPs and parameters (fvcore), measured when first asked: a plain
         distillation never asks, planning and the main command's report do."""
         return measure(self.teacher.model, self.input_shape) if self.teacher is not None else None
+
+    @property
+    def teacher_flops(self) -> int | None:
+        return self.teacher_cost.flops if self.teacher_cost is not None else None
+
+    @property
+    def teacher_params(self) -> int | None:
+        return self.teacher_cost.params if self.teacher_cost is not None else None
+
+
+def inputs_for(request: "PlanRequest", *, load_data: bool = True) -> RunInputs:
+    """The inputs a request names (its teacher, its data or the teacher's, its corruptions)."""
+    return resolve_inputs(request.teacher, request.data, arch=request.teacher_arch, trust=request.trust,
+                          load_data=load_data, seed=request.seed, corruption=request.corruption)
 
 
 def load_teacher(path: str | None, arch: str | None = None, trust: bool = False) -> LoadedModel | None:
@@ -36,19 +64,21 @@ def load_teacher(path: str | None, arch: str | None = None, trust: bool = False)
     return load_model(path, arch=arch, trust=trust)
 
 
-def resolve_inputs(teacher_path: str | None, data: str | None, *, arch: str | None = None, trust: bool = False,
+def resolve_inputs(teacher_path: str | None, data: str | DataSpec | None, *, arch: str | None = None, trust: bool = False,
                    load_data: bool = True, val_fraction: float = 0.1, seed: int = 0,
                    corruption: Corruption | None = None) -> RunInputs:
     """Data defaults to what the teacher checkpoint records; a foreign teacher needs ``--data``.
     ``corruption`` (default: clean labels) corrupts the training split, seeded by ``seed``."""
     corruption = corruption or Corruption()
     teacher = load_teacher(teacher_path, arch, trust)
-    spec = data or (teacher.meta.dataset if teacher else None) or (None if teacher else "digits")
-    if spec is None:
+    text = data or (teacher.meta.dataset if teacher else None) or (None if teacher else "digits")
+    if text is None:
         raise UserError(f"{teacher_path} does not record its dataset ({teacher.source_format} file): give --data")
     source = None
     # explicit data is always opened: it must be checked against the teacher
-    if load_data or data is not None or teacher is None or teacher.meta.input_shape is None:
+    opened = load_data or data is not None or teacher is None or teacher.meta.input_shape is None
+    spec = parse_spec(text, check_dir=opened)  # a recorded dataset that is not opened need not be here
+    if opened:
         from compressor.data import load_source
 
         source = load_source(spec, val_fraction=val_fraction, seed=seed, **corruption.to_dict())
@@ -57,7 +87,7 @@ def resolve_inputs(teacher_path: str | None, data: str | None, *, arch: str | No
         num_classes, shape = teacher.meta.num_classes, teacher.meta.input_shape
     notes: list[str] = []
     if teacher is not None:
-        notes += check_teacher_fits(teacher, num_classes, shape, spec, source.class_names if source else None)
+        notes += check_teacher_fits(teacher, num_classes, shape, spec.text, source.class_names if source else None)
         notes += corruption_notes(teacher, corruption, seed)
     return RunInputs(spec, num_classes, tuple(shape), teacher, source, corruption, notes)
 
@@ -95,14 +125,6 @@ def check_teacher_fits(teacher: LoadedModel, num_classes: int, shape: tuple[int,
     """A UserError when the teacher cannot be used on the data; warnings (lines) when it can but
     its recorded class names differ from the data's."""
     meta = teacher.meta
-    if meta.num_classes != num_classes:
-        raise UserError(f"the teacher predicts {meta.num_classes} classes but {spec} has {num_classes}")
-    if meta.in_chans != shape[0]:
-        raise UserError(f"the teacher takes {meta.in_chans}-channel images but {spec} has {shape[0]} channels")
-    if meta.input_shape is not None and tuple(meta.input_shape) != tuple(shape):
-        raise UserError(
-            f"the teacher was trained at {'x'.join(map(str, meta.input_shape))} but {spec} is "
-            f"{'x'.join(map(str, shape))}"
-        )
+    check_fits("the teacher", meta.num_classes, meta.input_shape, meta.in_chans, spec, num_classes, shape)
     warning = None if class_names is None else class_names_warning("the teacher", meta.class_names, spec, class_names)
     return [warning] if warning else []

@@ -1,24 +1,31 @@
-"""The planner: (teacher, budget, data) -> a Plan, with a reason for every choice.
+"""The one planner: a request and what it is for -> a Plan, with a reason for every choice.
+
+Every entry point plans here: the main command and ``kdcompress plan`` (a student searched for the
+budget), ``kdcompress distill`` (a named student, perhaps a named chain), and a preset (a plan
+written ahead, filled from the command line).
 
 Recipe rule: capacity gap = teacher FLOPs / student FLOPs. Above ``gap_threshold`` (default 8)
 teacher assistants are inserted at roughly geometric steps of FLOPs between teacher and student
 (Mirzadeh et al. 2020, TAKD), as many as it takes for each step to be within the threshold; with
 two or more TAs every stage learns from all the models above it (Son et al. 2021, DGKD). Without
-a teacher the recipe is an online cohort with the attention aggregator (or OSAKD on request).
+a teacher the recipe is an online cohort with the attention aggregator (or OSAKD on request). A
+named student (distill) is distilled once, or through the chain named with it; no gap rule.
+
+Method: a stage whose scheme takes one trains with the request's method, else the entry point's
+default (the main command's ``hinton+crd``, :data:`DEFAULT_METHOD`), else the scheme's own
+(``hinton``, what ``kdcompress distill`` uses); a method given to a scheme that takes none is refused.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from compressor.errors import UserError
-from compressor.schemes.modreduce import MODREDUCE_TRAIN_DEFAULTS, check_no_method
-from recipes.budget import Budget
-from recipes.fill import fill_budget
 from recipes.plan import TEACHER, Plan, Stage
 from recipes.protocols import default_train
+from recipes.request import DEFAULT_METHOD, PlanRequest  # noqa: F401  (DEFAULT_METHOD: documented here)
 from recipes.search import (
     Candidate,
     LatencyFn,
@@ -30,63 +37,128 @@ from recipes.search import (
     teacher_family_of,
 )
 
-RECIPES = ("single", "takd", "dgkd", "modreduce", "cohort", "osakd", "tcn")
-DEFAULT_METHOD = "hinton+crd"
-DEFAULT_GAP_THRESHOLD = 8.0
+if TYPE_CHECKING:
+    from compressor.data import DataSpec
+    from compressor.knowledge.spec import MethodSpec
+
+TEACHER_RECIPES = ("single", "takd", "dgkd", "modreduce", "tcn")
+ONLINE_RECIPES = ("cohort", "osakd")
+DEFAULT_COHORT = {"cohort": 3, "aggregator": "attention"}  # the planner's cohort without a teacher
+
+
+class Subject(Protocol):
+    """What a plan is for: the data (spec, classes, shape) and the teacher's architecture and size
+    (:class:`recipes.context.RunInputs` measures the size only when asked)."""
+
+    data: "str | DataSpec"
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    teacher_arch: str | None
+    teacher_flops: int | None
+    teacher_params: int | None
 
 
 @dataclass
-class PlanRequest:
-    data: str
-    budgets: Sequence[Budget]
-    input_shape: tuple[int, int, int]
+class Facts:
+    """A :class:`Subject` given as numbers (tests, benchmarks, a caller that measured already)."""
+
+    data: "str | DataSpec"
     num_classes: int
-    teacher: str | None = None  # path
+    input_shape: tuple[int, int, int]
     teacher_arch: str | None = None
     teacher_flops: int | None = None
     teacher_params: int | None = None
-    recipe: str | None = None  # forced scheme, else chosen by the gap rule
-    method: str | None = None
-    family: str | None = None
-    gap_threshold: float = DEFAULT_GAP_THRESHOLD
-    epochs: int | None = None
-    seed: int = 0
-    options: dict = field(default_factory=dict)  # scheme options passed through (cohort size, k, drop...)
-    student: str | None = None  # force this candidate (the probe search's winner)
-    candidates: str = "zoo"  # "zoo" | "pruned" | "all" (recipes.pruned.CANDIDATE_SETS)
-    pruned: Candidate | None = None  # the teacher pruned to the budget, measured (recipes.pruned)
-    pruned_reason: str | None = None  # why it is there, or why there is none
 
 
-def make_plan(request: PlanRequest, latency: LatencyFn | None = None) -> Plan:
-    if request.recipe is not None and request.recipe not in RECIPES:
-        raise UserError(f"unknown recipe {request.recipe!r}; known: {', '.join(RECIPES)}")
-    if request.teacher is None and request.recipe in ("single", "takd", "dgkd", "modreduce", "tcn"):
-        raise UserError(f"recipe {request.recipe!r} distils from a teacher: give --teacher")
-    if request.recipe == "modreduce":
-        check_no_method(request.method)
+@dataclass(frozen=True)
+class PrunedOffer:
+    """The teacher pruned to the budget as a candidate (recipes.pruned), or None and why not."""
+
+    candidate: Candidate | None
+    reason: str
+
+
+def make_plan(request: PlanRequest, subject: Subject, *, latency: LatencyFn | None = None,
+              pruned: PrunedOffer | None = None) -> Plan:
+    """The plan for ``request``; ``latency`` times a zoo model for a latency budget, ``pruned`` is the
+    pruned-teacher candidate when ``--candidates`` asks for it."""
+    if request.preset is not None:
+        from recipes.preset import fill_preset
+
+        return fill_preset(request.preset, request, str(subject.data) if subject.data else None)
+    _check_recipe(request)
     reasons: list[str] = []
-    candidates = measure_candidates(request.num_classes, request.input_shape)
+    if request.student is not None and not request.budgets:
+        student, candidates = _named(request.student), []
+    else:
+        student, candidates = _search(request, subject, latency, pruned, reasons)
+    stages = _stages(request, subject, student, candidates, reasons)
+    clip = stages[-1].train.grad_clip if request.teacher is not None else None
+    if clip and candidates:
+        reasons.append(f"distillation stages clip the gradient norm at {clip:g}: the KD gradient grows with the "
+                       "teacher-student logit gap and can kill a student without BatchNorm (recipes/protocols.py)")
+    corruption = request.corruption
+    if corruption is not None and not corruption.clean:
+        reasons.append(f"every stage trains on corrupted labels: {corruption} at seed {request.seed} "
+                       "(val and test stay clean)")
+    return Plan(
+        data=str(subject.data), stages=stages, teacher=request.teacher, teacher_arch=subject.teacher_arch,
+        budgets=list(request.budgets), seed=request.seed, reasons=reasons,
+        candidates=[c.to_dict() for c in sorted(candidates, key=lambda c: c.flops)],
+        corruption=(corruption or _clean()).to_dict(),
+    ).validate()
+
+
+def _clean():
+    from compressor.data.corruptions import Corruption
+
+    return Corruption()
+
+
+def _check_recipe(request: PlanRequest) -> None:
+    recipe = request.recipe
+    if request.teacher is None and recipe in TEACHER_RECIPES:
+        raise UserError(f"recipe {recipe!r} distils from a teacher: give --teacher")
+    if request.teacher is not None and recipe in ONLINE_RECIPES:
+        raise UserError(f"recipe {recipe!r} trains without a teacher: drop --teacher")
+    if recipe == "modreduce" and request.method is not None:
+        from compressor.schemes.modreduce import check_no_method
+
+        check_no_method(request.method.text)
+
+
+def _named(arch: str) -> Candidate:
+    """A student named on the command line: not searched, measured only if a chain needs it."""
+    return Candidate(arch, teacher_family_of(arch) or arch, 0, 0)
+
+
+def _search(request: PlanRequest, subject: Subject, latency: LatencyFn | None, pruned: PrunedOffer | None,
+            reasons: list[str]) -> tuple[Candidate, list[Candidate]]:
+    """Every candidate measured against the budgets, and the student the rule (or the probe) picks."""
+    from recipes.fill import fill_budget
+
+    candidates = measure_candidates(subject.num_classes, subject.input_shape)
     if request.family is not None:
         known = sorted({c.family for c in candidates})
         if request.family not in known:
             raise UserError(f"no searchable family {request.family!r}; families: {', '.join(known)}")
         candidates = [c for c in candidates if c.family == request.family]
     grid_size = len(candidates)
-    filled = fill_budget(candidates, request.budgets, request.teacher_flops, request.num_classes, request.input_shape)
+    teacher_flops = subject.teacher_flops if request.teacher is not None else None
+    filled = fill_budget(candidates, request.budgets, teacher_flops, subject.num_classes, subject.input_shape)
     candidates += filled.members
-    candidates = _with_pruned(request, candidates, reasons)
+    candidates = _with_pruned(request, candidates, pruned, reasons)
     # a student is never larger than its teacher (checked with the budgets, before any latency is timed)
-    apply_budgets(candidates, request.budgets, request.teacher_flops, latency)
-    check_budget_range(candidates, request.budgets, request.teacher_flops, request.teacher_params)
-    family = teacher_family_of(request.teacher_arch)
+    apply_budgets(candidates, request.budgets, teacher_flops, latency)
+    check_budget_range(candidates, request.budgets, teacher_flops,
+                       subject.teacher_params if request.teacher is not None else None)
     if request.student is not None:
         student = next((c for c in candidates if c.name == request.student and c.fits), None)
         if student is None:
             raise UserError(f"{request.student} is not a fitting candidate for this budget")
         why = f"student {student.name} ({student.flops / 1e6:.2f} MFLOPs, {student.params / 1e6:.3f} M params)"
     else:
-        student, why = pick(candidates, family, request.family)
+        student, why = pick(candidates, teacher_family_of(subject.teacher_arch), request.family)
     reasons.append(
         f"{len([c for c in candidates if c.fits])} of {len(candidates)} zoo candidates meet "
         + ", ".join(b.describe() for b in request.budgets)
@@ -102,105 +174,162 @@ def make_plan(request: PlanRequest, latency: LatencyFn | None = None) -> Plan:
         )
     uses = student.uses(request.budgets)
     reasons.append(f"{why}; {uses}" if uses else why)
-    stages, recipe = _stages(request, student, candidates, reasons)
-    clip = stages[-1].train.get("grad_clip") if request.teacher is not None else None
-    if clip:
-        reasons.append(f"distillation stages clip the gradient norm at {clip:g}: the KD gradient grows with the "
-                       "teacher-student logit gap and can kill a student without BatchNorm (recipes/protocols.py)")
-    return Plan(
-        data=request.data, stages=stages, teacher=request.teacher, teacher_arch=request.teacher_arch,
-        budgets=[b.text for b in request.budgets], recipe=recipe, seed=request.seed, reasons=reasons,
-        candidates=[c.to_dict() for c in sorted(candidates, key=lambda c: c.flops)],
-    ).validate()
+    return student, candidates
 
 
-def _with_pruned(request: PlanRequest, candidates: list[Candidate], reasons: list[str]) -> list[Candidate]:
+def _with_pruned(request: PlanRequest, candidates: list[Candidate], pruned: PrunedOffer | None,
+                 reasons: list[str]) -> list[Candidate]:
     """``--candidates``: the zoo, the pruned teacher, or both; with no pruned candidate, the zoo."""
-    if request.candidates == "zoo":
+    if request.candidates == "zoo" or pruned is None:
         return candidates
-    if request.pruned_reason:
-        reasons.append(request.pruned_reason)
-    pruned = request.pruned
-    if pruned is not None and request.family is not None and pruned.family != request.family:
-        reasons.append(f"the pruned candidate is a {pruned.family}, not of --family {request.family}: left out")
-        pruned = None
-    if pruned is None:
+    reasons.append(pruned.reason)
+    candidate = pruned.candidate
+    if candidate is not None and request.family is not None and candidate.family != request.family:
+        reasons.append(f"the pruned candidate is a {candidate.family}, not of --family {request.family}: left out")
+        candidate = None
+    if candidate is None:
         return candidates  # falls back to the zoo (the reason says why)
-    return [pruned] if request.candidates == "pruned" else [*candidates, pruned]
+    return [candidate] if request.candidates == "pruned" else [*candidates, candidate]
 
 
-def _train(request: PlanRequest, arch: str, family: str, *, distill: bool) -> dict:
-    return default_train(request.data, arch, family, distill=distill, epochs=request.epochs)
+# --------------------------------------------------------------------------------------- stages
 
 
-def _stages(request: PlanRequest, student: Candidate, candidates: list[Candidate], reasons: list[str]):
-    method = request.method or DEFAULT_METHOD
-    opts = dict(request.options)
-    final_train = _train(request, student.name, student.family, distill=request.teacher is not None)
+def _stages(request: PlanRequest, subject: Subject, student: Candidate, candidates: list[Candidate],
+            reasons: list[str]) -> list[Stage]:
     if request.teacher is None:
-        recipe = request.recipe or "cohort"
-        if recipe == "osakd":
-            reasons.append("no teacher: OSAKD self-distillation (k-NN soft labels from the model's own outputs)")
-            return [Stage("student", "osakd", student.name, [], None, opts, final_train, reasons[-1])], recipe
-        opts.setdefault("cohort", 3)
-        opts.setdefault("aggregator", "attention")
-        reasons.append(f"no teacher: an online cohort of {opts['cohort']} peers with the {opts['aggregator']} "
-                       "aggregator; the best peer on the validation split is deployed")
-        return [Stage("student", "cohort", student.name, [], None, opts, final_train, reasons[-1])], "cohort"
-
+        return _online(request, subject, student, reasons)
+    recipe = request.recipe
     if student.pruned is not None:
-        if request.recipe not in (None, "single"):
-            raise UserError(f"--recipe {request.recipe} does not apply to the pruned teacher {student.name}: its recovery "
+        if recipe not in (None, "single"):
+            raise UserError(f"--recipe {recipe} does not apply to the pruned teacher {student.name}: its recovery "
                             "is one offline distillation from the unpruned teacher; use --candidates zoo for that recipe")
         reasons.append(f"{student.name} is the teacher with channels pruned away: recovery training is one offline "
                        f"distillation from the unpruned teacher, from the teacher's kept weights")
-        options = {**opts, "prune": dict(student.pruned)}
-        return [Stage("student", "offline", request.teacher_arch, [TEACHER], method, options, final_train,
-                      reasons[-1])], "pruned"
-    gap = request.teacher_flops / student.flops
-    forced = request.recipe
-    if forced in ("modreduce", "tcn"):
-        reasons.append(f"--recipe {forced}")
-        if forced == "modreduce":
-            final_train = {**final_train, **MODREDUCE_TRAIN_DEFAULTS}
-        return [Stage("student", forced, student.name, [TEACHER], None, opts, final_train, reasons[-1])], forced
-    if forced == "osakd" or forced == "cohort":
-        raise UserError(f"recipe {forced!r} trains without a teacher: drop --teacher")
-    assistants: list[Candidate] = []
-    if forced in ("takd", "dgkd") or (forced is None and gap > request.gap_threshold):
-        wanted = max(1, math.ceil(math.log(gap) / math.log(request.gap_threshold)) - 1) if gap > 1 else 1
-        if forced == "dgkd":
-            wanted = max(wanted, 2)
-        assistants = choose_assistants(request.teacher_flops, student, candidates, wanted)
-        if not assistants:
-            if forced:
-                raise UserError(f"recipe {forced!r} needs a teacher assistant between the teacher and {student.name}, "
-                                "and no zoo model lies between them")
-            reasons.append(f"capacity gap {gap:.1f}x exceeds {request.gap_threshold:g}x, but no zoo model lies "
-                           "between teacher and student: distilling directly")
-    else:
-        reasons.append(f"capacity gap {gap:.1f}x (teacher/student FLOPs) is within {request.gap_threshold:g}x: "
-                       "one offline distillation, no teacher assistant")
+        return [_stage(request, subject, "student", "offline", subject.teacher_arch, [TEACHER], reasons[-1],
+                       family=student.family, prune=dict(student.pruned))]
+    if recipe == "modreduce":
+        reasons.append("--recipe modreduce")
+        return [_stage(request, subject, "student", "modreduce", student.name, [TEACHER], reasons[-1],
+                       family=student.family)]
+    if recipe == "tcn":
+        return _tcn(request, subject, student, reasons)
+    assistants = _assistants(request, subject, student, candidates, reasons)
     if not assistants:
-        return [Stage("student", "offline", student.name, [TEACHER], method, opts, final_train, reasons[-1])], "single"
-    recipe = forced or ("dgkd" if len(assistants) >= 2 else "takd")
-    steps = " -> ".join(["teacher", *(display_name(a.name) for a in assistants), display_name(student.name)])
-    reasons.append(
-        f"capacity gap {gap:.1f}x exceeds {request.gap_threshold:g}x: {len(assistants)} teacher assistant(s) at "
-        f"geometric FLOPs steps ({steps}); "
-        + ("DGKD: every stage learns from the teacher and all assistants above it, with random drops"
-           if recipe == "dgkd" else "TAKD: each stage learns from the one above")
-    )
+        why = reasons[-1] if candidates else f"{student.name}: one offline distillation from the teacher"
+        return [_stage(request, subject, "student", "offline", student.name, [TEACHER], why, family=student.family)]
+    dgkd = recipe == "dgkd" or (recipe is None and request.chain is None and len(assistants) >= 2)
     stages, above = [], [TEACHER]
     for i, model in enumerate([*assistants, student]):
         name = "student" if model is student else f"ta{i + 1}"
-        teachers = list(above) if recipe == "dgkd" else [above[-1]]
-        scheme = "dgkd" if recipe == "dgkd" and len(teachers) > 1 else "offline"
-        stage_reason = f"{model.name} ({model.flops / 1e6:.2f} MFLOPs) learns from {', '.join(teachers)}"
-        stages.append(Stage(name, scheme, model.name, teachers, method, dict(opts),
-                            _train(request, model.name, model.family, distill=True), stage_reason))
+        teachers = list(above) if dgkd else [above[-1]]
+        size = f" ({model.flops / 1e6:.2f} MFLOPs)" if model.flops else ""
+        stages.append(_stage(request, subject, name, "dgkd" if dgkd and len(teachers) > 1 else "offline",
+                             model.name, teachers, f"{model.name}{size} learns from {', '.join(teachers)}",
+                             family=model.family))
         above.append(name)
-    return stages, recipe
+    return stages
+
+
+def _assistants(request: PlanRequest, subject: Subject, student: Candidate, candidates: list[Candidate],
+                reasons: list[str]) -> list[Candidate]:
+    """The teacher assistants: the named chain, or those the gap rule inserts (none within it)."""
+    recipe = request.recipe
+    if request.chain is not None or (not candidates and recipe in ("takd", "dgkd")):
+        chain = [c.strip() for c in request.chain or ()]
+        if not chain or any(not c for c in chain):
+            raise UserError("--chain needs one or more teacher-assistant architectures, e.g. --chain resnet56,resnet32")
+        return check_chain_sizes(subject.teacher_flops, chain, student.name, subject.num_classes, subject.input_shape)
+    if not candidates:
+        return []  # a named student, distilled once
+    teacher_flops = subject.teacher_flops
+    gap = teacher_flops / student.flops
+    if recipe in ("takd", "dgkd") or (recipe is None and gap > request.gap_threshold):
+        wanted = max(1, math.ceil(math.log(gap) / math.log(request.gap_threshold)) - 1) if gap > 1 else 1
+        if recipe == "dgkd":
+            wanted = max(wanted, 2)
+        assistants = choose_assistants(teacher_flops, student, candidates, wanted)
+        if not assistants:
+            if recipe:
+                raise UserError(f"recipe {recipe!r} needs a teacher assistant between the teacher and {student.name}, "
+                                "and no zoo model lies between them")
+            reasons.append(f"capacity gap {gap:.1f}x exceeds {request.gap_threshold:g}x, but no zoo model lies "
+                           "between teacher and student: distilling directly")
+            return []
+        steps = " -> ".join(["teacher", *(display_name(a.name) for a in assistants), display_name(student.name)])
+        dgkd = recipe == "dgkd" or (recipe is None and len(assistants) >= 2)
+        reasons.append(
+            f"capacity gap {gap:.1f}x exceeds {request.gap_threshold:g}x: {len(assistants)} teacher assistant(s) at "
+            f"geometric FLOPs steps ({steps}); "
+            + ("DGKD: every stage learns from the teacher and all assistants above it, with random drops"
+               if dgkd else "TAKD: each stage learns from the one above")
+        )
+        return assistants
+    reasons.append(f"capacity gap {gap:.1f}x (teacher/student FLOPs) is within {request.gap_threshold:g}x: "
+                   "one offline distillation, no teacher assistant")
+    return []
+
+
+def _online(request: PlanRequest, subject: Subject, student: Candidate, reasons: list[str]) -> list[Stage]:
+    """No teacher: OSAKD self-distillation, or an online cohort (the attention aggregator by default)."""
+    if request.recipe == "osakd":
+        reasons.append("no teacher: OSAKD self-distillation (k-NN soft labels from the model's own outputs)")
+        return [_stage(request, subject, "student", "osakd", student.name, [], reasons[-1], family=student.family)]
+    from compressor.schemes.cohort import parse_peers
+
+    peers = parse_peers(request.options.get("peers"))
+    defaults = {k: v for k, v in DEFAULT_COHORT.items() if not (k == "cohort" and peers)}  # peers say N
+    options = {**defaults, **request.options}
+    size = len(peers) if peers else options["cohort"]
+    reasons.append(f"no teacher: an online cohort of {size} peers with the {options['aggregator']} "
+                   "aggregator; the best peer on the validation split is deployed")
+    return [_stage(request, subject, "student", "cohort", student.name, [], reasons[-1], family=student.family,
+                   options=options)]
+
+
+def _tcn(request: PlanRequest, subject: Subject, student: Candidate, reasons: list[str]) -> list[Stage]:
+    """Teacher-class network: one stage, or one per level when hierarchical (1 -> 2 -> 4 ... students)."""
+    from compressor.schemes.tcn import TCNOptions, tcn_levels
+
+    given = TCNOptions.from_dict(request.options, "tcn")
+    levels = tcn_levels(given.students, given.hierarchical)
+    options = {k: v for k, v in request.options.items() if k != "hierarchical"}
+    reasons.append(f"teacher-class network: {' -> '.join(['teacher', *(str(level.students) for level in levels)])} "
+                   "student(s)")
+    return [_stage(request, subject, "student" if i == len(levels) - 1 else level.name, "tcn", student.name,
+                   [level.teacher], f"{level.students} student(s) regress the embedding of {level.teacher}",
+                   family=student.family, options={**options, "students": level.students})
+            for i, level in enumerate(levels)]
+
+
+def _stage(request: PlanRequest, subject: Subject, name: str, scheme: str, arch: str, teachers: list[str],
+           reason: str, *, family: str | None = None, options: dict[str, Any] | None = None,
+           prune: dict[str, Any] | None = None) -> Stage:
+    """One stage: the scheme's options from the request, its method, and its training settings (the
+    data's protocol, the scheme's own defaults, then the command line's)."""
+    from compressor.schemes.registry import scheme_options
+    from compressor.trainer.config import TrainConfig
+
+    spec = scheme_options(scheme)
+    options = dict(request.options if options is None else options)
+    if prune is not None:
+        options["prune"] = prune
+    settings = default_train(subject.data, arch, family, distill=spec.knowledge_terms and bool(teachers),
+                             scheme_defaults=spec.train_defaults, **request.train.given())
+    return Stage(name, scheme, arch, teachers, _method(request, scheme), options,
+                 TrainConfig.from_dict({"seed": request.seed, **settings}), reason)
+
+
+def _method(request: PlanRequest, scheme: str) -> "MethodSpec | None":
+    from compressor.knowledge.spec import parse_method_spec
+    from compressor.schemes.registry import scheme_options
+
+    spec = scheme_options(scheme)
+    if not spec.takes_method:
+        if request.method is not None:
+            spec.refuse_method(scheme, request.method)
+        return None
+    return request.method or request.default_method or parse_method_spec(spec.default_method)
 
 
 def choose_assistants(teacher_flops: int, student: Candidate, candidates: list[Candidate], count: int) -> list[Candidate]:
@@ -220,3 +349,26 @@ def choose_assistants(teacher_flops: int, student: Candidate, candidates: list[C
             break
         chosen.append(min(options, key=lambda c: (abs(math.log(c.flops / target)), c.params)))
     return chosen
+
+
+def check_chain_sizes(teacher_flops: int | None, chain: Sequence[str], student: str, num_classes: int,
+                      shape: tuple[int, int, int]) -> list[Candidate]:
+    """Each link must be smaller than the one above it and larger than the student (by FLOPs); the
+    links, measured."""
+    from compressor.cost import measure_arch
+
+    student_flops = measure_arch(student, num_classes, shape).flops
+    previous_name, previous = "the teacher", teacher_flops
+    links = []
+    for arch in chain:
+        cost = measure_arch(arch, num_classes, shape)
+        flops = cost.flops
+        if previous is not None and flops >= previous:
+            raise UserError(f"teacher assistant {arch} ({flops / 1e6:.2f} MFLOPs) is not smaller than "
+                            f"{previous_name} ({previous / 1e6:.2f} MFLOPs)")
+        if flops <= student_flops:
+            raise UserError(f"teacher assistant {arch} ({flops / 1e6:.2f} MFLOPs) is not larger than the "
+                            f"student {student} ({student_flops / 1e6:.2f} MFLOPs)")
+        links.append(Candidate(arch, teacher_family_of(arch) or arch, flops, cost.params))
+        previous_name, previous = arch, flops
+    return links

@@ -9,6 +9,7 @@ left. Scores are validation top-1, never test. The winner replaces the rule's pi
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Callable
 
 from compressor.errors import UserError
@@ -41,14 +42,13 @@ def probe_search(plan: Plan, inputs: RunInputs, *, k: int = 4, device: str = "au
             request = SchemeRequest(student_arch=arch, num_classes=source.num_classes,
                                     input_shape=tuple(source.input_shape), num_train=source.num_train,
                                     teacher=_frozen_copy(inputs), method=final.method if TEACHER in final.teachers else None,
-                                    options=_pruned_start(inputs, by_name[arch]))
+                                    **_pruned_start(inputs, by_name[arch]))
             seed_everything(plan.seed)  # every candidate starts from the same seed
             scheme = build_scheme("offline", request)
-            settings = {**final.train, "epochs": epochs, "seed": plan.seed, "device": device, "progress": "off"}
-            settings.pop("milestones", None)
-            settings["schedule"] = "cosine"
+            config = replace(final.train, epochs=epochs, seed=plan.seed, device=device, progress="off",
+                             schedule="cosine", milestones=TrainConfig.milestones)
             try:
-                result = fit(scheme, source, TrainConfig(**settings), echo=None)
+                result = fit(scheme, source, config, echo=None)
                 score = result.best_record.get("val_top1")
             except NotLearning as err:  # a candidate that cannot learn under this recipe loses the round
                 echo(f"probe: {arch} is out: {err.reason}")

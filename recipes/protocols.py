@@ -9,9 +9,12 @@ teacher-class network's Adam), then what the command line or the plan says, whic
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from compressor.data import DataSpec
+from recipes.request import given
+
+if TYPE_CHECKING:
+    from compressor.data import DataSpec
 
 # Distillation stages of our own recipes clip the global gradient norm (unless the protocol clips
 # already). Why, measured on Fashion-MNIST (12,000 images, resnet8 teacher, batch 64, each term at
@@ -51,7 +54,7 @@ PROTOCOLS: Mapping[str, dict[str, Any]] = _Protocols()
 
 
 def _source_name(data: str | DataSpec) -> str:
-    return data.name if isinstance(data, DataSpec) else data.split(":", 1)[0].strip().lower()
+    return data.split(":", 1)[0].strip().lower() if isinstance(data, str) else data.name
 
 
 def protocol_name(data: str | DataSpec) -> str:
@@ -60,11 +63,6 @@ def protocol_name(data: str | DataSpec) -> str:
     from compressor.data import protocol_of
 
     return protocol_of(_source_name(data)).name
-
-
-def given(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings that say something: None means "not given, keep the default"."""
-    return {k: v for k, v in settings.items() if v is not None}
 
 
 def default_train(data: str | DataSpec, arch: str, family: str | None = None, *, distill: bool = False,

@@ -23,17 +23,6 @@ from compressor.pruning import PruneSettings, describe, prune_to_budget, replay
 from recipes.budget import Budget, cost_limits
 from recipes.search import Candidate
 
-CANDIDATE_SETS = ("zoo", "pruned", "all")
-DEFAULT_CANDIDATES = "zoo"  # becomes "all" once the issue-14 benchmark shows where pruning wins
-
-
-def parse_candidates(text: str | None) -> str:
-    value = (text or DEFAULT_CANDIDATES).strip().lower()
-    if value not in CANDIDATE_SETS:
-        raise UserError(f"--candidates must be one of {', '.join(CANDIDATE_SETS)} (got {text!r})")
-    return value
-
-
 def pruned_name(arch: str) -> str:
     return f"{arch}-pruned"
 

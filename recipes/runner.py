@@ -14,7 +14,7 @@ where it stopped. Teachers of a stage are the user's teacher or earlier stages' 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,14 +63,14 @@ def run_plan(
     resume: bool = False,
     device: str = "auto",
     echo: Echo = print,
-    train_overrides: dict[str, Any] | None = None,
     on_stage_end: Callable[[StageResult], None] | None = None,
 ) -> RunResult:
     """Train every stage of ``plan`` on ``source``; return each stage's figures and the final model.
 
-    ``on_stage_end`` is called with each stage's result once its model file is written (or found,
-    on resume): the main command drops a run it replaces only then."""
-    from compressor.trainer import NotLearning, TrainConfig, fit, seed_everything
+    ``device`` is where a stage whose settings say ``auto`` trains. ``on_stage_end`` is called with
+    each stage's result once its model file is written (or found, on resume): the main command drops
+    a run it replaces only then."""
+    from compressor.trainer import NotLearning, fit, seed_everything
 
     plan.validate()
     run_dir = Path(run_dir)
@@ -93,21 +93,18 @@ def run_plan(
             continue
         echo(label)
         teachers = [_teacher_model(name, teacher, done) for name in stage.teachers]
-        settings = {**stage.train, **(train_overrides or {})}
-        settings.setdefault("seed", plan.seed)
-        settings.setdefault("device", device)
-        seed_everything(settings["seed"])  # the models' initial weights depend on it, not on the process's past
+        config = stage.config if stage.config.device != "auto" else replace(stage.config, device=device)
+        seed_everything(config.seed)  # the models' initial weights depend on it, not on the process's past
         start = _pruned_start(stage, teacher)
         request = SchemeRequest(
             student_arch=stage.arch, num_classes=source.num_classes, input_shape=tuple(source.input_shape),
             num_train=source.num_train, teacher=teachers[0] if teachers else None, method=stage.method,
-            options={"batch_size": settings.get("batch_size", TrainConfig.batch_size) // int(os.environ.get("WORLD_SIZE", "1")),
-                     **stage.options, **_label_smoothing(stage, settings), "teachers": teachers,
-                     **start},
+            options=stage.options, teachers=teachers,
+            batch_size=config.batch_size // int(os.environ.get("WORLD_SIZE", "1")),
+            label_smoothing=config.label_smoothing, student_init=start,
         )
         scheme = build_scheme(stage.scheme, request)
-        _check_label_smoothing(stage, scheme, request.options.get("label_smoothing"))
-        config = TrainConfig(**settings)
+        _check_label_smoothing(stage, scheme, config.label_smoothing)
         try:
             result = fit(scheme, source, config, state_path=folder / "state.pt", log_path=folder / "log.jsonl",
                          resume=resume, echo=echo)
@@ -118,7 +115,8 @@ def run_plan(
                                      **getattr(deployable, "kd_arch_kwargs", {}))
         if stage.options.get("prune"):  # a pruned teacher: the checkpoint records the history that rebuilds it
             meta.pruning = dict(stage.options["prune"])
-        extra = {"stage": stage.name, "scheme": stage.scheme, "method": stage.method, "teachers": stage.teachers,
+        extra = {"stage": stage.name, "scheme": stage.scheme, "method": stage.method.text if stage.method else None,
+                 "teachers": stage.teachers,
                  "data": source.describe(),  # split and corruption options: a later run can match them
                  **getattr(result, "extra", {}), **_accuracy_before(start, source)}
         if result.is_main:
@@ -143,8 +141,8 @@ class StageNotLearning(UserError):
     def __init__(self, stage: Stage, err: Exception, run_dir: Path, finished: list[str]) -> None:
         state = stage_dir(run_dir, stage) / "state.pt"
         state.unlink(missing_ok=True)
-        method = f", method {stage.method}" if stage.method else ""
-        lr = stage.train.get("lr")
+        method = f", method {stage.method.text}" if stage.method else ""
+        lr = stage.config.lr
         kept = (f"stage(s) {', '.join(finished)} finished and are kept; " if finished else "")
         super().__init__(
             f"stage {stage.name!r} ({stage.arch} via {stage.scheme}{method}) stopped: {getattr(err, 'reason', err)} "
@@ -155,19 +153,9 @@ class StageNotLearning(UserError):
         self.stage = stage.name
 
 
-def _label_smoothing(stage: Stage, settings: dict[str, Any]) -> dict[str, Any]:
-    """``train.label_smoothing`` (a trainer setting) goes to the scheme, which owns the cross-entropy."""
-    value = settings.get("label_smoothing")
-    if value is None:
-        return {}
-    given = stage.options.get("label_smoothing")
-    if given is not None and float(given) != float(value):
-        raise UserError(f"stage {stage.name!r} sets label_smoothing twice ({value} in train, {given} in options): keep one")
-    return {"label_smoothing": float(value)}
-
-
 def _check_label_smoothing(stage: Stage, scheme: nn.Module, value: float | None) -> None:
-    """A scheme honours label smoothing by exposing ``label_smoothing``; asking one that does not is an error."""
+    """``train.label_smoothing`` (a trainer setting) goes to the scheme, which owns the cross-entropy;
+    a scheme honours it by exposing ``label_smoothing``; asking one that does not is an error."""
     if value and getattr(scheme, "label_smoothing", None) != value:
         raise UserError(f"stage {stage.name!r} asks for label_smoothing={value}, which the {stage.scheme} scheme does "
                         "not apply (vanilla, offline, dgkd and tcn do): remove it")
@@ -186,21 +174,20 @@ def _teacher_model(name: str, teacher: LoadedModel | None, done: dict[str, Loade
     return copy.deepcopy(model).eval()
 
 
-def _pruned_start(stage: Stage, teacher: LoadedModel | None) -> dict[str, Any]:
+def _pruned_start(stage: Stage, teacher: LoadedModel | None) -> nn.Module | None:
     """A pruned-teacher stage starts from the teacher's kept weights, its recorded channels removed."""
     record = stage.options.get("prune")
     if not record:
-        return {}
+        return None
     if teacher is None:
         raise UserError(f"stage {stage.name!r} prunes the teacher, but no teacher was given")
     from recipes.pruned import student_from_teacher
 
-    return {"student_init": student_from_teacher(teacher.model, record)}
+    return student_from_teacher(teacher.model, record)
 
 
-def _accuracy_before(start: dict[str, Any], source: Any) -> dict[str, Any]:
+def _accuracy_before(model: nn.Module | None, source: Any) -> dict[str, Any]:
     """A pruned teacher's validation accuracy before recovery training: the report shows what it recovered."""
-    model = start.get("student_init")
     if model is None or not source.split_size("val"):
         return {}
     import copy

@@ -36,9 +36,7 @@ def train_config(data: str, arch: str, **overrides: Any) -> TrainConfig:
     """The dataset protocol's settings for ``arch``, with the non-None ``overrides`` on top."""
     from compressor.models import model_family
 
-    settings = default_train(data, arch, family=model_family(arch))
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig.from_dict(settings)
+    return TrainConfig.from_dict(default_train(data, arch, family=model_family(arch), **overrides))
 
 
 def train_vanilla(
@@ -127,7 +125,7 @@ def evaluate_checkpoint(
         seed = int(loaded.metrics.get("seed", 0) or 0)  # the val split is seeded like the training run
     source = load_source(spec, seed=seed)
     check_fits(str(path), meta.num_classes, meta.input_shape, meta.in_chans, spec, source.num_classes,
-               source.input_shape)
+               source.input_shape, advice="evaluate it on the data it was trained for (--data)")
     warning = class_names_warning(str(path), meta.class_names, spec, source.class_names)
     model = loaded.model
     renorm = (meta.mean is not None and meta.std is not None

@@ -63,7 +63,8 @@ def _plan() -> Plan:
         data="digits", teacher="t.pt", teacher_arch="resnet110", budgets=["2MFLOPs"], recipe="takd",
         stages=[
             Stage("ta1", "offline", "resnet32", ["teacher"], "hinton+crd", {}, {"epochs": 3, "lr": 0.05}, "why"),
-            Stage("student", "offline", "resnet8", ["ta1"], "hinton", {"x": [1, 2]}, {"epochs": 3}, "why"),
+            Stage("student", "offline", "resnet8", ["ta1"], "hinton", {"loss_options": {"hinton": {"temperature": 4}}},
+                  {"epochs": 3}, "why"),
         ],
         reasons=["a", "b"], candidates=[{"name": "resnet8", "flops": 1, "fits": True}],
     )

@@ -114,10 +114,10 @@ def test_kept_teachers_terms_are_summed_unnormalised_and_dropped_ones_are_zero_a
     assert total == pytest.approx(terms["ce"].item() + sum(expected), rel=1e-5)
 
 
-def test_dgkd_builder_takes_teachers_from_options_and_trains_only_the_student():
+def test_dgkd_builder_takes_teachers_from_the_request_and_trains_only_the_student():
     teacher, ta = tiny("resnet14", seed=1), tiny("resnet8", seed=2)
-    request = SchemeRequest(TINY, 10, SHAPE, 100, teacher=teacher, method="hinton",
-                            options={"teachers": [ta], "drop_rate": 0.5, "teacher_names": ["T", "TA"]})
+    request = SchemeRequest(TINY, 10, SHAPE, 100, teacher=teacher, method="hinton", teachers=[ta],
+                            options={"drop_rate": 0.5, "teacher_names": ["T", "TA"]})
     scheme = build_scheme("dgkd", request)
     assert list(scheme.teachers) == [teacher, ta] and scheme.teacher_names == ["T", "TA"]
     trainable = {id(p) for p in scheme.trainable_parameters()}
@@ -393,7 +393,7 @@ def test_dgkd_resumed_run_repeats_the_uninterrupted_run(digits, tmp_path):
     def run(epochs: int, resume: bool):
         teachers = [tiny("resnet8", seed=1), tiny("resnet_d8_w1", seed=2)]
         request = SchemeRequest(TINY, 10, digits.input_shape, digits.split_size("train"), teacher=teachers[0],
-                                options={"teachers": teachers, "drop_rate": 0.5})
+                                teachers=teachers, options={"drop_rate": 0.5})
         scheme = build_scheme("dgkd", request)
         torch.manual_seed(3)
         scheme.student.load_state_dict(tiny(seed=3).state_dict())
@@ -425,7 +425,7 @@ def _chain_run(digits, tmp_path, monkeypatch, stage_train=None):
     real = runner.build_scheme
 
     def spy(name, request):
-        seen.append((name, request, [hook_count(t) for t in request.options["teachers"]]))
+        seen.append((name, request, [hook_count(t) for t in request.teachers]))
         return real(name, request)
 
     monkeypatch.setattr(runner, "build_scheme", spy)
@@ -511,9 +511,10 @@ def official_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: f
 
 
 def _preset(name):
-    from recipes.distill_plan import preset_plan
+    from recipes.preset import fill_preset, load_preset
+    from recipes.request import PlanRequest
 
-    return preset_plan(name, teacher="t.pt", data=None, teacher_arch=None, method=None, seed=None, train={})
+    return fill_preset(load_preset(name), PlanRequest(teacher="t.pt"), data=None)
 
 
 def test_takd_preset_is_the_official_chain_and_loss():
@@ -522,9 +523,9 @@ def test_takd_preset_is_the_official_chain_and_loss():
     assert [(s.arch, s.scheme, s.teachers) for s in plan.stages] == [
         ("resnet20", "offline", ["teacher"]), ("resnet8", "offline", ["ta1"])]
     train = plan.final.train
-    assert (train["epochs"], train["batch_size"], train["lr"], train["milestones"], train["weight_decay"]) == (
-        160, 128, 0.01, [120], 1e-4)
-    assert train["nesterov"] is False and train["augment"] is False
+    assert (train.epochs, train.batch_size, train.lr, train.milestones, train.weight_decay) == (
+        160, 128, 0.01, (120,), 1e-4)
+    assert train.nesterov is False and train.augment is False
     # (1 - lambda) CE + lambda T^2 KLDivLoss(), lambda = 1, T = 5, on CIFAR-100's 100 classes
     stage = plan.final
     teacher, b = tiny("resnet8", classes=100, seed=1).eval(), batch()
@@ -543,15 +544,15 @@ def test_dgkd_preset_is_the_official_chain_loss_and_drop():
         ("resnet20", "offline", ["teacher"]), ("resnet14", "dgkd", ["teacher", "ta1"]),
         ("resnet8", "dgkd", ["teacher", "ta1", "ta2"])]
     train = plan.final.train
-    assert (train["epochs"], train["batch_size"], train["lr"], train["milestones"], train["gamma"]) == (
-        160, 128, 0.1, [80, 120], 0.1)
-    assert train["weight_decay"] == 1e-4 and train["augment"] is False
+    assert (train.epochs, train.batch_size, train.lr, train.milestones, train.gamma) == (
+        160, 128, 0.1, (80, 120), 0.1)
+    assert train.weight_decay == 1e-4 and train.augment is False
     # lambda = 1: no cross-entropy; T = 5; lambda T^2 sum over the kept teachers of KLDivLoss(); one dropped a batch
     stage = plan.final
     teachers = [tiny("resnet8", classes=100, seed=i).eval() for i in (1, 2, 3)]
     b = batch()
     scheme = build_scheme("dgkd", SchemeRequest(TINY, 100, SHAPE, 64, teacher=teachers[0], method=stage.method,
-                                                options={**stage.options, "teachers": teachers}))
+                                                options=dict(stage.options), teachers=teachers))
     scheme.eval()
     torch.manual_seed(0)
     terms = scheme(b)

@@ -164,7 +164,7 @@ def test_a_saved_plan_runs_as_a_preset(cache_dir, digits_teacher, tmp_path):
     plan.save(tmp_path / "plan.yaml")
     # no --teacher on the command line: the plan names its own
     result = compress(preset=str(tmp_path / "plan.yaml"), out=tmp_path / "run", epochs=1, echo=lambda _: None)
-    assert result.plan.final.arch == plan.final.arch and result.plan.final.train["epochs"] == 1
+    assert result.plan.final.arch == plan.final.arch and result.plan.final.train.epochs == 1
     assert (tmp_path / "run" / "student.onnx").exists() and result.report["teacher"]["arch"] == "resnet8"
 
 
@@ -179,7 +179,7 @@ def test_plan_and_dry_run_take_a_bundled_preset_and_the_teacher(cache_dir, cifar
         assert result.exit_code == 0, result.output
         plan = Plan.from_yaml(result.output.split("--- plan.yaml ---", 1)[1])
         assert plan.teacher == cifar_teacher and plan.data == "cifar100:/nowhere"
-        assert [s.arch for s in plan.stages] == ["resnet20"] and plan.final.train["epochs"] == 240
+        assert [s.arch for s in plan.stages] == ["resnet20"] and plan.final.train.epochs == 240
     result = cli("plan", "--preset", "cifar100_resnet110_resnet20", "--teacher", cifar_teacher, "--label-noise", "0.2")
     assert result.exit_code == 0, result.output
     assert Plan.from_yaml(result.output.split("--- plan.yaml ---", 1)[1]).corruption["label_noise"] == 0.2
@@ -190,7 +190,7 @@ def test_plan_and_dry_run_take_a_bundled_preset_and_the_teacher(cache_dir, cifar
 def test_planned_modreduce_records_no_method_and_refuses_one(cache_dir, cifar_teacher):
     plan, _ = plan_compression(teacher=cifar_teacher, budgets=["0.1GFLOPs"], recipe="modreduce", family="resnet_cifar")
     assert plan.final.scheme == "modreduce" and plan.final.method is None
-    assert plan.final.train["nesterov"] is True  # ModReduce App. A.3: SGD with Nesterov momentum 0.9
+    assert plan.final.train.nesterov is True  # ModReduce App. A.3: SGD with Nesterov momentum 0.9
     with pytest.raises(UserError, match="modreduce.*--method"):
         plan_compression(teacher=cifar_teacher, budgets=["0.1GFLOPs"], recipe="modreduce", method="hinton",
                          family="resnet_cifar")

@@ -11,7 +11,8 @@ from compressor.errors import UserError
 from compressor.models import create, model_family, resolve
 from recipes.budget import parse_budgets
 from recipes.fill import MAX_PROBES, fill_budget
-from recipes.planner import PlanRequest, make_plan
+from recipes.planner import Facts, make_plan
+from recipes.request import PlanRequest
 from recipes.search import Candidate
 
 FMNIST, DIGITS = (1, 28, 28), (1, 8, 8)
@@ -22,12 +23,11 @@ pytestmark = pytest.mark.usefixtures("cache_dir")  # one cost cache for the modu
 
 def _plan(shape, budgets, teacher_arch=None, family=None, latency=None):
     teacher = measure_arch(teacher_arch, 10, shape) if teacher_arch else None
-    return make_plan(PlanRequest(
-        data="digits", budgets=parse_budgets(budgets), input_shape=shape, num_classes=10,
-        teacher="t.pt" if teacher_arch else None, teacher_arch=teacher_arch,
-        teacher_flops=teacher.flops if teacher else None, teacher_params=teacher.params if teacher else None,
-        family=family,
-    ), latency)
+    return make_plan(
+        PlanRequest(budgets=parse_budgets(budgets), teacher="t.pt" if teacher_arch else None, family=family),
+        Facts("digits", 10, shape, teacher_arch=teacher_arch, teacher_flops=teacher.flops if teacher else None,
+              teacher_params=teacher.params if teacher else None),
+        latency=latency)
 
 
 def _measured(arch: str, shape) -> int:

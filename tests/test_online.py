@@ -268,7 +268,7 @@ def _scheme(kind: str, source, **options):
     if kind == "modreduce":
         torch.manual_seed(1)
         kwargs["teacher"] = create("resnet8", num_classes=10, in_chans=1).eval()
-        options = {"batch_size": 32, **options}
+        kwargs["batch_size"] = 32
     torch.manual_seed(0)
     request = SchemeRequest("resnet8", source.num_classes, tuple(source.input_shape), source.num_train,
                             options=options, **kwargs)
@@ -298,7 +298,9 @@ def test_every_scheme_lowers_its_loss_on_digits_and_deploys_one_plain_student(ki
 
     plain = create("resnet8", num_classes=10, in_chans=1)
     candidates = [n for n in scheme.eval_models() if n not in ("ensemble", "aggregate")]
-    if hasattr(scheme, "observe_validation"):  # a cohort: the best candidate on validation deploys
+    from compressor.schemes.selection import PeerSelection
+
+    if isinstance(scheme, PeerSelection):  # a cohort: the best candidate on validation deploys
         scheme.observe_validation({n: 50.0 + i for i, n in enumerate(candidates)})  # the last one is best
         assert scheme.chosen == candidates[-1]
     deployable = scheme.deployable()
@@ -448,7 +450,7 @@ def test_modreduce_refuses_a_method_it_cannot_take(tmp_path, cli):
     teacher = create("resnet8", num_classes=10, in_chans=1).eval()
     with pytest.raises(UserError, match="modreduce.*--method"):
         build_scheme("modreduce", SchemeRequest("resnet8", 10, SHAPE, 64, teacher=teacher, method="hinton+crd",
-                                                options={"batch_size": 32}))
+                                                batch_size=32))
     assert _scheme("modreduce", src).students.names  # no method: the paper's three students
     from compressor.checkpoint import ModelMeta, save_model
     from compressor.data import load_source
@@ -462,28 +464,30 @@ def test_modreduce_refuses_a_method_it_cannot_take(tmp_path, cli):
 
 def test_modreduce_stage_trains_with_nesterov_sgd_unless_told_otherwise():
     """ModReduce App. A.3: the CRD benchmark's protocol with Nesterov momentum."""
-    from recipes.distill_plan import DistillRequest, distill_plan
+    from recipes.distill_run import distill_request
+    from recipes.planner import Facts, make_plan
 
     def plan(**train):
-        return distill_plan(DistillRequest(data="cifar100:/nowhere", student="resnet20", num_classes=100,
-                                           input_shape=(3, 32, 32), teacher="t.pt", scheme="modreduce", train=train))
+        return make_plan(distill_request(teacher="t.pt", student="resnet20", scheme="modreduce", **train),
+                         Facts("cifar100:/nowhere", 100, (3, 32, 32)))
 
     train = plan().final.train
-    assert train["nesterov"] is True and train["optimizer"] == "sgd" and train["momentum"] == 0.9
-    assert (train["lr"], train["epochs"], train["milestones"], train["batch_size"]) == (0.05, 240, [150, 180, 210], 64)
-    assert plan(epochs=3).final.train["epochs"] == 3
+    assert train.nesterov is True and train.optimizer == "sgd" and train.momentum == 0.9
+    assert (train.lr, train.epochs, train.milestones, train.batch_size) == (0.05, 240, (150, 180, 210), 64)
+    assert plan(epochs=3).final.train.epochs == 3
 
 
 def test_attention_cohort_preset_is_the_papers_protocol():
     """Sec. 4.1: N = 3, tau = 3, lambda = 1; Adam 1e-3, batch 32, 200 epochs, x0.1 at 80/140/170 and on
     a 5-epoch plateau."""
     from compressor.trainer import TrainConfig
-    from recipes.distill_plan import preset_plan
+    from recipes.preset import fill_preset, load_preset
+    from recipes.request import PlanRequest
 
-    plan = preset_plan("cifar100_attention_cohort_resnet20", teacher=None, data=None, teacher_arch=None,
-                       method=None, seed=None, train={})
+    plan = fill_preset(load_preset("cifar100_attention_cohort_resnet20"), PlanRequest(), data=None)
     (stage,) = plan.stages
-    config = TrainConfig(**stage.train)
+    config = stage.train
+    assert isinstance(config, TrainConfig)
     assert (config.optimizer, config.lr, config.batch_size, config.epochs) == ("adam", 1e-3, 32, 200)
     assert (config.schedule, config.milestones, config.gamma) == ("step", (80, 140, 170), 0.1)
     assert (config.plateau_patience, config.plateau_factor) == (5, 0.1)

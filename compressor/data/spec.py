@@ -139,8 +139,11 @@ def _ensure_loaded() -> None:
     import_submodules(compressor.data.__name__, compressor.data.__path__)
 
 
-def parse_spec(spec: "str | DataSpec") -> DataSpec:
-    """``'cifar100:~/data'`` -> DataSpec(entry cifar100, Path('~/data').expanduser()); UserError on a bad spec."""
+def parse_spec(spec: "str | DataSpec", *, check_dir: bool = True) -> DataSpec:
+    """``'cifar100:~/data'`` -> DataSpec(entry cifar100, Path('~/data').expanduser()); UserError on a bad spec.
+
+    ``check_dir=False`` reads a spec whose data will not be opened (a teacher's recorded dataset
+    when only its shape is needed) without asking for its directory to exist here."""
     if isinstance(spec, DataSpec):
         return spec
     _ensure_loaded()
@@ -157,6 +160,8 @@ def parse_spec(spec: "str | DataSpec") -> DataSpec:
     if not entry.accepts_dir:
         raise UserError(f"data spec {spec!r}: {entry.name} takes no directory, write just {entry.usage!r}")
     directory = Path(rest.strip()).expanduser()
+    if not check_dir:
+        return DataSpec(spec.strip(), entry, directory)
     if not directory.exists():
         raise UserError(f"data directory {str(directory)!r} does not exist (from spec {spec!r})")
     if not directory.is_dir():

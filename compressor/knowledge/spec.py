@@ -24,7 +24,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from compressor.errors import UserError
 from compressor.knowledge.base import list_losses, loss_class
@@ -46,6 +46,7 @@ class MethodSpec:
 
     terms: tuple[tuple[str, float], ...]
     ce_weight: float = DEFAULT_CE_WEIGHT
+    source: str = field(default="", compare=False)  # what the user wrote, e.g. "hinton+crd" (plans record it)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "terms", tuple((str(n), float(w)) for n, w in self.terms))
@@ -54,6 +55,11 @@ class MethodSpec:
     @classmethod
     def parse(cls, spec: str) -> "MethodSpec":
         return parse_method_spec(spec)
+
+    @property
+    def text(self) -> str:
+        """What the user wrote, or the explicit form when the spec was built in code."""
+        return self.source or str(self)
 
     @property
     def names(self) -> list[str]:
@@ -77,8 +83,11 @@ def parse_method(spec: str) -> list[tuple[str, float]]:
     return parse_method_spec(spec).as_list()
 
 
-def parse_method_spec(spec: str) -> MethodSpec:
-    """Parse a method spec (see the module docstring); a malformed one raises UserError."""
+def parse_method_spec(spec: "str | MethodSpec") -> MethodSpec:
+    """Parse a method spec (see the module docstring); a malformed one raises UserError. A spec
+    already parsed is returned as it is: parse once, at the edge, and pass the value."""
+    if isinstance(spec, MethodSpec):
+        return spec
     if not isinstance(spec, str) or not spec.strip():
         raise UserError(f"the distillation method is empty; accepted forms: {ACCEPTED_FORMS}")
     known = list_losses()
@@ -103,7 +112,7 @@ def parse_method_spec(spec: str) -> MethodSpec:
     terms = tuple((name, _default_weight(name, alone) if weight is None else weight) for name, weight in given)
     if ce_weight is None:
         ce_weight = _default_ce_weight(given[0][0]) if alone else DEFAULT_CE_WEIGHT
-    return MethodSpec(terms, ce_weight)
+    return MethodSpec(terms, ce_weight, spec.strip())
 
 
 def method_table() -> str:

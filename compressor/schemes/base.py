@@ -9,7 +9,7 @@ kept in eval mode whatever ``train()`` is called with.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch.nn as nn
 from torch import Tensor
@@ -50,10 +50,18 @@ class Scheme(nn.Module):
         """Called after each optimiser step (EMA teachers, memory banks)."""
 
     def start_epoch(self, epoch: int, num_epochs: int) -> None:
-        """Called by the trainer before each epoch (0-based): loss warm-ups and schedules (DKD)."""
+        """Called by the trainer before each epoch (0-based): loss warm-ups and schedules (DKD).
+
+        Passes the epoch on to every part that takes it: knowledge losses and aggregators declare
+        ``set_epoch`` on their base classes (compressor.knowledge.base, compressor.schemes.aggregators)."""
         for module in self.modules():
             if module is not self and hasattr(module, "set_epoch"):
                 module.set_epoch(epoch, num_epochs)
+
+    def observe_validation(self, top1: Mapping[str, float]) -> str | None:
+        """Called by the trainer after each epoch's validation with every eval model's top-1; returns
+        the model that stands for the epoch (a cohort's chosen peer), or None for the primary one."""
+        return None
 
     def bind_train_labels(self, labels: Tensor) -> None:
         """Called by the trainer before training with the training split's labels (by sample

@@ -6,14 +6,15 @@ shared trunk (:mod:`compressor.schemes.branching`). Each peer learns from the la
 aggregator (:mod:`compressor.schemes.aggregators`) forms the training-time teacher and the terms
 that tie the peers to it. The deployable is ONE peer, chosen on the validation split.
 
-Options (``SchemeRequest.options``): ``cohort`` (N, default 3), ``aggregator`` (default
-``attention``), ``peers`` (architectures, a list or comma-separated; N = their count),
-``temperature``, ``kd_weight`` and the aggregator's own (``rampup``, ``ema_decay``, ``hidden``).
+Options (:class:`CohortOptions`): ``cohort`` (N, default 3), ``aggregator`` (default
+``attention``), ``peers`` (architectures, a list or comma-separated; N = their count), and the
+aggregator's own hyper-parameters (``temperature``, ``kd_weight``, ``rampup``, ``ema_decay``,
+``hidden``: whichever its constructor takes; any other name is refused).
 """
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch.nn as nn
@@ -22,11 +23,11 @@ from torch import Tensor
 
 from compressor.batch import Batch
 from compressor.errors import UserError
-from compressor.schemes.aggregators import Aggregator, aggregator_class, build_aggregator
+from compressor.schemes.aggregators import Aggregator, aggregator_class, aggregator_params, build_aggregator
 from compressor.schemes.base import Scheme
 from compressor.schemes.branching import NotBranchable
 from compressor.schemes.peers import BranchedPeers, PeerGroup, SeparatePeers
-from compressor.schemes.registry import SchemeRequest, register_scheme
+from compressor.schemes.registry import REFUSED, SchemeOptions, SchemeRequest, register_scheme
 from compressor.schemes.selection import EnsembleView, PeerSelection
 
 DEFAULT_COHORT = 3  # N = 3 in the attention-cohort paper (and ONE's and PCL's CIFAR runs)
@@ -84,10 +85,28 @@ def parse_peers(value: Any) -> list[str] | None:
     return peers or None
 
 
-def aggregator_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options the aggregator's constructor takes (temperature, kd_weight and its own)."""
-    params = inspect.signature(aggregator_class(name).__init__).parameters
-    return {k: v for k, v in options.items() if k in params and k not in ("self", "info") and v is not None}
+@dataclass
+class CohortOptions(SchemeOptions):
+    """N peers (``cohort`` or ``peers``) and an ``aggregator``; ``extra`` holds the aggregator's own
+    hyper-parameters (a name its constructor does not take is refused when the plan is built)."""
+
+    teacher = REFUSED
+
+    cohort: int | None = None
+    aggregator: str = DEFAULT_AGGREGATOR
+    peers: list[str] | str | None = None
+
+    @classmethod
+    def extra_names(cls, given: Mapping[str, Any]) -> list[str]:
+        return aggregator_params(str(given.get("aggregator") or DEFAULT_AGGREGATOR))
+
+    def check(self) -> None:
+        aggregator_class(self.aggregator)  # an unknown name fails here, with the known ones
+
+
+def aggregator_options(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The aggregator's hyper-parameters a stage gave (None: its default)."""
+    return {k: v for k, v in extra.items() if v is not None}
 
 
 def build_group(archs: Sequence[str], multi_branch: bool, aggregator: str,
@@ -110,8 +129,8 @@ def build_group(archs: Sequence[str], multi_branch: bool, aggregator: str,
 def cohort_archs(request: SchemeRequest) -> list[str]:
     """The peers' architectures from ``peers`` / ``cohort`` / the student; N < 2 is refused."""
     options = request.options
-    peers = parse_peers(options.get("peers"))
-    size = options.get("cohort")
+    peers = parse_peers(options.peers)
+    size = options.cohort
     if peers is not None:
         if size is not None and int(size) != len(peers):
             raise UserError(f"--cohort {size} does not match the {len(peers)} architectures in --peers")
@@ -124,7 +143,7 @@ def cohort_archs(request: SchemeRequest) -> list[str]:
     return archs
 
 
-@register_scheme("cohort")
+@register_scheme("cohort", options=CohortOptions)
 def build_cohort(request: SchemeRequest) -> CohortScheme:
     """N peers and an aggregator; no teacher. See the module docstring for the options."""
     from compressor.models import create
@@ -132,7 +151,8 @@ def build_cohort(request: SchemeRequest) -> CohortScheme:
     if request.teacher is not None:
         raise UserError("the cohort scheme trains without a teacher: drop --teacher, or use --scheme modreduce")
     archs = cohort_archs(request)
-    name = str(request.options.get("aggregator") or DEFAULT_AGGREGATOR)
+    options: CohortOptions = request.options  # type: ignore[assignment]
+    name = options.aggregator
     cls = aggregator_class(name)
 
     def factory(arch: str) -> nn.Module:
@@ -140,5 +160,5 @@ def build_cohort(request: SchemeRequest) -> CohortScheme:
 
     group = build_group(archs, cls.multi_branch, name, factory, request.input_shape)
     info = group.info(request.num_classes, request.input_shape)
-    aggregator = build_aggregator(name, info, group, **aggregator_options(name, request.options))
+    aggregator = build_aggregator(name, info, group, **aggregator_options(options.extra))
     return CohortScheme(group, aggregator)

@@ -38,6 +38,7 @@ reproduces the official default when ``p = 1 / n``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -49,8 +50,8 @@ from compressor.batch import Batch
 from compressor.errors import UserError
 from compressor.features import FeatureTaps
 from compressor.schemes.base import Scheme
-from compressor.schemes.offline import freeze, knowledge_losses, loss_options_of
-from compressor.schemes.registry import SchemeRequest, register_scheme
+from compressor.schemes.offline import DEFAULT_METHOD, freeze, knowledge_losses, loss_options_of, method_of
+from compressor.schemes.registry import SchemeOptions, SchemeRequest, register_scheme
 
 
 def check_drop_rate(drop_rate: Any) -> float | None:
@@ -167,33 +168,44 @@ class DGKD(Scheme):
         return self.student
 
 
-@register_scheme("dgkd")
-def build_dgkd(request: SchemeRequest, student: nn.Module | None = None) -> DGKD:
-    """DGKD from a request.
+@dataclass
+class DGKDOptions(SchemeOptions):
+    """``teacher_names``: one label per teacher for the loss terms (default teacher, ta1, ...);
+    ``drop_rate``: see the module docstring (default: one teacher per batch, the official code's);
+    ``loss_options``: per-term hyper-parameters, e.g. ``{"hinton": {"temperature": 4}}``."""
 
-    ``request.options``:
-      * ``teachers``: the frozen teachers, largest first: the teacher, then the assistants above
-        this stage (already loaded ``nn.Module``s). ``request.teacher``, when given and not in the
-        list, is put first; a request with only ``request.teacher`` is DGKD with one teacher.
-      * ``teacher_names``: one label per teacher for the loss terms (default teacher, ta1, ...);
-      * ``drop_rate``: see the module docstring (default: one teacher per batch, the official code's);
-      * ``loss_options``: per-term hyper-parameters, e.g. ``{"hinton": {"temperature": 4}}``.
+    takes_method = True
+    default_method = DEFAULT_METHOD
+    knowledge_terms = True
+
+    loss_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    drop_rate: float | None = None
+    teacher_names: list[str] | None = None
+
+    def check(self) -> None:
+        check_drop_rate(self.drop_rate)
+
+
+@register_scheme("dgkd", options=DGKDOptions)
+def build_dgkd(request: SchemeRequest, student: nn.Module | None = None) -> DGKD:
+    """DGKD from a request: ``request.teachers`` are the frozen teachers, largest first (the teacher,
+    then the assistants above this stage); ``request.teacher``, when given and not among them, is
+    put first, so a request with only ``request.teacher`` is DGKD with one teacher.
     ``request.method`` is the knowledge method spec applied to every teacher (default ``hinton``).
     """
-    from compressor.knowledge.spec import parse_method_spec
     from compressor.models import create
 
-    teachers = list(request.options.get("teachers") or [])
+    teachers = list(request.teachers)
     if request.teacher is not None and not any(t is request.teacher for t in teachers):
         teachers.insert(0, request.teacher)
     if not teachers:
         raise UserError("DGKD needs the teacher and the assistants above the student (--teacher T.pt --chain ...)")
-    spec = parse_method_spec(request.method or "hinton")
+    spec = method_of(request)
     if student is None:
         student = create(request.student_arch, num_classes=request.num_classes, in_chans=request.input_shape[0])
+    options: DGKDOptions = request.options  # type: ignore[assignment]
     return DGKD(
         teachers, student, spec.terms, input_shape=request.input_shape, num_classes=request.num_classes,
         num_train=request.num_train, ce_weight=spec.ce_weight, loss_options=loss_options_of(request),
-        label_smoothing=float(request.options.get("label_smoothing") or 0.0),
-        drop_rate=request.options.get("drop_rate"), teacher_names=request.options.get("teacher_names"),
+        label_smoothing=request.label_smoothing, drop_rate=options.drop_rate, teacher_names=options.teacher_names,
     )

@@ -25,13 +25,15 @@ to the dataset's protocol (the planner and ``kdcompress distill --scheme modredu
 The knowledge each student learns is fixed by the method (above), so a stage's ``method`` is
 refused rather than recorded and ignored; the weights are the options below.
 
-Options: ``aggregator`` (wavg), ``temperature`` (4), ``hinton_weight`` (1), ``semckd_weight``
-(400), ``crd_weight`` (0.8), ``online_weight`` (1), ``batch_size`` (SemCKD's similarity size: the
-training batch size, 64), ``peers`` (three architectures, default three of the student).
+Options (:class:`ModReduceOptions`): ``aggregator`` (wavg), ``temperature`` (4), ``hinton_weight``
+(1), ``semckd_weight`` (400), ``crd_weight`` (0.8), ``online_weight`` (1), ``peers`` (three
+architectures, default three of the student), and the aggregator's own hyper-parameters. SemCKD's
+similarity size is the request's per-process batch size (64 when none is given).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -43,11 +45,12 @@ from compressor.batch import Batch
 from compressor.errors import UserError
 from compressor.features import FeatureTaps
 from compressor.knowledge import LossContext, build_loss
-from compressor.schemes.aggregators import Aggregator, aggregator_class, build_aggregator
+from compressor.knowledge.spec import MethodSpec
+from compressor.schemes.aggregators import Aggregator, aggregator_class, aggregator_params, build_aggregator
 from compressor.schemes.base import Scheme
 from compressor.schemes.cohort import aggregator_options, parse_peers
 from compressor.schemes.peers import SeparatePeers
-from compressor.schemes.registry import SchemeRequest, register_scheme
+from compressor.schemes.registry import SchemeOptions, SchemeRequest, register_scheme
 from compressor.schemes.selection import EnsembleView, PeerSelection
 
 TEMPERATURE = 4.0
@@ -60,6 +63,37 @@ STUDENTS = (
 DEFAULT_WEIGHTS = {"hinton": 1.0, "semckd": 400.0, "crd": 0.8}
 DEFAULT_AGGREGATOR = "wavg"
 MODREDUCE_TRAIN_DEFAULTS = {"nesterov": True}  # App. A.3: "stochastic gradient descent with a Nesterov momentum of 0.9"
+
+
+@dataclass
+class ModReduceOptions(SchemeOptions):
+    """The weights of the three students' fixed knowledge and of the online phase, the aggregator
+    and the peers; ``extra`` holds the aggregator's own hyper-parameters."""
+
+    knowledge_terms = True
+    train_defaults = MODREDUCE_TRAIN_DEFAULTS
+
+    aggregator: str = DEFAULT_AGGREGATOR
+    temperature: float | None = None
+    hinton_weight: float | None = None
+    semckd_weight: float | None = None
+    crd_weight: float | None = None
+    online_weight: float | None = None
+    peers: list[str] | str | None = None
+    cohort: int | None = None  # only 3, the students' count, is accepted (a cohort flag given by habit)
+
+    @classmethod
+    def extra_names(cls, given: Mapping[str, Any]) -> list[str]:
+        return [n for n in aggregator_params(str(given.get("aggregator") or DEFAULT_AGGREGATOR)) if n != "temperature"]
+
+    def check(self) -> None:
+        aggregator_class(self.aggregator)  # an unknown name fails here, before anything is sized
+        if self.cohort is not None and self.cohort != len(STUDENTS):
+            raise UserError(f"modreduce trains exactly {len(STUDENTS)} students; drop --cohort {self.cohort}")
+
+    @classmethod
+    def refuse_method(cls, scheme: str, method: MethodSpec) -> None:
+        check_no_method(method.text)
 
 
 def check_no_method(method: str | None) -> None:
@@ -126,34 +160,31 @@ class ModReduce(PeerSelection, Scheme):
         self.aggregator.after_step()
 
 
-def _weights(options: Mapping[str, Any]) -> dict[str, float]:
+def _weights(options: ModReduceOptions) -> dict[str, float]:
     """Each offline loss's weight: ``<loss>_weight`` from the options, else the paper's."""
-    return {name: float(options[f"{name}_weight"]) if options.get(f"{name}_weight") is not None else default
-            for name, default in DEFAULT_WEIGHTS.items()}
+    given = {name: getattr(options, f"{name}_weight") for name in DEFAULT_WEIGHTS}
+    return {name: float(default if given[name] is None else given[name]) for name, default in DEFAULT_WEIGHTS.items()}
 
 
-@register_scheme("modreduce")
+@register_scheme("modreduce", options=ModReduceOptions)
 def build_modreduce(request: SchemeRequest) -> ModReduce:
     """A frozen teacher (required) and three students; see the module docstring for the options."""
     from compressor.models import create
 
     if request.teacher is None:
         raise UserError("modreduce distils a frozen teacher into three students: give --teacher T.pt")
-    check_no_method(request.method)
-    options = dict(request.options)
-    archs = parse_peers(options.get("peers")) or [request.student_arch] * len(STUDENTS)
+    options: ModReduceOptions = request.options  # type: ignore[assignment]
+    archs = parse_peers(options.peers) or [request.student_arch] * len(STUDENTS)
     if len(archs) != len(STUDENTS):
         raise UserError(f"modreduce trains exactly {len(STUDENTS)} students (Hinton, SemCKD, CRD), "
                         f"got {len(archs)} architectures in --peers")
-    if options.get("cohort") is not None and int(options["cohort"]) != len(STUDENTS):
-        raise UserError(f"modreduce trains exactly {len(STUDENTS)} students; drop --cohort {options['cohort']}")
     shape = tuple(request.input_shape)
     teacher = request.teacher
     teacher.requires_grad_(False)
     teacher.eval()
     t_layout = FeatureTaps(teacher, shape).layout(shape)
     weights = _weights(options)
-    temperature = float(options.get("temperature") or TEMPERATURE)
+    temperature = float(options.temperature or TEMPERATURE)
     models, offline, loss_weights = [], [], []
     for arch, (_, terms) in zip(archs, STUDENTS):
         model = create(arch, num_classes=request.num_classes, in_chans=shape[0])
@@ -166,17 +197,16 @@ def build_modreduce(request: SchemeRequest) -> ModReduce:
             if loss_name == "hinton":
                 hparams["temperature"] = temperature
             elif loss_name == "semckd":
-                hparams["batch_size"] = int(options.get("batch_size") or 64)
+                hparams["batch_size"] = int(request.batch_size or 64)
             losses[loss_name] = build_loss(loss_name, ctx, **hparams)
         models.append(model)
         offline.append(losses)
         loss_weights.append({name: weights[name] for name in terms})
     names = [f"s{i + 1}_{label}" for i, (label, _) in enumerate(STUDENTS)]
     students = SeparatePeers(models, shape, names=names)
-    agg_name = str(options.get("aggregator") or DEFAULT_AGGREGATOR)
-    aggregator_class(agg_name)  # an unknown name fails here, before anything is sized
-    agg_options = aggregator_options(agg_name, {**options, "temperature": temperature})
+    agg_name = options.aggregator
+    agg_options = aggregator_options({**options.extra, "temperature": temperature})
     info = students.info(request.num_classes, shape)
     aggregator = build_aggregator(agg_name, info, students, **agg_options)
-    online_weight = float(options.get("online_weight") if options.get("online_weight") is not None else 1.0)
+    online_weight = float(options.online_weight if options.online_weight is not None else 1.0)
     return ModReduce(teacher, students, offline, loss_weights, aggregator, shape, online_weight)

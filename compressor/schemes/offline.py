@@ -16,6 +16,7 @@ they no longer act, only CE and the other terms do. The trainer runs the phases
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -27,8 +28,11 @@ from compressor.batch import Batch
 from compressor.errors import UserError
 from compressor.features import FeatureTaps
 from compressor.knowledge import LossContext, build_loss
+from compressor.knowledge.spec import MethodSpec
 from compressor.schemes.base import Scheme
-from compressor.schemes.registry import SchemeRequest, register_scheme
+from compressor.schemes.registry import SchemeOptions, SchemeRequest, register_scheme
+
+DEFAULT_METHOD = "hinton"  # what a stage that names no method trains with (the offline and DGKD schemes)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -157,31 +161,49 @@ class Offline(Scheme):
         return self.student
 
 
+@dataclass
+class OfflineOptions(SchemeOptions):
+    """``loss_options``: per-term hyper-parameters, e.g. ``{"hinton": {"temperature": 4}}``;
+    ``prune``: the record of a teacher pruned to the budget (recipes.pruned), from whose kept weights
+    the runner starts the student (it arrives as ``SchemeRequest.student_init``)."""
+
+    takes_method = True
+    default_method = DEFAULT_METHOD
+    knowledge_terms = True
+
+    loss_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prune: dict[str, Any] | None = None
+
+
+def method_of(request: SchemeRequest) -> MethodSpec:
+    """The request's method spec, or the schemes' default (:data:`DEFAULT_METHOD`)."""
+    from compressor.knowledge.spec import parse_method_spec
+
+    return parse_method_spec(request.method or DEFAULT_METHOD)
+
+
 def loss_options_of(request: SchemeRequest) -> dict[str, dict[str, Any]]:
     """Per-term hyper-parameters; SemCKD's batch-similarity size follows the stage's batch size."""
-    options = {name: dict(hp) for name, hp in (request.options.get("loss_options") or {}).items()}
-    if request.options.get("batch_size"):
-        options.setdefault("semckd", {}).setdefault("batch_size", int(request.options["batch_size"]))
+    options = {name: dict(hp) for name, hp in request.options.loss_options.items()}
+    if request.batch_size:
+        options.setdefault("semckd", {}).setdefault("batch_size", int(request.batch_size))
     return options
 
 
+@register_scheme("offline", options=OfflineOptions)
 def build_offline(request: SchemeRequest, student: nn.Module | None = None) -> Offline:
     """The offline scheme of a request; ``student`` overrides building it from the zoo (chains)."""
-    from compressor.knowledge.spec import parse_method_spec
     from compressor.models import create
 
     if request.teacher is None:
         raise UserError("offline distillation needs a teacher (--teacher T.pt)")
-    spec = parse_method_spec(request.method or "hinton")
+    spec = method_of(request)
     if student is None:  # a pruned teacher arrives built (recipes.pruned): its widths are not the zoo's
-        student = request.options.get("student_init")
+        student = request.student_init
     if student is None:
         student = create(request.student_arch, num_classes=request.num_classes, in_chans=request.input_shape[0])
     return Offline(
         request.teacher, student, spec.terms, input_shape=request.input_shape, num_classes=request.num_classes,
         num_train=request.num_train, ce_weight=spec.ce_weight, loss_options=loss_options_of(request),
-        label_smoothing=float(request.options.get("label_smoothing") or 0.0),
+        label_smoothing=request.label_smoothing,
     )
-
-
-register_scheme("offline")(build_offline)

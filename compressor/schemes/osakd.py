@@ -34,6 +34,8 @@ already shrinks; alpha on the MSE term, or a sum over classes, would make that c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,7 +44,7 @@ from torch import Tensor
 from compressor.batch import Batch
 from compressor.errors import UserError
 from compressor.schemes.base import Scheme
-from compressor.schemes.registry import SchemeRequest, register_scheme
+from compressor.schemes.registry import REFUSED, SchemeOptions, SchemeRequest, register_scheme
 
 DEFAULT_MEMORY = 4096
 MANY_CLASSES = 100  # from here on the paper's many-class setting (alpha 0.99, 16-NN) is the default
@@ -145,18 +147,29 @@ class OSAKD(Scheme):
         return self.model
 
 
-@register_scheme("osakd")
+@dataclass
+class OSAKDOptions(SchemeOptions):
+    """``k`` (8, or 16 for >= 100 classes), ``alpha`` (0.9, or 0.99), ``memory`` (4096, capped at the
+    training-set size); None: the default for the data's class count."""
+
+    teacher = REFUSED
+
+    k: int | None = None
+    alpha: float | None = None
+    memory: int | None = None
+
+
+@register_scheme("osakd", options=OSAKDOptions)
 def build_osakd(request: SchemeRequest) -> OSAKD:
-    """Options: ``k`` (8, or 16 for >= 100 classes), ``alpha`` (0.9, or 0.99), ``memory`` (4096,
-    capped at the training-set size). No teacher."""
+    """One model learning from its own k-NN soft labels; no teacher (see :class:`OSAKDOptions`)."""
     from compressor.models import create
 
     if request.teacher is not None:
         raise UserError("osakd is self-distillation and takes no teacher: drop --teacher")
-    options = request.options
-    k = int(options["k"]) if options.get("k") is not None else default_k(request.num_classes)
-    alpha = float(options["alpha"]) if options.get("alpha") is not None else default_alpha(request.num_classes)
-    memory = int(options["memory"]) if options.get("memory") is not None else DEFAULT_MEMORY
+    options: OSAKDOptions = request.options  # type: ignore[assignment]
+    k = options.k if options.k is not None else default_k(request.num_classes)
+    alpha = float(options.alpha) if options.alpha is not None else default_alpha(request.num_classes)
+    memory = options.memory if options.memory is not None else DEFAULT_MEMORY
     if request.num_train > 0:
         memory = min(memory, request.num_train)
     model = create(request.student_arch, num_classes=request.num_classes, in_chans=request.input_shape[0])

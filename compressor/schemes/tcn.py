@@ -47,7 +47,7 @@ from compressor.features import FeatureTaps
 from compressor.models.teacher_class import TeacherClassEnsemble, chunk_sizes, ensemble_arch_name
 from compressor.schemes.base import Scheme
 from compressor.schemes.offline import freeze
-from compressor.schemes.registry import SchemeRequest, register_scheme
+from compressor.schemes.registry import SchemeOptions, SchemeRequest, register_scheme
 
 REGRESS, FINETUNE = "regress", "finetune"
 # the authors' optimiser for both phases (Adam, lr 2e-4, no schedule): the lead's plan may use it
@@ -156,42 +156,51 @@ def embedding_dim(model: nn.Module, input_shape: Sequence[int]) -> int:
         taps.remove()
 
 
-@register_scheme("tcn")
+@dataclass
+class TCNOptions(SchemeOptions):
+    """``students`` (n, default 2), ``finetune_epochs`` (default round(E/7)), ``finetune_output``
+    (default True), ``finetune_students`` (default False). ``hierarchical`` is how a plan asks for
+    one stage per level (the planner writes them, :func:`tcn_levels`); one stage refuses it."""
+
+    train_defaults = TCN_TRAIN_DEFAULTS
+
+    students: int = 2
+    finetune_epochs: int | None = None
+    finetune_output: bool = True
+    finetune_students: bool = False
+    hierarchical: bool = False
+
+
+@register_scheme("tcn", options=TCNOptions)
 def build_tcn(request: SchemeRequest) -> TeacherClass:
     """A teacher-class stage.
 
     ``request.teacher``: the frozen teacher, or the previous level's ensemble (hierarchical).
-    ``request.student_arch``: the zoo architecture of every student. ``request.options``:
-    ``students`` (n, default 2), ``finetune_epochs`` (default round(E/7)), ``finetune_output``
-    (default True), ``finetune_students`` (default False), ``label_smoothing`` (default 0).
-    ``request.method`` is not used: the objective is the paper's (MSE on chunks, then CE).
-    ``hierarchical`` is refused: each level is its own stage (see :func:`tcn_levels`).
+    ``request.student_arch``: the zoo architecture of every student; the options are
+    :class:`TCNOptions`. No method: the objective is the paper's (MSE on chunks, then CE).
     """
     from compressor.models import create
 
     if request.teacher is None:
         raise UserError("the teacher-class network needs a teacher (--teacher T.pt)")
-    options = request.options
-    if options.get("hierarchical"):
+    options: TCNOptions = request.options  # type: ignore[assignment]
+    if options.hierarchical:
         raise UserError(
             "a tcn stage trains one level of a teacher-class network; the hierarchical variant is one tcn stage "
             "per level (tcn1 from the teacher, tcn2 from tcn1, ...): `kdcompress distill --scheme tcn "
             "--hierarchical` writes them, or write them in the plan"
         )
-    students = options.get("students")
-    students = 2 if students is None else students
-    if isinstance(students, bool) or not isinstance(students, int):
-        raise UserError(f"the number of students must be a whole number (got {students!r})")
+    students = options.students
     dim = embedding_dim(request.teacher, request.input_shape)
     chunk_sizes(dim, students)  # a count that cannot share the embedding fails here, before building
     arch = ensemble_arch_name(students, dim, request.student_arch)
     ensemble = create(arch, num_classes=request.num_classes, in_chans=request.input_shape[0])
     return TeacherClass(
         request.teacher, ensemble, input_shape=request.input_shape,
-        finetune_epochs=options.get("finetune_epochs"),
-        finetune_output=options.get("finetune_output", True),
-        finetune_students=options.get("finetune_students", False),
-        label_smoothing=options.get("label_smoothing", 0.0),
+        finetune_epochs=options.finetune_epochs,
+        finetune_output=options.finetune_output,
+        finetune_students=options.finetune_students,
+        label_smoothing=request.label_smoothing,
     )
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from compressor.batch import Batch
 from compressor.schemes.base import Scheme
-from compressor.schemes.registry import SchemeRequest, register_scheme
+from compressor.schemes.registry import REFUSED, SchemeOptions, SchemeRequest, register_scheme
 
 
 class Vanilla(Scheme):
@@ -30,10 +32,17 @@ class Vanilla(Scheme):
         return self.model
 
 
-@register_scheme("vanilla")
+@dataclass
+class VanillaOptions(SchemeOptions):
+    """No options, and no teacher: the labels alone."""
+
+    teacher = REFUSED
+
+
+@register_scheme("vanilla", options=VanillaOptions)
 def build_vanilla(request: SchemeRequest) -> Vanilla:
     """A model trained on its labels alone (a teacher, or the baseline a distilled student must beat)."""
     from compressor.models import create
 
     model = create(request.student_arch, num_classes=request.num_classes, in_chans=request.input_shape[0])
-    return Vanilla(model, label_smoothing=float(request.options.get("label_smoothing", 0.0)))
+    return Vanilla(model, label_smoothing=request.label_smoothing)

@@ -158,19 +158,20 @@ class Renormalize(nn.Module):
         return self.model(x * self.scale + self.shift)
 
 
-def check_fits(label: str, num_classes: int, input_shape: Sequence[int] | None, in_chans: int,
-               data_name: str, data_classes: int, data_shape: Sequence[int]) -> None:
-    """A clear UserError when a model cannot be scored on a dataset: classes, channels, size."""
-    if num_classes != data_classes:
-        raise UserError(f"{label} predicts {num_classes} classes but {data_name} has {data_classes}: "
-                        "evaluate it on the data it was trained for (--data)")
-    if in_chans != data_shape[0]:
+def check_fits(label: str, num_classes: int | None, input_shape: Sequence[int] | None, in_chans: int | None,
+               data_name: str, data_classes: int, data_shape: Sequence[int], advice: str = "") -> None:
+    """A clear UserError when a model cannot be used on a dataset: classes, channels, size (what the
+    model does not record is not checked). ``advice`` ends the line (what to do about it)."""
+    end = f": {advice}" if advice else ""
+    if num_classes is not None and num_classes != data_classes:
+        raise UserError(f"{label} predicts {num_classes} classes but {data_name} has {data_classes}{end}")
+    if in_chans is not None and in_chans != data_shape[0]:
         raise UserError(f"{label} takes {in_chans}-channel images but {data_name} has {data_shape[0]}-channel "
-                        "images: evaluate it on the data it was trained for (--data)")
+                        f"images{end}")
     if input_shape is not None and tuple(input_shape) != tuple(data_shape):
         fmt = "x".join
         raise UserError(f"{label} was trained on {fmt(map(str, input_shape))} inputs but {data_name} is "
-                        f"{fmt(map(str, data_shape))}: evaluate it on the data it was trained for (--data)")
+                        f"{fmt(map(str, data_shape))}{end}")
 
 
 def class_names_warning(label: str, model_names: Sequence[str] | None, data_name: str,

@@ -429,12 +429,11 @@ class _Run:
                              precision=self.precision, ctx=ctx, num_samples=self.source.split_size("val"))
         primary = vals[self.primary_name]
         out: dict[str, Any] = {}
-        observe = getattr(self.scheme, "observe_validation", None)
-        if callable(observe):  # a cohort: the candidate it chose on validation stands for the epoch
-            chosen = observe({n: r.top1 for n, r in vals.items()})
-            if chosen in vals:
-                primary = vals[chosen]
-                out["val_chosen"] = chosen
+        # a cohort: the candidate it chose on validation stands for the epoch
+        chosen = self.scheme.observe_validation({n: r.top1 for n, r in vals.items()})
+        if chosen in vals:
+            primary = vals[chosen]
+            out["val_chosen"] = chosen
         out.update(val_top1=primary.top1, val_top5=primary.top5, val_loss=primary.loss)
         if len(vals) > 1:
             out["val_models"] = {n: r.to_dict() for n, r in vals.items()}

@@ -17,10 +17,10 @@ from compressor.atomic import CANNOT_WRITE
 from compressor.errors import UserError
 from compressor.plugins import import_submodules
 from recipes.cli._options import (
-    corruption_from_flags,
     int8_control_options,
     missed_margin_exit,
     planning_options,
+    planning_values,
     target_option,
     threads_option,
 )
@@ -103,28 +103,22 @@ def cli(ctx: click.Context, teacher, teacher_arch, budgets, data, recipe, method
     ctx.with_resource(request(threads))  # --threads before a sub-command holds for it too
     if ctx.invoked_subcommand is not None:
         return
-    corruption = corruption_from_flags(label_noise, imbalance, imbalance_gamma)
     if not (teacher or budgets or resume_dir or preset):
         click.echo(ctx.get_help())
         return
+    planning = planning_values(ctx.params)
     if dry_run:
-        from recipes.cli.plan import command as plan_command
+        from recipes.cli.plan import show_plan
 
-        ctx.invoke(plan_command, teacher=teacher, teacher_arch=teacher_arch, budgets=budgets, data=data, recipe=recipe,
-                   method=method, family=family, candidates=candidates, gap_threshold=gap_threshold, epochs=epochs,
-                   latency_threads=latency_threads, seed=seed, preset=preset, trust=trust, label_noise=label_noise,
-                   imbalance=imbalance, imbalance_gamma=imbalance_gamma, output=None)
+        show_plan(planning, output=None)
         return
     from recipes.compress import compress
     from recipes.report import summary_rows
 
     result = compress(
-        teacher=teacher, budget=budgets, data=data, out=resume_dir or out, teacher_arch=teacher_arch, recipe=recipe,
-        method=method, family=family, candidates=candidates, gap_threshold=gap_threshold, epochs=epochs, seed=seed, int8=int8,
-        int8_margin=int8_margin, keep_int8_anyway=keep_int8_anyway, targets=targets, baseline=baseline, search=search,
-        probe_k=probe_k, latency_threads=latency_threads,
-        resume=resume_dir is not None, force=force, device=device, trust=trust, preset=preset, corruption=corruption,
-        echo=lambda line: click.echo(line, err=True),
+        budget=planning.pop("budgets"), **planning, out=resume_dir or out, int8=int8, int8_margin=int8_margin,
+        keep_int8_anyway=keep_int8_anyway, targets=targets, baseline=baseline, search=search, probe_k=probe_k,
+        resume=resume_dir is not None, force=force, device=device, echo=lambda line: click.echo(line, err=True),
     )
     rows = summary_rows(result.report)
     width = max(len(r[0]) for r in rows)

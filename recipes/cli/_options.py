@@ -13,6 +13,7 @@ import click
 
 from compressor.errors import UserError
 from recipes.budget import budget_help
+from recipes.request import CANDIDATE_SETS, DEFAULT_CANDIDATES, DEFAULT_GAP_THRESHOLD, DEFAULT_METHOD, RECIPES
 
 if TYPE_CHECKING:
     from compressor.data.corruptions import Corruption
@@ -166,21 +167,32 @@ def corruption_from_flags(label_noise: float | None, imbalance: float | None,
     return Corruption.create(label_noise, imbalance, imbalance_gamma)
 
 
+def planning_values(params: dict) -> dict:
+    """The planning options' values (as click parsed them) as the request's fields, the corruption
+    flags as one checked value."""
+    names = ("teacher", "teacher_arch", "budgets", "data", "recipe", "method", "family", "candidates", "gap_threshold",
+             "epochs", "latency_threads", "seed", "preset", "trust")
+    values = {name: params[name] for name in names}
+    values["corruption"] = corruption_from_flags(params["label_noise"], params["imbalance"], params["imbalance_gamma"])
+    return values
+
+
 def planning_options(func):
-    """The options shared by the main command and `kdcompress plan`."""
+    """The options shared by the main command and `kdcompress plan` (their values: :func:`planning_values`)."""
     options = [
         click.option("--teacher", "teacher", default=None, help="the trained teacher (.pt: kdcompress, RepDistiller, or a state_dict with --teacher-arch)"),
         click.option("--teacher-arch", default=None, help="architecture of a teacher file that does not record it"),
         click.option("--budget", "budgets", multiple=True, help=budget_help()),
         data_option(what="default: the teacher's recorded dataset", listed=False),
-        click.option("--recipe", default=None, type=click.Choice(["single", "takd", "dgkd", "modreduce", "cohort", "osakd", "tcn"]),
+        click.option("--recipe", default=None, type=click.Choice(RECIPES),
                      help="force a scheme (default: chosen from the capacity gap)"),
-        click.option("--method", default=None, help="knowledge method per stage, e.g. hinton+crd or hinton:0.9,crd:0.8,ce:1.0"),
+        click.option("--method", default=None, help="knowledge method per stage, e.g. hinton+crd or "
+                     f"hinton:0.9,crd:0.8,ce:1.0 (default {DEFAULT_METHOD})"),
         click.option("--family", default=None, help="only students of this zoo family"),
-        click.option("--candidates", default="zoo", show_default=True, type=click.Choice(["zoo", "pruned", "all"]),
+        click.option("--candidates", default=DEFAULT_CANDIDATES, show_default=True, type=click.Choice(CANDIDATE_SETS),
                      help="students searched: the zoo, the teacher itself with channels pruned to the budget "
                           "(Torch-Pruning, then distilled back from the unpruned teacher), or both"),
-        click.option("--gap-threshold", default=8.0, show_default=True, type=click.FloatRange(min=1.0, min_open=True),
+        click.option("--gap-threshold", default=DEFAULT_GAP_THRESHOLD, show_default=True, type=click.FloatRange(min=1.0, min_open=True),
                      help="teacher/student FLOPs ratio above which teacher assistants are inserted"),
         click.option("--epochs", default=None, type=click.IntRange(min=1), help="epochs per stage (default: the dataset's protocol)"),
         click.option("--latency-threads", default=1, show_default=True, type=click.IntRange(min=1),

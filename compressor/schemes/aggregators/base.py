@@ -70,6 +70,9 @@ class Aggregator(nn.Module):
         return sum(soft_kl(z, target_logits, t) for z in peer_logits) * (t * t)
 
     # --- hooks the scheme forwards ------------------------------------------------------------
+    def set_epoch(self, epoch: int, num_epochs: int) -> None:
+        """Called by the scheme before each epoch (0-based, of ``num_epochs``): ramp-ups (ONE, PCL)."""
+
     def after_step(self) -> None:
         """Called after each optimiser step (temporal means)."""
 
@@ -137,6 +140,14 @@ def aggregator_class(name: str) -> AggregatorClass:
     return _AGGREGATORS[name]
 
 
+def aggregator_params(name: str) -> list[str]:
+    """The hyper-parameters aggregator ``name`` takes (its constructor's, after ``info``): what a
+    plan stage may set for it beside the scheme's own options."""
+    params = inspect.signature(aggregator_class(name).__init__).parameters
+    return [k for k, p in params.items() if k not in ("self", "info")
+            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+
+
 def build_aggregator(name: str, info: CohortInfo, group: PeerGroup | None = None, **hparams: Any) -> Aggregator:
     """Build by name; ``hparams`` the aggregator does not take are a user error naming them.
 
@@ -146,8 +157,7 @@ def build_aggregator(name: str, info: CohortInfo, group: PeerGroup | None = None
     cls = aggregator_class(name)
     params = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        accepted = [k for k, p in params.items() if k not in ("self", "info")
-                    and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        accepted = aggregator_params(name)
         unknown = sorted(set(hparams) - set(accepted))
         if unknown:
             raise UserError(f"aggregator {name!r} takes no option {', '.join(map(repr, unknown))}; "
