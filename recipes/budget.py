@@ -82,32 +82,32 @@ def budget_help() -> str:
     return "repeatable, all must hold: " + ", ".join(helps[:-1]) + (", or " if len(helps) > 1 else "") + helps[-1]
 
 
-def _scaled(match: re.Match[str]) -> float:
-    return float(match["num"]) * _SCALE[match["scale"]]
+class CountBudget(BudgetKind):
+    """A ceiling on a measured count (``<number><k|m|g|t><word>``), said in millions of ``unit``."""
+
+    unit: ClassVar[str] = ""
+
+    def value(self, match: re.Match[str]) -> float:
+        return float(match["num"]) * _SCALE[match["scale"]]
+
+    def describe(self, value: float) -> str:
+        return f"<= {value / 1e6:g} {self.unit}"
 
 
 @register_budget_kind
-class FlopsBudget(BudgetKind):
-    name, metric = "flops", "flops"
+class FlopsBudget(CountBudget):
+    name, metric, unit = "flops", "flops", "MFLOPs"
     pattern = re.compile(rf"{_NUMBER}(?P<scale>[kmgt]?)flops?")
     examples = ("0.1GFLOPs", "100M FLOPs")
     help = "FLOPs (0.1GFLOPs, 100M FLOPs; 1 multiply-add = 1 FLOP, fvcore)"
-    value = staticmethod(_scaled)  # type: ignore[assignment]
-
-    def describe(self, value: float) -> str:
-        return f"<= {value / 1e6:g} MFLOPs"
 
 
 @register_budget_kind
-class ParamsBudget(BudgetKind):
-    name, metric = "params", "params"
+class ParamsBudget(CountBudget):
+    name, metric, unit = "params", "params", "M params"
     pattern = re.compile(rf"{_NUMBER}(?P<scale>[kmgt]?)params?")
     examples = ("1.5Mparams", "300K params")
     help = "params (1.5Mparams, 300K params)"
-    value = staticmethod(_scaled)  # type: ignore[assignment]
-
-    def describe(self, value: float) -> str:
-        return f"<= {value / 1e6:g} M params"
 
 
 @register_budget_kind
