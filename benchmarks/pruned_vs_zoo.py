@@ -57,13 +57,13 @@ def run_one(teacher: str, spec: str, budget: str, candidates: str, epochs: int, 
     started = time.perf_counter()
     result = compress(teacher, [budget], data=spec, out=out, epochs=epochs, seed=seed, candidates=candidates,
                       force=True, echo=lambda _: None)
-    s = result.report["student"]
+    s, t = result.report.student, result.report.teacher
     return {
-        "student": s.get("search_name"), "test_top1": s.get("test_top1"), "flops": s.get("flops"),
-        "params": s.get("params"), "onnx_ms": (s.get("latency") or {}).get("onnx_ms"),
-        "teacher_onnx_ms": ((result.report.get("teacher") or {}).get("latency") or {}).get("onnx_ms"),
-        "teacher_top1": (result.report.get("teacher") or {}).get("test_top1"),
-        "val_top1_before_recovery": (s.get("pruning") or {}).get("val_top1_before_recovery"),
+        "student": s.search_name, "test_top1": s.test_top1, "flops": s.flops,
+        "params": s.params, "onnx_ms": s.latency_ms("onnx_ms"),
+        "teacher_onnx_ms": t.latency_ms("onnx_ms") if t else None,
+        "teacher_top1": t.test_top1 if t else None,
+        "val_top1_before_recovery": s.pruning.val_top1_before_recovery if s.pruning else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from compressor import __version__
 from compressor.atomic import copy_file
-from compressor.checkpoint import load_model
+from compressor.checkpoint import LoadedModel, load_model
 from compressor.cost import FLOP_CONVENTION, measure
 from compressor.metrics import kd_gain
 from recipes.api import main_request, plan_with
@@ -28,8 +28,9 @@ from recipes.distill_run import teacher_accuracy
 from recipes.plan import Plan, Stage
 from recipes.request import PlanRequest, RunSettings, split_run
 from recipes.report import summary_rows, write_report
+from recipes.results import BaselineFigures, PruningSummary, Report, StageFigures, StudentFigures, TeacherFigures
 from recipes.run_folder import RunFolder
-from recipes.runner import run_plan
+from recipes.runner import RunResult, run_plan
 
 Echo = Callable[[str], None]
 
@@ -38,7 +39,7 @@ Echo = Callable[[str], None]
 class CompressResult:
     out_dir: Path
     plan: Plan
-    report: dict[str, Any]
+    report: Report
     files: dict[str, str]
 
     @property
@@ -71,102 +72,47 @@ def compress(teacher: str | None = None, budget: Sequence[str | Budget] = (), da
 
 
 def compress_request(request: PlanRequest, run: RunSettings, *, echo: Echo = print) -> CompressResult:
-    """The whole flow for a parsed request (the CLI's main command calls this)."""
+    """The whole flow for a parsed request, as named steps: check the targets and the folder, plan (or
+    read the plan to resume), train the stages, keep the student, train the baseline, deploy, report."""
     from recipes.deploy import check_targets
 
     started = time.time()
     # an unknown or missing target fails before any training
     run = replace(run, targets=tuple(check_targets(run.targets, int8=run.int8)))
-    resume = run.resume
     out_dir = run.out if run.out is not None else default_out_dir(request.teacher, request.budgets)
     folder = RunFolder(out_dir)
-    folder.check(resume=resume, force=run.force)  # before minutes of planning; again under the lock
-    if resume:
-        plan = Plan.load(out_dir / "plan.yaml")
-        corruption = same_corruption(plan.data_corruption, request.corruption, f"the run in {out_dir}")
-        request = replace(request, teacher=request.teacher or plan.teacher, seed=plan.seed, corruption=corruption)
-        inputs = resolve_inputs(request.teacher, request.data or plan.data, arch=request.teacher_arch,
-                                trust=request.trust, load_data=True, seed=plan.seed, corruption=corruption)
-        echo(f"resuming {out_dir} ({plan.recipe}: {' -> '.join(s.arch for s in plan.stages)})")
-        probe_rows = None
-    else:
-        plan, inputs, probe_rows = _plan(request, run, echo)
+    folder.check(resume=run.resume, force=run.force)  # before minutes of planning; again under the lock
+    plan, inputs, probe_rows = _resumed(request, out_dir, echo) if run.resume else _plan(request, run, echo)
     for note in inputs.notes:
         echo(note)
     # the folder appears (or its earlier run is set aside) only once the inputs made a plan
-    with folder.claim(resume=resume, force=run.force) as stage_done:
-        if not resume:
+    with folder.claim(resume=run.resume, force=run.force) as stage_done:
+        if not run.resume:
             plan.save(out_dir / "plan.yaml")
         for reason in plan.reasons:
             echo(f"plan: {reason}")
-        result = run_plan(plan, inputs.source, out_dir, teacher=inputs.teacher, resume=resume, device=run.device,
-                          echo=echo, on_stage_end=stage_done)
-        return _deliver(plan, inputs, result, probe_rows, out_dir, request.teacher, started, resume=resume,
-                        baseline=run.baseline, int8=run.int8, latency_threads=request.latency_threads,
-                        device=run.device, echo=echo, targets=run.targets, int8_margin=run.int8_margin,
-                        keep_int8_anyway=run.keep_int8_anyway)
+        trained = run_plan(plan, inputs.source, out_dir, teacher=inputs.teacher, resume=run.resume, device=run.device,
+                           echo=echo, on_stage_end=stage_done)
+        student_path, student = _keep_student(trained, out_dir)
+        baseline = _baseline(plan, inputs, out_dir, run, echo, trained.metrics.get("test_top1")) if run.baseline else None
+        deployed = _deploy(student, student_path, inputs, plan, out_dir, run, threads=request.latency_threads,
+                           echo=echo)
+        report = _report(plan, inputs, trained, student, student_path, deployed, probe_rows, baseline,
+                         request.teacher or plan.teacher)
+        report.seconds = round(time.time() - started, 1)
+        write_report(report, out_dir)
+        return CompressResult(out_dir, plan, report, report.files)
 
 
-def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, out_dir: Path, teacher: str | None,
-             started: float, *, resume: bool, baseline: bool, int8: bool, targets: Sequence[str], latency_threads: int,
-             device: str, echo: Echo, int8_margin: float | None = None, keep_int8_anyway: bool = False) -> CompressResult:
-    """After the stages: the student file, the baseline, ONNX (+ int8), latency and the report."""
-    student_path = out_dir / "student.pt"
-    copy_file(run.stages[-1].checkpoint, student_path)
-    student = load_model(student_path)
-
-    baseline_row = None
-    if baseline:
-        baseline_row = _baseline(plan, inputs, out_dir, resume, device, echo, run.metrics.get("test_top1"))
-
-    echo(f"exporting the student to {', '.join('ONNX' if t == 'onnx' else t for t in targets)} "
-         "(parity against PyTorch on test images)")
-    from recipes.deploy import export_with_data, latency_of
-
-    int8_path = out_dir / "student.int8.onnx" if int8 else None
-    deployment = export_with_data(student.model, student.meta, out_dir / "student.onnx", inputs.source, targets=targets,
-                                  int8_path=int8_path, seed=plan.seed, source_checkpoint=str(student_path), log=None,
-                                  int8_margin=int8_margin, keep_int8_anyway=keep_int8_anyway)
-    if deployment.int8 is not None and not deployment.int8.get("written"):
-        int8_path = None  # it missed the margin: nothing to time or list
-    for line in deployment.lines:
-        echo(line)
-    shape = tuple(inputs.input_shape)
-    echo(f"timing teacher and student at batch 1, {latency_threads} thread(s)")
-    student_latency = latency_of(student.model, shape, threads=latency_threads,
-                                 onnx_path=out_dir / "student.onnx" if deployment.onnx else None, int8_path=int8_path,
-                                 targets={name: row["path"] for name, row in deployment.targets.items()})
-    student_cost = measure(student.model, shape)
-    report: dict[str, Any] = {
-        "kdcompress_version": __version__, "flop_convention": FLOP_CONVENTION, "data": inputs.data_spec,
-        "budgets": plan.budget_texts, "recipe": plan.recipe, "reasons": list(plan.reasons),
-        "plan": plan.to_dict(), "candidates": plan.candidates, "probe": probe_rows,
-        "budget_lines": _budget_lines(plan, inputs),
-        "stages": [{"name": s.name, "arch": s.arch, "scheme": s.scheme, "teachers": st.teachers,
-                    "checkpoint": s.checkpoint, "metrics": _plain(s.metrics), "history": s.history}
-                   for s, st in zip(run.stages, plan.stages)],
-        "student": {
-            "arch": student.meta.arch, "search_name": _search_name(plan), "checkpoint": str(student_path),
-            "flops": student_cost.flops, "params": student_cost.params, "test_top1": run.metrics.get("test_top1"),
-            "val_top1": run.metrics.get("val_top1"), "latency": student_latency,
-            "onnx": _onnx_summary(deployment.onnx) if deployment.onnx else None, "int8": _int8_summary(deployment.int8),
-            "targets": deployment.targets,
-        },
-        "baseline": baseline_row,
-        "files": {"student.pt": str(student_path), "plan.yaml": str(out_dir / "plan.yaml"), **deployment.files},
-    }
-    if inputs.teacher is not None:
-        teacher_latency = latency_of(inputs.teacher.model, shape, threads=latency_threads)
-        report["teacher"] = {
-            "path": teacher, "arch": inputs.teacher.meta.arch, "flops": inputs.teacher_cost.flops,
-            "params": inputs.teacher_cost.params, "test_top1": teacher_accuracy(inputs), "latency": teacher_latency,
-        }
-    if student.meta.pruning:
-        report["student"]["pruning"] = _pruning_summary(student, run, report)
-    report["seconds"] = round(time.time() - started, 1)
-    files = write_report(report, out_dir)
-    report["files"].update(files)
-    return CompressResult(out_dir, plan, report, report["files"])
+def _resumed(request: PlanRequest, out_dir: Path, echo: Echo) -> tuple[Plan, RunInputs, None]:
+    """The plan a run folder holds, and its inputs (its corruptions are the run's: flags that say
+    otherwise are a mistake)."""
+    plan = Plan.load(out_dir / "plan.yaml")
+    corruption = same_corruption(plan.data_corruption, request.corruption, f"the run in {out_dir}")
+    inputs = resolve_inputs(request.teacher or plan.teacher, request.data or plan.data, arch=request.teacher_arch,
+                            trust=request.trust, load_data=True, seed=plan.seed, corruption=corruption)
+    echo(f"resuming {out_dir} ({plan.recipe}: {' -> '.join(s.arch for s in plan.stages)})")
+    return plan, inputs, None
 
 
 def _plan(request: PlanRequest, run: RunSettings, echo: Echo) -> tuple[Plan, RunInputs, list | None]:
@@ -185,25 +131,94 @@ def _plan(request: PlanRequest, run: RunSettings, echo: Echo) -> tuple[Plan, Run
     return plan, inputs, rows
 
 
-def _baseline(plan: Plan, inputs: RunInputs, out_dir: Path, resume: bool, device: str, echo: Echo,
-              kd_top1: float | None) -> dict[str, Any]:
+def _keep_student(trained: RunResult, out_dir: Path) -> tuple[Path, LoadedModel]:
+    """The last stage's model as the run's student.pt, read back as it was saved."""
+    student_path = out_dir / "student.pt"
+    copy_file(trained.stages[-1].checkpoint, student_path)
+    return student_path, load_model(student_path)
+
+
+def _baseline(plan: Plan, inputs: RunInputs, out_dir: Path, run: RunSettings, echo: Echo,
+              kd_top1: float | None) -> BaselineFigures:
     """The chosen student without distillation: same architecture, epochs, schedule and seed."""
     final = plan.final
     stage = Stage("baseline", "vanilla", final.arch, [], None, {}, final.train,
                   "the same student trained on labels only, for the KD gain")
-    base_plan = Plan(data=plan.data, stages=[stage], seed=plan.seed, recipe="vanilla", corruption=plan.corruption)
+    base_plan = Plan(data=plan.data, stages=[stage], seed=plan.seed, corruption=plan.corruption)
     echo("baseline: the same student without distillation")
-    result = run_plan(base_plan, inputs.source, out_dir, resume=resume, device=device, echo=echo)
+    result = run_plan(base_plan, inputs.source, out_dir, resume=run.resume, device=run.device, echo=echo)
     top1 = result.metrics.get("test_top1")
     gain = None if top1 is None or kd_top1 is None else kd_gain(kd_top1, top1)
-    return {"arch": final.arch, "test_top1": top1, "val_top1": result.metrics.get("val_top1"), "kd_gain": gain,
-            "checkpoint": result.stages[-1].checkpoint}
+    return BaselineFigures(final.arch, top1, result.metrics.get("val_top1"), gain, result.stages[-1].checkpoint)
+
+
+@dataclass
+class _Deployed:
+    """What the deployment step made: the files and their checks, and the measured latencies."""
+
+    deployment: Any  # recipes.deploy.Deployment
+    files: dict[str, str]
+    student_latency: dict[str, Any]
+    teacher_latency: dict[str, Any] | None
+
+
+def _deploy(student: LoadedModel, student_path: Path, inputs: RunInputs, plan: Plan, out_dir: Path,
+            run: RunSettings, *, threads: int, echo: Echo) -> _Deployed:
+    """Export to every target with parity (+ int8), then batch-1 latency of the student and the teacher."""
+    echo(f"exporting the student to {', '.join('ONNX' if t == 'onnx' else t for t in run.targets)} "
+         "(parity against PyTorch on test images)")
+    from recipes.deploy import export_with_data, latency_of
+
+    int8_path = out_dir / "student.int8.onnx" if run.int8 else None
+    deployment = export_with_data(student.model, student.meta, out_dir / "student.onnx", inputs.source,
+                                  targets=run.targets, int8_path=int8_path, seed=plan.seed,
+                                  source_checkpoint=str(student_path), log=None, int8_margin=run.int8_margin,
+                                  keep_int8_anyway=run.keep_int8_anyway)
+    if deployment.int8 is not None and not deployment.int8.get("written"):
+        int8_path = None  # it missed the margin: nothing to time or list
+    for line in deployment.lines:
+        echo(line)
+    shape = tuple(inputs.input_shape)
+    echo(f"timing teacher and student at batch 1, {threads} thread(s)")
+    student_latency = latency_of(student.model, shape, threads=threads,
+                                 onnx_path=out_dir / "student.onnx" if deployment.onnx else None, int8_path=int8_path,
+                                 targets={name: row["path"] for name, row in deployment.targets.items()})
+    teacher_latency = latency_of(inputs.teacher.model, shape, threads=threads) if inputs.teacher is not None else None
+    files = {"student.pt": str(student_path), "plan.yaml": str(out_dir / "plan.yaml"), **deployment.files}
+    return _Deployed(deployment, files, student_latency, teacher_latency)
+
+
+def _report(plan: Plan, inputs: RunInputs, trained: RunResult, student: LoadedModel, student_path: Path,
+            deployed: _Deployed, probe_rows: list | None, baseline: BaselineFigures | None,
+            teacher_path: str | None) -> Report:
+    """Everything the run found, typed, for report.json, report.md and the plots."""
+    student_cost = measure(student.model, tuple(inputs.input_shape))
+    figures = StudentFigures(
+        student.meta.arch, student_cost.flops, student_cost.params, trained.metrics.get("test_top1"),
+        deployed.student_latency, search_name=_search_name(plan), checkpoint=str(student_path),
+        val_top1=trained.metrics.get("val_top1"),
+        onnx=_onnx_summary(deployed.deployment.onnx) if deployed.deployment.onnx else None,
+        int8=_int8_summary(deployed.deployment.int8), targets=deployed.deployment.targets,
+    )
+    teacher = None
+    if inputs.teacher is not None:
+        teacher = TeacherFigures(inputs.teacher.meta.arch, inputs.teacher_flops, inputs.teacher_params,
+                                 teacher_accuracy(inputs), deployed.teacher_latency, path=teacher_path)
+    if student.meta.pruning:
+        figures.pruning = _pruning_summary(student, trained, teacher, figures)
+    return Report(
+        student=figures, teacher=teacher, kdcompress_version=__version__, flop_convention=FLOP_CONVENTION,
+        data=inputs.data_spec, budgets=plan.budget_texts, recipe=plan.recipe, reasons=list(plan.reasons),
+        plan=plan.to_dict(), candidates=plan.candidates, probe=probe_rows, budget_lines=_budget_lines(plan, inputs),
+        stages=[StageFigures(s.name, s.arch, s.scheme, st.teachers, s.checkpoint, _plain(s.metrics), s.history)
+                for s, st in zip(trained.stages, plan.stages)],
+        baseline=baseline, files=dict(deployed.files),
+    )
 
 
 def _budget_lines(plan: Plan, inputs: RunInputs) -> dict[str, list[float]]:
     lines: dict[str, list[float]] = {"mflops": [], "mparams": []}
-    teacher_flops = inputs.teacher_cost.flops if inputs.teacher_cost else None
-    for _, metric, limit in cost_limits(plan.budgets, teacher_flops):
+    for _, metric, limit in cost_limits(plan.budgets, inputs.teacher_flops):
         lines.setdefault(f"m{metric}", []).append(limit / 1e6)
     return lines
 
@@ -215,17 +230,18 @@ def _search_name(plan: Plan) -> str:
     return pruned_name(plan.final.arch) if plan.final.options.get("prune") else plan.final.arch
 
 
-def _pruning_summary(student: Any, run: Any, report: dict[str, Any]) -> dict[str, Any]:
+def _pruning_summary(student: LoadedModel, trained: RunResult, teacher: TeacherFigures | None,
+                     figures: StudentFigures) -> PruningSummary:
     """A pruned teacher: how it was pruned, its accuracy before and after recovery, the speed-up it measured."""
     record = student.meta.pruning
-    teacher_ms = ((report.get("teacher") or {}).get("latency") or {}).get("torch_ms")
-    student_ms = (report["student"].get("latency") or {}).get("torch_ms")
-    return {
+    teacher_ms = teacher.latency_ms("torch_ms") if teacher is not None else None
+    student_ms = figures.latency_ms("torch_ms")
+    return PruningSummary(
         **{k: record.get(k) for k in ("tool", "tool_version", "ratio", "importance", "scope", "round_to")},
-        "val_top1_before_recovery": student.extra.get("val_top1_before_recovery"),
-        "val_top1_after_recovery": run.metrics.get("val_top1"),
-        "torch_speedup_vs_teacher": teacher_ms / student_ms if teacher_ms and student_ms else None,
-    }
+        val_top1_before_recovery=student.extra.get("val_top1_before_recovery"),
+        val_top1_after_recovery=trained.metrics.get("val_top1"),
+        torch_speedup_vs_teacher=teacher_ms / student_ms if teacher_ms and student_ms else None,
+    )
 
 
 def _onnx_summary(onnx: dict[str, Any]) -> dict[str, Any]:

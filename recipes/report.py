@@ -2,7 +2,8 @@
 
 Plots: training curves per stage; every candidate's FLOPs and params with the budget line and the
 chosen student marked; teacher vs student accuracy, size and latency. Everything is derived from
-the one result dict (also written as report.json), so the report never disagrees with itself.
+the one typed :class:`~recipes.results.Report` (also written as report.json), so the report never
+disagrees with itself.
 """
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ import math
 from pathlib import Path
 from typing import Any
 
-from compressor.cost import FLOP_CONVENTION
 from compressor.atomic import atomic_output, write_text
+from compressor.cost import FLOP_CONVENTION
+from recipes.results import ModelFigures, Report, StudentFigures
 
 
-def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
-    """Write every report file; returns {kind: path}."""
+def write_report(report: Report, out_dir: str | Path) -> dict[str, str]:
+    """Write every report file and add them to ``report.files``; returns {kind: path}."""
     out = Path(out_dir)
     files = {"report.json": str(out / "report.json"), "report.md": str(out / "report.md")}
-    files.update(write_plots(result, out / "plots"))
-    result = {**result, "files": {**result.get("files", {}), **files}}
-    write_text(out / "report.json", json.dumps(result, indent=1, default=_jsonable))
-    write_text(out / "report.md", markdown(result))
+    files.update(write_plots(report, out / "plots"))
+    report.files.update(files)
+    write_text(out / "report.json", json.dumps(report.to_dict(), indent=1, default=_jsonable))
+    write_text(out / "report.md", markdown(report))
     return files
 
 
@@ -43,21 +45,24 @@ def _fmt(value: Any, digits: int = 2, suffix: str = "") -> str:
     return f"{value:.{digits}f}{suffix}" if isinstance(value, (int, float)) else str(value)
 
 
-def summary_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+_NO_TEACHER = ModelFigures("-")
+
+
+def summary_rows(report: Report) -> list[tuple[str, str, str]]:
     """(quantity, teacher, student) rows: the table printed at the end and put in the report."""
-    t, s = result.get("teacher") or {}, result["student"]
+    t, s = report.teacher or _NO_TEACHER, report.student
     rows = [
-        ("architecture", t.get("arch", "-"), s["arch"]),
-        ("test top-1 (%)", _fmt(t.get("test_top1")), _fmt(s.get("test_top1"))),
-        ("MFLOPs", _fmt(_m(t.get("flops"))), _fmt(_m(s.get("flops")))),
-        ("params (M)", _fmt(_m(t.get("params")), 3), _fmt(_m(s.get("params")), 3)),
+        ("architecture", t.arch, s.arch),
+        ("test top-1 (%)", _fmt(t.test_top1), _fmt(s.test_top1)),
+        ("MFLOPs", _fmt(_m(t.flops)), _fmt(_m(s.flops))),
+        ("params (M)", _fmt(_m(t.params), 3), _fmt(_m(s.params), 3)),
     ]
     for key, label in (("torch_ms", "latency, PyTorch eager (ms)"), ("onnx_ms", "latency, onnxruntime (ms)"),
                        ("int8_ms", "latency, onnxruntime int8 (ms)")):
-        tv, sv = (t.get("latency") or {}).get(key), (s.get("latency") or {}).get(key)
+        tv, sv = t.latency_ms(key), s.latency_ms(key)
         if tv is not None or sv is not None:
             rows.append((label, _fmt(tv, 3), _fmt(sv, 3)))
-    for name, row in ((s.get("latency") or {}).get("targets") or {}).items():
+    for name, row in ((s.latency or {}).get("targets") or {}).items():
         rows.append((f"latency, {name} in {row.get('runtime', name)} (ms)", "-", _fmt(row.get("p50_ms"), 3)))
     return rows
 
@@ -66,32 +71,32 @@ def _m(value: Any) -> float | None:
     return None if value is None else value / 1e6
 
 
-def markdown(result: dict[str, Any]) -> str:
-    s = result["student"]
-    lines = [f"# kdcompress report: {s['arch']}", ""]
-    lines.append(f"Budget: {', '.join(result.get('budgets') or []) or '-'}; recipe: {result.get('recipe')}; "
-                 f"data: {result.get('data')}. {FLOP_CONVENTION}.")
+def markdown(report: Report) -> str:
+    s = report.student
+    lines = [f"# kdcompress report: {s.arch}", ""]
+    lines.append(f"Budget: {', '.join(report.budgets) or '-'}; recipe: {report.recipe}; "
+                 f"data: {report.data}. {FLOP_CONVENTION}.")
     lines += ["", "## Summary", "", "| | teacher | student |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(result)]
-    baseline = result.get("baseline")
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(report)]
+    baseline = report.baseline
     if baseline:
         lines += ["", f"Vanilla student (same epochs and seed, no distillation): test top-1 "
-                      f"{_fmt(baseline.get('test_top1'))}%; KD gain {_fmt(baseline.get('kd_gain'), 2, ' points')}."]
-    lines += ["", "## Why", ""] + [f"- {r}" for r in result.get("reasons") or []]
+                      f"{_fmt(baseline.test_top1)}%; KD gain {_fmt(baseline.kd_gain, 2, ' points')}."]
+    lines += ["", "## Why", ""] + [f"- {r}" for r in report.reasons]
     lines += ["", "## Stages", "", "| stage | model | scheme | learns from | test top-1 | val top-1 | best epoch |",
               "|---|---|---|---|---|---|---|"]
-    for st in result.get("stages") or []:
-        m = st.get("metrics") or {}
-        lines.append(f"| {st['name']} | {st['arch']} | {st['scheme']} | {', '.join(st.get('teachers') or []) or '-'} | "
+    for st in report.stages:
+        m = st.metrics
+        lines.append(f"| {st.name} | {st.arch} | {st.scheme} | {', '.join(st.teachers) or '-'} | "
                      f"{_fmt(m.get('test_top1'))} | {_fmt(m.get('val_top1'))} | {m.get('best_epoch', '-')} |")
-    onnx = s.get("onnx")
-    if onnx or s.get("targets"):
+    onnx = s.onnx
+    if onnx or s.targets:
         lines += ["", "## Deployment", ""]
     if onnx:
         lines += [f"ONNX file {onnx.get('path')} (exporter: {onnx.get('exporter')}, opset {onnx.get('opset')}): "
                   f"max |logit difference| vs PyTorch {_fmt(onnx.get('max_abs_diff'), 7)} "
                   f"(tolerance {onnx.get('atol')}), top-1 agreement {_fmt(onnx.get('top1_agreement'), 4)}."]
-        int8 = s.get("int8")
+        int8 = s.int8
         if int8:
             flag = " **ACCURACY DROP ABOVE THE MARGIN**" if int8.get("flagged") else ""
             name = f"int8 file {int8.get('path')}" if int8.get("written", True) else "int8 model (not written)"
@@ -106,49 +111,48 @@ def markdown(result: dict[str, Any]) -> str:
                              f"int8 {_fmt(control.get('val_accuracy'))}%; layers left float: {floats} "
                              f"(of {control.get('layers')}); {control.get('verdict')}.")
     lines += _target_lines(s)
-    pruning = s.get("pruning")
+    pruning = s.pruning
     if pruning:
-        speedup = pruning.get("torch_speedup_vs_teacher")
+        speedup = pruning.torch_speedup_vs_teacher
         lines += ["", "## Pruned teacher", "",
-                  f"The student is the teacher with {_fmt(pruning.get('ratio'), 3)} of each channel group removed "
-                  f"({pruning.get('importance')} importance, {pruning.get('scope')} scope, multiples of "
-                  f"{pruning.get('round_to')}; {pruning.get('tool')} {pruning.get('tool_version')}). Validation top-1 "
-                  f"before recovery {_fmt(pruning.get('val_top1_before_recovery'))}%, after "
-                  f"{_fmt(pruning.get('val_top1_after_recovery'))}%; PyTorch batch-1 speed-up against the unpruned "
+                  f"The student is the teacher with {_fmt(pruning.ratio, 3)} of each channel group removed "
+                  f"({pruning.importance} importance, {pruning.scope} scope, multiples of "
+                  f"{pruning.round_to}; {pruning.tool} {pruning.tool_version}). Validation top-1 "
+                  f"before recovery {_fmt(pruning.val_top1_before_recovery)}%, after "
+                  f"{_fmt(pruning.val_top1_after_recovery)}%; PyTorch batch-1 speed-up against the unpruned "
                   f"teacher {_fmt(speedup, 2, 'x')}" + (" (**no faster than the teacher**)." if speedup is not None
                                                         and speedup <= 1.0 else ".")]
-    probe = result.get("probe")
-    if probe:
+    if report.probe:
         lines += ["", "## Probe search", "", "| candidate | round | val top-1 |", "|---|---|---|"]
-        lines += [f"| {p['name']} | {p['round']} | {_fmt(p.get('score'))} |" for p in probe]
-    cands = result.get("candidates") or []
+        lines += [f"| {p['name']} | {p['round']} | {_fmt(p.get('score'))} |" for p in report.probe]
+    cands = report.candidates
     if cands:
         lines += ["", "## Candidates", "", "Widths marked * were solved for the budget (not grid members).", "",
                   "| model | family | MFLOPs | params (M) | latency (ms) | budget use | fits |",
                   "|---|---|---|---|---|---|---|"]
         for c in cands:
-            mark = "**chosen**" if c["name"] == s.get("search_name", s["arch"]) else ("yes" if c.get("fits") else
-                                                                                      "no: " + "; ".join(c.get("rejected_by") or []))
+            mark = "**chosen**" if c["name"] == (s.search_name or s.arch) else ("yes" if c.get("fits") else
+                                                                                "no: " + "; ".join(c.get("rejected_by") or []))
             use = ", ".join(f"{v:.0%} of {k}" for k, v in (c.get("utilization") or {}).items()) or "-"
             name = c["name"] + ("*" if c.get("solved") else "")
             lines.append(f"| {name} | {c['family']} | {c['flops'] / 1e6:.2f} | {c['params'] / 1e6:.3f} | "
                          f"{_fmt(c.get('latency_ms'), 3)} | {use} | {mark} |")
-    plots = [p for k, p in (result.get("files") or {}).items() if k.startswith("plot:")]
+    plots = [p for k, p in report.files.items() if k.startswith("plot:")]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
 
 
-def _target_lines(s: dict[str, Any]) -> list[str]:
+def _target_lines(s: StudentFigures) -> list[str]:
     """The deployment targets, one row each: file, size, converter, parity in its own runtime, latency."""
-    targets = s.get("targets") or {}
+    targets = s.targets or {}
     if not targets:
         return []
-    latency = (s.get("latency") or {}).get("targets") or {}
+    latency = (s.latency or {}).get("targets") or {}
     lines = ["", "| target | file | MB | converter | max abs logit diff | top-1 agreement | parity | batch-1 latency (ms) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, t in targets.items():
-        ms = (s.get("latency") or {}).get("onnx_ms") if name == "onnx" else (latency.get(name) or {}).get("p50_ms")
+        ms = s.latency_ms("onnx_ms") if name == "onnx" else (latency.get(name) or {}).get("p50_ms")
         lines.append(f"| {name} | {Path(t.get('path') or '-').name} | {_fmt((t.get('bytes') or 0) / 1e6, 3)} | "
                      f"{t.get('converter', '-')} | {_fmt(t.get('max_abs_diff'), 7)} | {_fmt(t.get('top1_agreement'), 4)} | "
                      f"{'passed' if t.get('passed') else 'FAILED'} ({t.get('provider', '-')}) | {_fmt(ms, 3)} |")
@@ -169,22 +173,22 @@ def _target_lines(s: dict[str, Any]) -> list[str]:
 CURVES = (("training loss", "loss"), ("validation top-1 (%)", "val_top1"))
 
 
-def curve_data(result: dict[str, Any]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+def curve_data(report: Report) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
     """Panel title -> stage name -> (epochs, values): the points the training-curves plot draws.
 
     Epochs whose record lacks the value (e.g. no validation split) are left out, not drawn as NaN.
     """
     panels: dict[str, dict[str, tuple[list[int], list[float]]]] = {title: {} for title, _ in CURVES}
-    for st in result.get("stages") or []:
+    for st in report.stages:
         for title, key in CURVES:
-            points = [(int(h["epoch"]), float(h[key])) for h in st.get("history") or []
+            points = [(int(h["epoch"]), float(h[key])) for h in st.history
                       if isinstance(h.get(key), (int, float)) and math.isfinite(h[key])]
             if points:
-                panels[title][st["name"]] = ([e for e, _ in points], [v for _, v in points])
+                panels[title][st.name] = ([e for e, _ in points], [v for _, v in points])
     return panels
 
 
-def write_plots(result: dict[str, Any], folder: Path) -> dict[str, str]:
+def write_plots(report: Report, folder: Path) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,7 +205,7 @@ def write_plots(result: dict[str, Any], folder: Path) -> dict[str, str]:
         plt.close(fig)
         files[f"plot:{path.stem}"] = str(path)
 
-    panels = curve_data(result)
+    panels = curve_data(report)
     if any(panels.values()):
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
         for ax, (title, curves) in zip(axes, panels.items()):
@@ -218,34 +222,33 @@ def write_plots(result: dict[str, Any], folder: Path) -> dict[str, str]:
                 ax.legend(fontsize=8)
         save(fig, "training_curves.png")
 
-    cands = result.get("candidates") or []
+    cands = report.candidates
     if cands:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         fits = [c for c in cands if c.get("fits")]
         rest = [c for c in cands if not c.get("fits")]
         ax.scatter([c["flops"] / 1e6 for c in rest], [c["params"] / 1e6 for c in rest], s=14, c="0.7", label="does not fit")
         ax.scatter([c["flops"] / 1e6 for c in fits], [c["params"] / 1e6 for c in fits], s=16, c="tab:blue", label="fits")
-        s = result["student"]
-        chosen = [c for c in cands if c["name"] == s.get("search_name", s["arch"])]
+        s = report.student
+        chosen = [c for c in cands if c["name"] == (s.search_name or s.arch)]
         if chosen:
             ax.scatter([chosen[0]["flops"] / 1e6], [chosen[0]["params"] / 1e6], s=120, marker="*", c="tab:red",
                        label=f"chosen: {chosen[0]['name']}")
-        for limit in result.get("budget_lines", {}).get("mflops", []):
+        for limit in report.budget_lines.get("mflops", []):
             ax.axvline(limit, color="tab:red", ls="--", lw=1)
-        for limit in result.get("budget_lines", {}).get("mparams", []):
+        for limit in report.budget_lines.get("mparams", []):
             ax.axhline(limit, color="tab:red", ls=":", lw=1)
         ax.set(xscale="log", yscale="log", xlabel="MFLOPs (1 multiply-add = 1 FLOP)", ylabel="params (M)",
                title="student candidates and the budget")
         ax.legend(fontsize=8)
         save(fig, "candidates.png")
 
-    t = result.get("teacher") or {}
-    s = result["student"]
+    t, s = report.teacher, report.student
     if t:
-        panels = [("test top-1 (%)", t.get("test_top1"), s.get("test_top1")),
-                  ("params (M)", _m(t.get("params")), _m(s.get("params"))),
-                  ("MFLOPs", _m(t.get("flops")), _m(s.get("flops"))),
-                  ("onnxruntime latency (ms)", (t.get("latency") or {}).get("onnx_ms"), (s.get("latency") or {}).get("onnx_ms"))]
+        panels = [("test top-1 (%)", t.test_top1, s.test_top1),
+                  ("params (M)", _m(t.params), _m(s.params)),
+                  ("MFLOPs", _m(t.flops), _m(s.flops)),
+                  ("onnxruntime latency (ms)", t.latency_ms("onnx_ms"), s.latency_ms("onnx_ms"))]
         panels = [p for p in panels if p[1] is not None and p[2] is not None]
         fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2))
         for ax, (title, tv, sv) in zip(axes if len(panels) > 1 else [axes], panels):

@@ -165,7 +165,7 @@ def test_a_saved_plan_runs_as_a_preset(cache_dir, digits_teacher, tmp_path):
     # no --teacher on the command line: the plan names its own
     result = compress(preset=str(tmp_path / "plan.yaml"), out=tmp_path / "run", epochs=1, echo=lambda _: None)
     assert result.plan.final.arch == plan.final.arch and result.plan.final.train.epochs == 1
-    assert (tmp_path / "run" / "student.onnx").exists() and result.report["teacher"]["arch"] == "resnet8"
+    assert (tmp_path / "run" / "student.onnx").exists() and result.report.teacher.arch == "resnet8"
 
 
 def test_plan_and_dry_run_take_a_bundled_preset_and_the_teacher(cache_dir, cifar_teacher, cli):

@@ -9,6 +9,7 @@ from compressor.models import create
 from compressor.schemes import Vanilla
 from compressor.trainer import TrainConfig, fit, seed_everything
 from recipes.report import curve_data, write_plots
+from recipes.results import Report, StageFigures, StudentFigures
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,8 @@ def one_epoch_history():
 
 def test_the_training_loss_panel_has_the_run_s_loss(one_epoch_history, tmp_path):
     # the plot read "train_loss", which the trainer never writes: the panel was empty on every run
-    result = {"stages": [{"name": "student", "history": one_epoch_history}], "student": {"arch": "resnet_d8_w0.25"}}
+    result = Report(StudentFigures("resnet_d8_w0.25"),
+                    stages=[StageFigures("student", "resnet_d8_w0.25", "vanilla", [], "", history=one_epoch_history)])
     panels = curve_data(result)
     record = one_epoch_history[0]
     assert panels["training loss"] == {"student": ([1], [pytest.approx(record["loss"])])}
@@ -36,5 +38,7 @@ def test_the_training_loss_panel_has_the_run_s_loss(one_epoch_history, tmp_path)
 def test_epochs_without_a_value_are_left_out_not_drawn_as_nan():
     history = [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": float("nan"), "val_top1": 50.0},
                {"epoch": 3, "loss": 1.0}]
-    panels = curve_data({"stages": [{"name": "ta1", "history": history}, {"name": "student", "history": []}]})
+    panels = curve_data(Report(StudentFigures("resnet8"), stages=[
+        StageFigures("ta1", "resnet8", "offline", [], "", history=history),
+        StageFigures("student", "resnet8", "offline", [], "", history=[])]))
     assert panels == {"training loss": {"ta1": ([1, 3], [2.0, 1.0])}, "validation top-1 (%)": {"ta1": ([2], [50.0])}}

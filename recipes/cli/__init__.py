@@ -125,13 +125,13 @@ def cli(ctx: click.Context, teacher, teacher_arch, budgets, data, recipe, method
     click.echo(f"{'':<{width}}  {'teacher':>12}  {'student':>12}")
     for name, t, s in rows:
         click.echo(f"{name:<{width}}  {t:>12}  {s:>12}")
-    baseline_row = result.report.get("baseline")
-    if baseline_row and baseline_row.get("kd_gain") is not None:
-        click.echo(f"KD gain over the vanilla student: {baseline_row['kd_gain']:+.2f} points "
-                   f"({baseline_row['test_top1']:.2f}% without distillation)")
+    baseline = result.report.baseline
+    if baseline and baseline.kd_gain is not None:
+        click.echo(f"KD gain over the vanilla student: {baseline.kd_gain:+.2f} points "
+                   f"({baseline.test_top1:.2f}% without distillation)")
     click.echo(f"wrote {result.out_dir}/: " + ", ".join(sorted(Path(p).name for k, p in result.files.items()
                                                                 if not k.startswith("plot:"))) + ", plots/")
-    int8_row = result.report["student"].get("int8") or {}
+    int8_row = result.report.student.int8 or {}
     if int8_row.get("missed_margin") and not int8_row.get("written"):
         missed_margin_exit((int8_row.get("control") or {}).get("verdict", "the int8 model missed --int8-margin"))
 
