@@ -56,6 +56,12 @@ def fits(value: Any, annotation: Any) -> bool:
     return isinstance(value, origin or annotation)
 
 
+def given(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The values that say something: None means "not given, keep the default" (a flag left out,
+    a ``null`` in a plan)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
 _NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "text", type(None): "null"}
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,9 +26,8 @@ from compressor.data.corruptions import Corruption
 from compressor.errors import UserError
 from compressor.knowledge.spec import MethodSpec, parse_method_spec
 from compressor.trainer.config import TrainConfig
-from compressor.typecheck import check_field_types
+from compressor.typecheck import check_field_types, given
 from recipes.budget import Budget, parse_budget
-from recipes.request import given
 
 PLAN_VERSION = 1
 TEACHER = "teacher"
@@ -257,7 +256,3 @@ class Plan:
     def save(self, path: str | os.PathLike) -> None:
         write_text(path, self.to_yaml())
 
-
-def with_train(stage: Stage, **settings: Any) -> Stage:
-    """A copy of ``stage`` whose training settings are changed (None: unchanged)."""
-    return replace(stage, train=replace(stage.config, **given(settings)))

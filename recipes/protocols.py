@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping
 
-from recipes.request import given
+from compressor.typecheck import given
 
 if TYPE_CHECKING:
     from compressor.data import DataSpec

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from compressor.errors import UserError
+from compressor.typecheck import given
 from recipes.budget import Budget, parse_budget
 
 if TYPE_CHECKING:  # the CLI reads the names below when it is built: no torch at import time
@@ -106,11 +107,6 @@ class PlanRequest:
         return cls(**given(values))
 
 
-def given(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The values that say something: None means "not given, keep the default"."""
-    return {k: v for k, v in settings.items() if v is not None}
-
-
 def parse_candidates(text: str | None) -> str:
     value = (text or DEFAULT_CANDIDATES).strip().lower()
     if value not in CANDIDATE_SETS:
@@ -138,7 +134,7 @@ class RunSettings:
 def split_run(values: Mapping[str, Any]) -> tuple[dict[str, Any], RunSettings]:
     """User values (a Python call's keywords) -> the request's values and the run settings."""
     run_names = {f.name for f in fields(RunSettings)}
-    run = {k: v for k, v in values.items() if k in run_names and v is not None}
+    run = given({k: v for k, v in values.items() if k in run_names})
     if run.get("out") is not None:
         run["out"] = Path(run["out"])
     if run.get("search") not in (None, "rule", "probe"):

@@ -28,6 +28,7 @@ from compressor.schemes.base import Scheme
 from compressor.schemes.branching import NotBranchable
 from compressor.schemes.peers import BranchedPeers, PeerGroup, SeparatePeers
 from compressor.schemes.registry import REFUSED, SchemeOptions, SchemeRequest, register_scheme
+from compressor.typecheck import given
 from compressor.schemes.selection import EnsembleView, PeerSelection
 
 DEFAULT_COHORT = 3  # N = 3 in the attention-cohort paper (and ONE's and PCL's CIFAR runs)
@@ -106,7 +107,7 @@ class CohortOptions(SchemeOptions):
 
 def aggregator_options(extra: Mapping[str, Any]) -> dict[str, Any]:
     """The aggregator's hyper-parameters a stage gave (None: its default)."""
-    return {k: v for k, v in extra.items() if v is not None}
+    return given(extra)
 
 
 def build_group(archs: Sequence[str], multi_branch: bool, aggregator: str,
