@@ -253,10 +253,11 @@ def test_deploy_step_holds_int8_to_the_margin_and_drops_a_stale_file(tmp_path, r
 def test_main_command_exit_status_when_int8_missed_the_margin(cli, tmp_path, monkeypatch):
     """Everything else was written; the one line and status 3 say the int8 file was not."""
     from recipes.compress import CompressResult
+    from recipes.results import Report, StudentFigures
 
     verdict = "int8 file not written (exit status 3; the fp32 model and the rest were): the best int8 model loses 5.00"
-    report = {"student": {"arch": "resnet8", "int8": {"missed_margin": True, "written": False,
-                                                      "control": {"verdict": verdict}}}}
+    report = Report(StudentFigures("resnet8", int8={"missed_margin": True, "written": False,
+                                                    "control": {"verdict": verdict}}))
     seen = {}
 
     def fake_compress(**kwargs):
@@ -269,7 +270,7 @@ def test_main_command_exit_status_when_int8_missed_the_margin(cli, tmp_path, mon
     assert result.exit_code == 3, result.output
     assert seen["int8_margin"] == 0.5 and seen["keep_int8_anyway"] is False
     assert result.output.strip().splitlines()[-1] == f"error: {verdict}"
-    report["student"]["int8"]["written"] = True  # --keep-int8-anyway wrote it: a normal exit
+    report.student.int8["written"] = True  # --keep-int8-anyway wrote it: a normal exit
     result = cli("--teacher", "t.pt", "--budget", "1MFLOPs", "--int8", "--keep-int8-anyway")
     assert result.exit_code == 0 and seen["keep_int8_anyway"] is True
 
