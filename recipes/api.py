@@ -34,9 +34,9 @@ def plan_compression(request: PlanRequest | None = None, /, *, load_data: bool =
     A preset with neither a teacher nor data is shown as written: there are no inputs to resolve."""
     request = request if request is not None else main_request(**values)
     if request.preset is not None and request.teacher is None and request.data is None and not load_data:
-        from recipes.preset import fill_preset
+        from recipes.planner import preset_plan
 
-        return fill_preset(request.preset, request, None), None
+        return preset_plan(request.preset, request, None), None
     inputs = inputs_for(request, load_data=load_data)
     return plan_with(request, inputs), inputs
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from compressor.errors import UserError
-from recipes.plan import TEACHER, Plan, Stage
+from recipes.plan import TEACHER, Plan, Stage, raw_stages
+from recipes.preset import Preset
 from recipes.protocols import default_train
 from recipes.request import DEFAULT_METHOD, PlanRequest  # noqa: F401  (DEFAULT_METHOD: documented here)
 from recipes.search import (
@@ -83,9 +84,7 @@ def make_plan(request: PlanRequest, subject: Subject, *, latency: LatencyFn | No
     """The plan for ``request``; ``latency`` times a zoo model for a latency budget, ``pruned`` is the
     pruned-teacher candidate when ``--candidates`` asks for it."""
     if request.preset is not None:
-        from recipes.preset import fill_preset
-
-        return fill_preset(request.preset, request, str(subject.data) if subject.data else None)
+        return preset_plan(request.preset, request, str(subject.data) if subject.data else None)
     _check_recipe(request)
     reasons: list[str] = []
     if request.student is not None and not request.budgets:
@@ -190,6 +189,36 @@ def _with_pruned(request: PlanRequest, candidates: list[Candidate], pruned: Prun
     if candidate is None:
         return candidates  # falls back to the zoo (the reason says why)
     return [candidate] if request.candidates == "pruned" else [*candidates, candidate]
+
+
+def preset_plan(preset: Preset, request: PlanRequest, data: str | None) -> Plan:
+    """The preset with the request's teacher, data, seed, corruption, method and training settings
+    written over its own (each where given); ``data`` is the resolved data spec (None: the preset's)."""
+    raw = dict(preset.raw)
+    if request.corruption is not None:
+        raw["corruption"] = request.corruption.to_dict()
+    for key, value in (("teacher", request.teacher), ("data", data), ("teacher_arch", request.teacher_arch)):
+        if value is not None:
+            raw[key] = value
+    raw["seed"] = request.seed
+    overrides = request.train.given()
+    stages = []
+    for i, stage in enumerate(raw_stages(raw.get("stages"))):
+        stage = dict(stage)
+        own = stage.get("train") or {}
+        if not isinstance(own, dict):
+            raise UserError(f"plan stage {i + 1}: train must be a mapping of training settings, got {own!r:.60}")
+        stage["train"] = {**own, **overrides}
+        stages.append(stage)
+    raw["stages"] = stages
+    if not raw.get("data"):
+        raise UserError(f"preset {preset.name} names no data: give --data")
+    plan = Plan.from_dict(raw)
+    if request.method is None:
+        return plan
+    for stage in plan.stages:
+        stage.method = request.method  # the command line's, as parsed
+    return plan.validate()
 
 
 # --------------------------------------------------------------------------------------- stages

@@ -2,7 +2,7 @@
 filled from the command line, which wins where both speak.
 
 A preset is read once, where the user names it (:func:`load_preset`, into a :class:`Preset`); the
-request carries it to the planner, which fills it (:func:`fill_preset`) like every entry point's.
+request carries it to the one planner, which fills it (:func:`recipes.planner.preset_plan`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from compressor.errors import UserError
 
 if TYPE_CHECKING:
     from compressor.data.corruptions import Corruption
-    from recipes.plan import Plan
-    from recipes.request import PlanRequest
 
 
 @dataclass(frozen=True)
@@ -67,34 +65,3 @@ def list_presets() -> list[str]:
     folder = resources.files("recipes") / "presets"
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
-
-def fill_preset(preset: Preset, request: "PlanRequest", data: str | None) -> "Plan":
-    """The preset with the request's teacher, data, seed, corruption, method and training settings
-    written over its own (each where given); ``data`` is the resolved data spec (None: the preset's)."""
-    from recipes.plan import Plan, raw_stages
-
-    raw = dict(preset.raw)
-    if request.corruption is not None:
-        raw["corruption"] = request.corruption.to_dict()
-    for key, value in (("teacher", request.teacher), ("data", data), ("teacher_arch", request.teacher_arch)):
-        if value is not None:
-            raw[key] = value
-    raw["seed"] = request.seed
-    overrides = request.train.given()
-    stages = []
-    for i, stage in enumerate(raw_stages(raw.get("stages"))):
-        stage = dict(stage)
-        own = stage.get("train") or {}
-        if not isinstance(own, dict):
-            raise UserError(f"plan stage {i + 1}: train must be a mapping of training settings, got {own!r:.60}")
-        stage["train"] = {**own, **overrides}
-        stages.append(stage)
-    raw["stages"] = stages
-    if not raw.get("data"):
-        raise UserError(f"preset {preset.name} names no data: give --data")
-    plan = Plan.from_dict(raw)
-    if request.method is None:
-        return plan
-    for stage in plan.stages:
-        stage.method = request.method  # the command line's, as parsed
-    return plan.validate()

@@ -511,10 +511,11 @@ def official_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: f
 
 
 def _preset(name):
-    from recipes.preset import fill_preset, load_preset
+    from recipes.planner import preset_plan
+    from recipes.preset import load_preset
     from recipes.request import PlanRequest
 
-    return fill_preset(load_preset(name), PlanRequest(teacher="t.pt"), data=None)
+    return preset_plan(load_preset(name), PlanRequest(teacher="t.pt"), data=None)
 
 
 def test_takd_preset_is_the_official_chain_and_loss():

@@ -481,10 +481,11 @@ def test_attention_cohort_preset_is_the_papers_protocol():
     """Sec. 4.1: N = 3, tau = 3, lambda = 1; Adam 1e-3, batch 32, 200 epochs, x0.1 at 80/140/170 and on
     a 5-epoch plateau."""
     from compressor.trainer import TrainConfig
-    from recipes.preset import fill_preset, load_preset
+    from recipes.planner import preset_plan
+    from recipes.preset import load_preset
     from recipes.request import PlanRequest
 
-    plan = fill_preset(load_preset("cifar100_attention_cohort_resnet20"), PlanRequest(), data=None)
+    plan = preset_plan(load_preset("cifar100_attention_cohort_resnet20"), PlanRequest(), data=None)
     (stage,) = plan.stages
     config = stage.train
     assert isinstance(config, TrainConfig)
