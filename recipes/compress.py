@@ -24,7 +24,6 @@ from compressor.metrics import kd_gain
 from recipes.api import main_request, plan_with
 from recipes.budget import Budget, cost_limits
 from recipes.context import RunInputs, inputs_for, resolve_inputs, same_corruption
-from recipes.distill_run import teacher_accuracy
 from recipes.plan import Plan, Stage
 from recipes.request import PlanRequest, RunSettings, split_run
 from recipes.report import summary_rows, write_report
@@ -203,7 +202,7 @@ def _report(plan: Plan, inputs: RunInputs, trained: RunResult, student: LoadedMo
     teacher = None
     if inputs.teacher is not None:
         teacher = TeacherFigures(inputs.teacher.meta.arch, inputs.teacher_flops, inputs.teacher_params,
-                                 teacher_accuracy(inputs), deployed.teacher_latency, path=teacher_path)
+                                 inputs.teacher_top1(), deployed.teacher_latency, path=teacher_path)
     if student.meta.pruning:
         figures.pruning = _pruning_summary(student, trained, teacher, figures)
     return Report(

@@ -43,6 +43,13 @@ class RunInputs:
         distillation never asks, planning and the main command's report do."""
         return measure(self.teacher.model, self.input_shape) if self.teacher is not None else None
 
+    def teacher_top1(self) -> float:
+        """The teacher's test top-1 on the loaded data (the summary lines and the report)."""
+        from compressor.trainer import evaluate
+
+        batches = self.source.loader("test", 256, shuffle=False, augment=False)
+        return evaluate(self.teacher.model, batches, self.source.num_classes).top1
+
     @property
     def teacher_flops(self) -> int | None:
         return self.teacher_cost.flops if self.teacher_cost is not None else None

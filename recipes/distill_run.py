@@ -108,18 +108,10 @@ def distill(
         copy_file(result.stages[-1].checkpoint, output)
     lines = []
     if inputs.teacher is not None:
-        lines.append(f"teacher {inputs.teacher.meta.arch}: test top-1 {teacher_accuracy(inputs):.2f}%")
+        lines.append(f"teacher {inputs.teacher.meta.arch}: test top-1 {inputs.teacher_top1():.2f}%")
     lines += _stage_lines(result)
     lines.append(f"wrote {output} (stages in {run_dir})")
     return lines
-
-
-def teacher_accuracy(inputs) -> float:
-    from compressor.trainer import evaluate
-
-    source = inputs.source
-    batches = source.loader("test", 256, shuffle=False, augment=False)
-    return evaluate(inputs.teacher.model, batches, source.num_classes).top1
 
 
 def _stage_lines(result: RunResult) -> list[str]:

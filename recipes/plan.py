@@ -171,6 +171,8 @@ class Plan:
 
         if not self.stages:
             raise UserError("the plan has no stages")
+        if self.version != PLAN_VERSION:
+            raise UserError(f"plan version {self.version} is not one this kdcompress reads ({PLAN_VERSION})")
         Corruption.from_dict(self.corruption)  # a bad record fails here, before any data is read
         derived = recipe_of(self.stages)
         if self.recipe != derived:

@@ -92,6 +92,7 @@ def make_plan(request: PlanRequest, subject: Subject, *, latency: LatencyFn | No
     else:
         student, candidates = _search(request, subject, latency, pruned, reasons)
     stages = _stages(request, subject, student, candidates, reasons)
+    _check_options_used(request, stages)
     clip = stages[-1].train.grad_clip if request.teacher is not None else None
     if clip and candidates:
         reasons.append(f"distillation stages clip the gradient norm at {clip:g}: the KD gradient grows with the "
@@ -124,6 +125,21 @@ def _check_recipe(request: PlanRequest) -> None:
         from compressor.schemes.modreduce import check_no_method
 
         check_no_method(request.method.text)
+
+
+def _check_options_used(request: PlanRequest, stages: list[Stage]) -> None:
+    """Each command-line option goes to the stages whose scheme takes it (DGKD's drop rate to the DGKD
+    stages of a chain, not to its first, offline, one); one that no stage takes is refused, not dropped."""
+    from compressor.schemes.registry import scheme_options
+
+    used = {k for stage in stages for k in stage.options}
+    unused = sorted(k for k in request.options if k not in used and k != "hierarchical")
+    if unused:
+        final = stages[-1]  # its scheme says what it takes instead
+        scheme_options(final.scheme).from_dict({**final.options, **{k: request.options[k] for k in unused}},
+                                               final.scheme)
+        schemes = ", ".join(sorted({s.scheme for s in stages}))
+        raise UserError(f"option(s) {', '.join(unused)} apply to no stage of this plan (its schemes: {schemes})")
 
 
 def _named(arch: str) -> Candidate:
@@ -320,9 +336,8 @@ def _tcn(request: PlanRequest, subject: Subject, student: Candidate, reasons: li
     """Teacher-class network: one stage, or one per level when hierarchical (1 -> 2 -> 4 ... students)."""
     from compressor.schemes.tcn import TCNOptions, tcn_levels
 
-    given = TCNOptions.from_dict(request.options, "tcn")
-    levels = tcn_levels(given.students, given.hierarchical)
-    options = {k: v for k, v in request.options.items() if k != "hierarchical"}
+    options = {k: v for k, v in request.options.items() if k != "hierarchical"}  # a layout, not a stage's option
+    levels = tcn_levels(TCNOptions.from_dict(options, "tcn").students, bool(request.options.get("hierarchical")))
     reasons.append(f"teacher-class network: {' -> '.join(['teacher', *(str(level.students) for level in levels)])} "
                    "student(s)")
     return [_stage(request, subject, "student" if i == len(levels) - 1 else level.name, "tcn", student.name,
@@ -341,6 +356,8 @@ def _stage(request: PlanRequest, subject: Subject, name: str, scheme: str, arch:
 
     spec = scheme_options(scheme)
     options = dict(request.options if options is None else options)
+    takes = {*spec.field_names(), *spec.extra_names(options)}
+    options = {k: v for k, v in options.items() if k in takes}  # the rest is another stage's (or refused)
     if prune is not None:
         options["prune"] = prune
     settings = default_train(subject.data, arch, family, distill=spec.knowledge_terms and bool(teachers),

@@ -170,6 +170,14 @@ class TCNOptions(SchemeOptions):
     finetune_students: bool = False
     hierarchical: bool = False
 
+    def check(self) -> None:
+        if self.hierarchical:
+            raise UserError(
+                "a tcn stage trains one level of a teacher-class network; the hierarchical variant is one tcn stage "
+                "per level (tcn1 from the teacher, tcn2 from tcn1, ...): `kdcompress distill --scheme tcn "
+                "--hierarchical` writes them, or write them in the plan"
+            )
+
 
 @register_scheme("tcn", options=TCNOptions)
 def build_tcn(request: SchemeRequest) -> TeacherClass:
@@ -184,12 +192,6 @@ def build_tcn(request: SchemeRequest) -> TeacherClass:
     if request.teacher is None:
         raise UserError("the teacher-class network needs a teacher (--teacher T.pt)")
     options: TCNOptions = request.options  # type: ignore[assignment]
-    if options.hierarchical:
-        raise UserError(
-            "a tcn stage trains one level of a teacher-class network; the hierarchical variant is one tcn stage "
-            "per level (tcn1 from the teacher, tcn2 from tcn1, ...): `kdcompress distill --scheme tcn "
-            "--hierarchical` writes them, or write them in the plan"
-        )
     students = options.students
     dim = embedding_dim(request.teacher, request.input_shape)
     chunk_sizes(dim, students)  # a count that cannot share the embedding fails here, before building
