@@ -58,16 +58,14 @@ def load_for_export(
 
 
 def check_fits(meta: "ExportMetadata", source: Any, spec: str) -> None:
-    """The data must be what the model takes: same classes, same image shape. What the checkpoint
-    does not record (input size, normalisation, class names) is taken from the data."""
-    if meta.num_classes is not None and meta.num_classes != source.num_classes:
-        raise UserError(f"the model predicts {meta.num_classes} classes but {spec} has {source.num_classes}")
+    """The data must be what the model takes: same classes, same image shape (the one fit check,
+    compressor.trainer.evaluate.check_fits). What the checkpoint does not record (input size,
+    normalisation, class names) is taken from the data."""
+    from compressor.trainer.evaluate import check_fits as fits
+
     shape = tuple(source.input_shape)
-    if meta.in_chans is not None and meta.in_chans != shape[0]:
-        raise UserError(f"the model takes {meta.in_chans}-channel images but {spec} has {shape[0]} channels")
-    if meta.input_size is not None and tuple(meta.input_size) != shape[1:]:
-        raise UserError(f"the model was trained at {'x'.join(map(str, meta.input_size))} but {spec} is "
-                        f"{'x'.join(map(str, shape[1:]))}")
+    recorded = None if meta.input_size is None else (meta.in_chans or shape[0], *meta.input_size)
+    fits("the model", meta.num_classes, recorded, meta.in_chans, spec, source.num_classes, shape)
     if meta.input_size is None:
         meta.in_chans, meta.input_size = shape[0], list(shape[1:])
     if meta.mean is None:

@@ -7,6 +7,7 @@ import json
 import click
 
 from recipes.cli._options import (
+    data_option,
     input_shape_option,
     int8_control_options,
     missed_margin_exit,
@@ -21,8 +22,8 @@ from recipes.cli._options import (
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
               help="the file to write; each target writes this name with its own suffix (student.onnx, student.pte, ...)")
 @target_option
-@click.option("--data", default=None, help="digits | fashion-mnist[:DIR] | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR: real inputs for the "
-              "parity check, calibration and test images for --int8 (default: random inputs; --int8 needs it)")
+@data_option(what="real inputs for the parity check, calibration and test images for --int8; default: random "
+                  "inputs, --int8 needs it")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(min=1), help="ONNX opset (17 or newer)")
 @click.option("--exporter", default="auto", show_default=True, type=click.Choice(["auto", "dynamo", "torchscript"]),
               help="auto: dynamo, falling back to TorchScript (TorchScript first for opset 17)")
