@@ -495,7 +495,7 @@ def test_crd_negatives_by_distinct_draws_are_uniform_with_unequal_pools_and_redr
     classes = torch.tensor([1, 2, 3] * 1500)
     for forced in (False, True):
         if forced:
-            monkeypatch.setattr(crd_module, "_draws_needed", lambda pool, k: k)
+            monkeypatch.setattr(crd_module, "_draws_needed", lambda pool, n, k: k)
         torch.manual_seed(5)
         negatives = pools.draw_other_classes(classes, 8)
         assert negatives.shape == (4500, 8)
