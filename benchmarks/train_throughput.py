@@ -23,7 +23,9 @@ synthetic CIFAR-100-shaped files (random images, written in torchvision's python
              Normalize, a ``DataLoader`` with ``--workers`` worker processes, the teacher under
              ``no_grad``, the KD loss, loss.item() and top-1/top-5 every step.
 Same pair, initial weights, batch, threads and SGD settings; images/s of the training epochs by the
-wall clock (the workers run in other processes), ratios trainer / hand and trainer / floor.
+wall clock (the workers run in other processes), ratios trainer / hand and trainer / floor; and the CPU
+each arm spends per image (the hand loop's workers included), which a machine shared with other
+processes does not blur as it blurs the wall clock.
 
 Writes benchmarks/results/train_throughput.json.
 """
@@ -186,22 +188,27 @@ def kd_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimi
                            weight_decay=cfg.weight_decay)
 
 
-def kd_trainer_arm(teacher, student, source, args, seed) -> float:
+def kd_trainer_arm(teacher, student, source, args, seed) -> tuple[float, float]:
+    """(images/s of the training epochs as the trainer logs them, CPU ms per training image of the
+    whole ``fit`` call: set-up, validation and the final test pass included, so an upper bound)."""
     spec = parse_method_spec("hinton")
     c, h, w = source.input_shape
+    cpu0 = time.process_time()
     scheme = Offline(copy.deepcopy(teacher), copy.deepcopy(student), spec.terms, input_shape=(c, h, w),
                      num_classes=source.num_classes, num_train=source.split_size("train"), ce_weight=spec.ce_weight)
     result = fit(scheme, source, kd_config(args, seed))
+    cpu = time.process_time() - cpu0
     images = sum(r["images_per_s"] * r["train_time_s"] for r in result.history)
-    return images / sum(r["train_time_s"] for r in result.history)
+    return images / sum(r["train_time_s"] for r in result.history), 1e3 * cpu / images
 
 
-def kd_floor_arm(teacher, student, source, args, seed) -> float:
+def kd_floor_arm(teacher, student, source, args, seed) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of the bare step on our loader's batches."""
     cfg = kd_config(args, seed)
     device = resolve_device(args.device)
     t_net, s_net = freeze(copy.deepcopy(teacher)).to(device), copy.deepcopy(student).to(device).train()
     opt = kd_optimizer(s_net, cfg)
-    images, elapsed = 0, 0.0
+    images, elapsed, cpu0 = 0, 0.0, time.process_time()
     for epoch in range(cfg.epochs):
         start = time.perf_counter()
         for batch in source.loader("train", cfg.batch_size, shuffle=True, augment=True, seed=seed, epoch=epoch):
@@ -215,10 +222,14 @@ def kd_floor_arm(teacher, student, source, args, seed) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed += time.perf_counter() - start
-    return images / elapsed
+    return images / elapsed, 1e3 * (time.process_time() - cpu0) / images
 
 
-def kd_hand_arm(teacher, student, folder: Path, args, seed) -> float:
+def kd_hand_arm(teacher, student, folder: Path, args, seed) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of the hand-written loop, the CPU of the main process and of its
+    DataLoader workers together (they exit at each epoch's end, so their time is counted)."""
+    import resource
+
     from torchvision import transforms
 
     cfg = kd_config(args, seed)
@@ -235,6 +246,7 @@ def kd_hand_arm(teacher, student, folder: Path, args, seed) -> float:
     opt = kd_optimizer(s_net, cfg)
     torch.manual_seed(seed)
     images, elapsed = 0, 0.0
+    cpu0 = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     for _ in range(cfg.epochs):
         s_net.train()
         t_net.eval()
@@ -254,7 +266,9 @@ def kd_hand_arm(teacher, student, folder: Path, args, seed) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed += time.perf_counter() - start
-    return images / elapsed
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    workers = children.ru_utime + children.ru_stime - cpu0[1].ru_utime - cpu0[1].ru_stime
+    return images / elapsed, 1e3 * (time.process_time() - cpu0[0] + workers) / images
 
 
 def kd_config(args: argparse.Namespace, seed: int) -> TrainConfig:
@@ -268,30 +282,35 @@ def bench_kd(args: argparse.Namespace, device: torch.device) -> dict:
     teacher = create(args.kd_teacher, num_classes=100).eval()
     student = create(args.kd_student, num_classes=100)
     with tempfile.TemporaryDirectory(prefix="kd_throughput_") as tmp:
-        folder = write_cifar100(Path(tmp), args.kd_samples)
+        folder = write_cifar100(Path(tmp), args.kd_samples, n_test=64)
         source = load_source(f"cifar100:{folder}", val_fraction=0.02, device=device)
         arms = {"trainer": lambda seed: kd_trainer_arm(teacher, student, source, args, seed),
                 "floor": lambda seed: kd_floor_arm(teacher, student, source, args, seed),
                 "hand": lambda seed: kd_hand_arm(teacher, student, folder, args, seed)}
         for arm in arms.values():  # warm-up: allocator, kernels, lazy imports, worker start-up code
             arm(0)
-        got: dict[str, list[float]] = {name: [] for name in arms}
+        ips: dict[str, list[float]] = {name: [] for name in arms}
+        cpu: dict[str, list[float]] = {name: [] for name in arms}
         names = list(arms)
         for r in range(args.repeats):
             for name in names[r % 3:] + names[: r % 3]:  # each arm takes each place in turn
-                got[name].append(arms[name](r + 1))
-            print(f"  kd repeat {r + 1}/{args.repeats}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in got.items()),
-                  flush=True)
-    med = {name: statistics.median(v) for name, v in got.items()}
-    per_repeat = list(zip(got["trainer"], got["hand"], got["floor"]))
+                rate, ms = arms[name](r + 1)
+                ips[name].append(rate)
+                cpu[name].append(ms)
+            print(f"  kd repeat {r + 1}/{args.repeats}: " + ", ".join(
+                f"{n} {ips[n][-1]:.1f} img/s {cpu[n][-1]:.2f} CPU ms/img" for n in names), flush=True)
+    med = {name: statistics.median(v) for name, v in ips.items()}
+    med_cpu = {name: statistics.median(v) for name, v in cpu.items()}
+    per_repeat = list(zip(ips["trainer"], ips["hand"], ips["floor"]))
     return {
         "case": "kd", "input": "3x32x32", "teacher": args.kd_teacher, "student": args.kd_student, "batch": args.batch,
         "train_images": source.split_size("train"), "hand_images": args.kd_samples, "workers": args.workers,
         "repeats": args.repeats, "epochs": args.kd_epochs, "trainer_ips": med["trainer"], "floor_ips": med["floor"],
-        "hand_ips": med["hand"], "samples": got,
+        "hand_ips": med["hand"], "samples": ips, "cpu_ms_per_image": med_cpu, "cpu_samples": cpu,
         "trainer_vs_hand": statistics.median(t / h for t, h, _ in per_repeat),
         "trainer_vs_floor": statistics.median(t / f for t, _, f in per_repeat),
         "hand_vs_floor": statistics.median(h / f for _, h, f in per_repeat),
+        "hand_cpu_vs_trainer_cpu": med_cpu["hand"] / med_cpu["trainer"],
     }
 
 
@@ -336,6 +355,9 @@ def main() -> None:
         print(f"{'floor img/s':>12} {'hand img/s':>11} {'trainer img/s':>14} {'trainer/hand':>13} {'trainer/floor':>14}")
         print(f"{row['floor_ips']:>12.1f} {row['hand_ips']:>11.1f} {row['trainer_ips']:>14.1f} "
               f"{row['trainer_vs_hand']:>13.3f} {row['trainer_vs_floor']:>14.3f}")
+        cpu = row["cpu_ms_per_image"]
+        print(f"CPU ms per image: floor {cpu['floor']:.2f}, hand {cpu['hand']:.2f} (main process and DataLoader "
+              f"workers), trainer {cpu['trainer']:.2f} (the whole fit call: set-up, validation, test included)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"torch": torch.__version__, "device": str(device),
