@@ -181,14 +181,17 @@ def _distinct_draws(start: Tensor, stop: Tensor, n: int, k: int, generator: torc
     width = stop - start
     count = _draws_needed(n - int(width.max()), n, k)
     draws = torch.randint(0, n, (r, count), generator=generator, device=device)
-    # the first draw position of every value; -1 for the own class (never new); column n: unused
-    first_at = torch.full((r, n + 1), count, dtype=torch.int32, device=device)
+    # the first draw position of every value; -1 for the own class (never new); column n: unused.
+    # int16 on the CPU where the positions fit: half the memory traffic of the (r, n) table
+    small = device.type == "cpu" and count < torch.iinfo(torch.int16).max
+    dtype = torch.int16 if small else torch.int32
+    first_at = torch.full((r, n + 1), count, dtype=dtype, device=device)
     widest = int(width.max())
     if widest:
         own = start[:, None] + torch.arange(widest, device=device)
         own = torch.where(own < stop[:, None], own, n)  # past a row's own class: the unused column
         first_at.scatter_(1, own, -1)
-    place = torch.arange(count, dtype=torch.int32, device=device).expand(r, count)
+    place = torch.arange(count, dtype=dtype, device=device).expand(r, count)
     first_at.scatter_reduce_(1, draws, place, "amin")
     new = first_at.gather(1, draws) == place
     seen = new.cumsum(1, dtype=torch.int32)
