@@ -13,9 +13,9 @@ replacement only when it is smaller. The training labels arrive from the trainer
 (:meth:`ContrastiveRepresentationDistillation.set_train_labels`) and are kept compactly, as
 :class:`ClassPools`: the sample indices sorted by class (one int tensor) and the class offsets.
 Draws run on the memory's device, vectorised over the batch. Where K is at most half the pool
-(CIFAR-100: 16384 of 49500) a row is the first K distinct values of uniform draws, about 0.4 x
-pool of them, instead of a random key for every pool member and a top-K over them (2x less time
-for the sampler, the same distribution: a uniformly random K-subset of the other classes).
+(CIFAR-100: 16384 of 49500) a row is the first K new values of uniform draws over the samples
+(about 0.41 x N draws), instead of a random key for every sample and a top-K over them: half the
+sampler's time, the same distribution (a uniformly random K-subset of the other classes).
 
 Memory: the banks are stored in float16 (unit vectors, so 11 significant bits are plenty), at
 ``2 banks x feat_dim x 2 bytes`` = 512 bytes per training sample with feat_dim = 128 (the
