@@ -310,6 +310,26 @@ def _from_ours(obj: dict, path: str, arch: str | None, num_classes: int | None) 
                        dict(obj.get("extra") or {}), FORMAT, path)
 
 
+class _NoMetaNormal(torch.overrides.TorchFunctionMode):
+    """Skips drawing normal values into meta tensors (they hold no values).
+
+    ``Tensor.normal_``'s meta kernel is a Python decomposition whose first call imports
+    ``torch._dynamo``: about 1 s of CPU (3 s on a loaded machine) at the start of every command
+    that loads a checkpoint, only to size a model (kaiming_normal_ initialises most convs). The
+    ``nn.init`` functions are caught too: they may reach ``normal_`` with this mode already set aside."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _NORMAL_INITS:
+            target = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor by name
+            if getattr(target, "is_meta", False):
+                return target
+        return func(*args, **kwargs)
+
+
+_NORMAL_INITS = (torch.Tensor.normal_, nn.init.normal_, nn.init.kaiming_normal_, nn.init.xavier_normal_)
+
+
 def _check_meta_size(meta: ModelMeta, state: dict, path: str) -> None:
     """Refuse a meta record that describes a model far larger than the weights the file holds.
 
@@ -319,7 +339,7 @@ def _check_meta_size(meta: ModelMeta, state: dict, path: str) -> None:
     than the weights is refused here; any other mismatch is left to the weight check, which names
     the layers that differ."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _NoMetaNormal():
             probe = _build(meta.arch, meta.num_classes, meta.in_chans, meta.arch_kwargs)
     except UserError:
         raise

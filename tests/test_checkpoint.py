@@ -141,3 +141,26 @@ def test_garbage_never_tracebacks_nor_passes_for_a_pickle(tmp_path):
         path.write_bytes(random.Random(seed).randbytes(512))
         with pytest.raises(UserError, match="not a PyTorch checkpoint"):
             load_model(path)
+
+
+def test_loading_a_checkpoint_never_imports_torch_dynamo(tmp_path):
+    """The size guard builds the model on the meta device, where drawing normal values would
+    import torch._dynamo (as long as importing torch); the draws are skipped there, weights load."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    paths = []
+    for arch in ("resnet8", "MobileNetV2", "vgg8", "ShuffleV2"):  # kaiming_normal_ and nn.init.normal_(name=...)
+        path = tmp_path / f"{arch}.pt"
+        save_model(path, create(arch, num_classes=10), ModelMeta(arch=arch, num_classes=10, input_size=(32, 32)))
+        paths.append(str(path))
+    code = ("import sys\n"
+            "from compressor.checkpoint import load_model\n"
+            "for path in sys.argv[1:]:\n"
+            "    load_model(path)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.stdout.strip() == "False"

@@ -485,6 +485,46 @@ def test_crd_negatives_follow_the_seed_or_a_generator():
     assert torch.equal(crd.draw_negatives(index, index % 5), b)
 
 
+def test_crd_negatives_by_distinct_draws_are_uniform_with_unequal_pools_and_redraws(monkeypatch):
+    """Pools at least twice K take the first K distinct of uniform draws; a row whose draws hold
+    fewer than K distinct values is drawn again (forced here by drawing only K values per row)."""
+    from compressor.knowledge import crd as crd_module
+
+    labels = torch.tensor([0] * 30 + [1] * 10 + [2] * 5 + [3] * 3)  # pools of 38, 43 and 45 samples
+    pools = crd_module.ClassPools(labels, num_classes=4)
+    classes = torch.tensor([1, 2, 3] * 1500)
+    for forced in (False, True):
+        if forced:
+            monkeypatch.setattr(crd_module, "_draws_needed", lambda pool, n, k: k)
+        torch.manual_seed(5)
+        negatives = pools.draw_other_classes(classes, 8)
+        assert negatives.shape == (4500, 8)
+        for c in (1, 2, 3):
+            rows = negatives[classes == c]
+            assert (labels[rows] != c).all()
+            assert all(len(set(row)) == 8 for row in rows.tolist())
+            counts = torch.bincount(rows.flatten(), minlength=48)[labels != c].float()
+            expected = 1500 * 8 / int((labels != c).sum())  # about 280; its sd about 16
+            assert (counts > 0.8 * expected).all() and (counts < 1.2 * expected).all()
+
+
+def test_crd_negatives_mix_the_three_ways_of_drawing_in_one_batch():
+    from compressor.knowledge.crd import ClassPools
+
+    # K = 10: class 0's pool (9) is below K: with replacement; class 1's (19) is under 2K: the K
+    # largest of one key each; class 2's (22) is 2K or more: the first K distinct of uniform draws
+    labels = torch.tensor([0] * 16 + [1] * 6 + [2] * 3)
+    pools = ClassPools(labels, num_classes=3)
+    torch.manual_seed(6)
+    classes = torch.tensor([0, 1, 2, 1] * 50)
+    negatives = pools.draw_other_classes(classes, 10)
+    assert negatives.shape == (200, 10)
+    for row, c in zip(negatives.tolist(), classes.tolist()):
+        assert all(labels[i] != c for i in row)
+        assert c == 0 or len(set(row)) == 10
+    assert set(negatives[classes == 0].flatten().tolist()) == set(range(16, 25))  # all 9 come up
+
+
 def test_crd_class_pools_are_compact():
     from compressor.knowledge.crd import ClassPools
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -527,6 +528,58 @@ def test_bss_attack_moves_samples_toward_the_teacher_boundary():
     assert top2(after).mean() < 0.5 * top2(before).mean()
     assert x_adv.abs().max() <= 2.5 + 1e-6
     assert not teacher.training
+
+
+def reference_bss_attack(teacher, x, target, steps=10, eta=0.3, bound=2.5):
+    """The authors' attack loop: every sample through every step, a stopped one with a zero step."""
+    x_adv, base = x.clone(), None
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        logits = teacher(x_adv)
+        base = logits.argmax(1) if base is None else base
+        active = (logits.argmax(1) == base).float()
+        if active.sum() == 0:
+            break
+        f_b, f_k = logits.gather(1, base[:, None])[:, 0], logits.gather(1, target[:, None])[:, 0]
+        (grad,) = torch.autograd.grad((f_k - f_b).sum(), x_adv)
+        scale = eta * active * ((f_b - f_k).detach() + 1e-4) / grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+        x_adv = (x_adv.detach() + scale[:, None, None, None] * grad).clamp(-bound, bound)
+    return x_adv.detach()
+
+
+@pytest.mark.parametrize("step_size", [0.3, 1.0])
+def test_bss_attack_and_loss_match_the_authors_loop(step_size):
+    """Passes run only on the samples still moving: the same samples and loss as running all."""
+    loss, student, teacher, s_taps, t_taps, batch = bss_setup(seed=5)
+    loss.step_size, loss.attack_fraction = step_size, 1.0
+    with torch.no_grad():
+        t_logits = teacher(batch.x)
+    target = t_logits.topk(3, dim=1).indices.gather(1, (1 + torch.arange(16) % 2)[:, None]).squeeze(1)
+    want = reference_bss_attack(teacher, batch.x, target, eta=step_size)
+    assert torch.allclose(loss.attack(batch.x, target), want, atol=1e-5)
+    with torch.no_grad():  # samples stop at different steps, some never: every path of the loop runs
+        crossed = teacher(want).argmax(1) != t_logits.argmax(1)
+    assert 0 < int(crossed.sum()) < 16
+
+    from compressor.knowledge.hinton import soft_kl
+
+    # a student that agrees with the teacher, so every sample is a base sample
+    twin = copy.deepcopy(teacher).eval().requires_grad_(True)
+    loss.bind_models(FeatureTaps(twin), t_taps)
+    with torch.no_grad():
+        t_out = t_taps(batch.x)
+    s_out = loss._student(batch.x)
+    torch.manual_seed(0)
+    got = loss(s_out, t_out, batch)
+    torch.manual_seed(0)
+    idx, tgt = loss.select(s_out.logits, t_out.logits, batch.y)
+    assert idx.numel() == 16
+    x_bss = reference_bss_attack(teacher, batch.x[idx], tgt, eta=step_size)
+    with torch.no_grad():
+        t_bss = teacher(x_bss)
+    expected = loss.kd_ratio * soft_kl(s_out.logits, t_out.logits, 3.0) + loss.attack_ratio * soft_kl(
+        twin(x_bss), t_bss, 3.0)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_bss_step_leaves_the_teacher_untouched_and_trains_the_student():

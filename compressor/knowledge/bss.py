@@ -46,7 +46,10 @@ class BSSLoss(KnowledgeLoss):
       ``x <- x + eta * (f_b - f_k + 1e-4) * g / ||g||_2`` with ``g = grad_x (f_k - f_b)``,
       ``eta = 0.3``, ``f_b``/``f_k`` the teacher's base/target logits; a sample stops once the
       teacher no longer predicts its base class; pixels are clipped to ``+-pixel_range`` (2.5,
-      normalised CIFAR). The teacher runs in eval mode and gets no parameter gradient;
+      normalised CIFAR). The teacher runs in eval mode and gets no parameter gradient; each
+      pass runs on the samples still moving only (a stopped sample never moves again), and the
+      pass that stops a sample gives the teacher's logits at it, so only those still moving
+      after the last step need one more teacher forward;
     * schedule over training, with ``e`` the 1-based epoch of ``E``:
       ``kd_ratio = kd_start - (kd_start - kd_end) * e / E`` (4 -> 1) and
       ``attack_ratio = attack_start * max(1 - e / (attack_until * E), 0)`` (2 -> 0 at 3/4).
@@ -114,27 +117,48 @@ class BSSLoss(KnowledgeLoss):
 
     def attack(self, x: Tensor, target: Tensor) -> Tensor:
         """Move ``x`` toward the teacher's boundary between its predicted class and ``target``."""
+        return self._attack(x, target)[0]
+
+    def _attack(self, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(the attacked samples, the teacher's float logits at them where known, the indices of
+        the samples whose logits are not known: those still moving after the last step).
+
+        A sample stops for good once the teacher no longer predicts its base class: its step is
+        zero from then on, so it never moves again, and in eval mode the teacher sees each sample
+        on its own. So each pass runs on the samples still moving only, and the pass that stops
+        a sample gives its final logits; only the samples still moving at the end need another
+        teacher forward.
+        """
         teacher = self._require(self._teacher)
         x_adv = x.detach().clone()
+        live = torch.arange(x.shape[0], device=x.device)  # the samples still moving
+        logits_at_end = x.new_empty(0)
+        base = target
         with _eval_mode(teacher.model), torch.enable_grad():
-            base = None
-            for _ in range(self.steps):
-                x_adv.requires_grad_(True)
-                logits = teacher(x_adv).logits.float()
-                if base is None:
-                    base = logits.argmax(dim=1).detach()
-                active = logits.argmax(dim=1) == base
-                if not bool(active.any()):
-                    break
-                f_b = logits.gather(1, base[:, None]).squeeze(1)
-                f_k = logits.gather(1, target[:, None]).squeeze(1)
-                (grad,) = torch.autograd.grad((f_k - f_b).sum(), x_adv)
+            for step in range(self.steps):
+                rows = live
+                x_rows = x_adv[rows].requires_grad_(True)
+                logits = teacher(x_rows).logits.float()
+                if step == 0:
+                    base = logits.argmax(dim=1).detach()  # every sample is active at its start
+                    logits_at_end = logits.new_empty(logits.shape)
+                active = logits.argmax(dim=1) == base[rows]
+                all_active = bool(active.all())
+                if not all_active:
+                    logits_at_end[rows[~active]] = logits.detach()[~active]
+                    live = rows[active]
+                    if live.numel() == 0:
+                        break
+                f_b = logits.gather(1, base[rows, None]).squeeze(1)
+                f_k = logits.gather(1, target[rows, None]).squeeze(1)
+                (grad,) = torch.autograd.grad((f_k - f_b).sum(), x_rows)
                 norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
-                scale = self.step_size * active.float() * ((f_b - f_k).detach() + 1e-4) / norm
-                x_adv = (x_adv.detach() + scale.view(-1, *([1] * (x.dim() - 1))) * grad).clamp(
+                scale = self.step_size * ((f_b - f_k).detach() + 1e-4) / norm
+                moved = (x_rows.detach() + scale.view(-1, *([1] * (x.dim() - 1))) * grad).clamp(
                     -self.pixel_range, self.pixel_range
                 )
-        return x_adv.detach()
+                x_adv[live] = moved if all_active else moved[active]
+        return x_adv, logits_at_end, live
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs, batch: Batch) -> Tensor:
         loss = self.kd_ratio * soft_kl(student.logits, teacher.logits, self.temperature)
@@ -143,10 +167,12 @@ class BSSLoss(KnowledgeLoss):
         idx, target = self.select(student.logits, teacher.logits, batch.y)
         if idx.numel() == 0:
             return loss
-        x_bss = self.attack(batch.x[idx], target)
-        t_model = self._require(self._teacher)
-        with torch.no_grad(), _eval_mode(t_model.model):
-            t_logits = t_model(x_bss).logits
+        x_bss, t_logits, moving = self._attack(batch.x[idx], target)
+        if moving.numel():
+            t_model = self._require(self._teacher)
+            with torch.no_grad(), _eval_mode(t_model.model):
+                last = t_model(x_bss[moving]).logits.float()
+            t_logits = last if moving.numel() == x_bss.shape[0] else t_logits.index_copy(0, moving, last)
         s_logits = self._require(self._student)(x_bss).logits
         return loss + self.attack_ratio * soft_kl(s_logits, t_logits, self.temperature)
 

@@ -28,7 +28,8 @@ class _SimilarityEmbed(nn.Module):
 class _Projection(nn.Module):
     """Student map -> a teacher map's channels: 1x1 conv, BN, ReLU, 3x3 conv, BN, ReLU, 1x1 conv.
 
-    The bottleneck is twice the teacher's channel count, as in the official code.
+    The bottleneck is twice the teacher's channel count and the ReLUs work in place, as in the
+    official code (``Proj``).
     """
 
     def __init__(self, c_in: int, c_out: int) -> None:
@@ -37,10 +38,10 @@ class _Projection(nn.Module):
         self.net = nn.Sequential(
             nn.Conv2d(c_in, mid, 1, bias=False),
             nn.BatchNorm2d(mid),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Conv2d(mid, mid, 3, padding=1, bias=False),
             nn.BatchNorm2d(mid),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Conv2d(mid, c_out, 1, bias=False),
         )
 

@@ -12,6 +12,8 @@ OSAKD); Adam at 1e-3 (attention cohort); RMSProp at 1e-3 (attention cohort, tran
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Callable, Iterable
 
 import torch
@@ -23,23 +25,56 @@ from compressor.trainer.config import TrainConfig
 OptimizerFactory = Callable[[list[dict[str, Any]], TrainConfig], torch.optim.Optimizer]
 
 
+_GUARDED = ("add_param_group", "zero_grad", "state_dict", "load_state_dict")
+
+
+@functools.lru_cache(maxsize=None)
+def eager(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """``cls`` calling its methods without torch.compile's guards around them.
+
+    torch.optim wraps ``step`` (``_use_grad_for_differentiable``) and ``add_param_group``,
+    ``zero_grad``, ``state_dict``, ``load_state_dict`` (``torch._disable_dynamo``) so that
+    torch.compile does not trace into them. In eager mode the wrappers do nothing but set the grad
+    mode, yet their first call imports ``torch._dynamo``: about 1 s of CPU (3 s of wall time on a
+    loaded machine), as long as importing torch itself, at the start of every training command,
+    none of which compiles. The subclass calls the functions under the wrappers (``step`` in the
+    grad mode the wrapper sets: off unless the optimiser is ``differentiable``), the same code; a
+    method a torch version does not wrap is left as it is. Same state dict, same steps.
+    """
+    namespace: dict[str, Any] = {"__doc__": f"{cls.__name__} without torch.compile's guards (see eager)."}
+    for name in _GUARDED:
+        method = getattr(cls, name)
+        bare = inspect.unwrap(method)
+        if bare is not method:
+            namespace[name] = bare
+    step = getattr(cls, "step")
+    bare_step = inspect.unwrap(step)
+    if bare_step is not step:
+        def unguarded_step(self, *args: Any, **kwargs: Any) -> Any:
+            with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+                return bare_step(self, *args, **kwargs)
+
+        namespace["step"] = functools.wraps(bare_step)(unguarded_step)
+    return type(cls.__name__, (cls,), namespace)
+
+
 def _sgd(groups: list[dict[str, Any]], c: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov and c.momentum > 0,
-                           weight_decay=c.weight_decay)
+    return eager(torch.optim.SGD)(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov and c.momentum > 0,
+                                  weight_decay=c.weight_decay)
 
 
 def _adam(groups: list[dict[str, Any]], c: TrainConfig) -> torch.optim.Optimizer:
     # L2 weight decay added to the gradient, as the papers' Adam runs did
-    return torch.optim.Adam(groups, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+    return eager(torch.optim.Adam)(groups, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
 
 
 def _adamw(groups: list[dict[str, Any]], c: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+    return eager(torch.optim.AdamW)(groups, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
 
 
 def _rmsprop(groups: list[dict[str, Any]], c: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.RMSprop(groups, lr=c.lr, momentum=c.momentum if c.momentum < 1 else 0.0,
-                               weight_decay=c.weight_decay)
+    return eager(torch.optim.RMSprop)(groups, lr=c.lr, momentum=c.momentum if c.momentum < 1 else 0.0,
+                                      weight_decay=c.weight_decay)
 
 
 OPTIMIZERS: dict[str, OptimizerFactory] = {"sgd": _sgd, "adam": _adam, "adamw": _adamw, "rmsprop": _rmsprop}
