@@ -27,6 +27,7 @@ from recipes.budget import parse_budgets
 from recipes.context import RunInputs, resolve_inputs, same_corruption
 from recipes.distill_plan import load_preset, preset_plan
 from recipes.distill_run import teacher_accuracy
+from recipes.journal import RunJournal, enter, file_digest
 from recipes.plan import Plan, Stage
 from recipes.report import summary_rows, write_report
 from recipes.run_folder import RunFolder
@@ -83,10 +84,14 @@ def compress(
     """``corruption`` (None: clean, or what a resumed run or a saved plan records) corrupts the
     training labels of every stage, the baseline's too."""
     started = time.time()
+    enter("plan")
     out_dir = Path(out) if out is not None else default_out_dir(teacher, budget)
     if not resume and not preset:
         parse_budgets(budget)  # a bad budget fails before anything is read or written
     folder = RunFolder(out_dir)
+    if resume and not folder.has_plan() and (budget or preset):
+        resume = False  # killed while planning: nothing was recorded, so the whole command starts again
+        echo(f"{out_dir} holds no plan yet (the run stopped while planning): starting it")
     folder.check(resume=resume, force=force)  # before minutes of planning; again under the lock
     if resume:
         plan = Plan.load(out_dir / "plan.yaml")
@@ -113,20 +118,30 @@ def compress(
         echo(note)
     # the folder appears (or its earlier run is set aside) only once the inputs made a plan
     with folder.claim(resume=resume, force=force) as stage_done:
-        if not resume:
+        journal = RunJournal(out_dir)
+        if resume:  # what the first command asked for beside its plan (a bare --resume DIR gives no flags)
+            options = journal.load().options(int8=int8, baseline=baseline, latency_threads=latency_threads,
+                                             probe=probe_rows)
+            int8, baseline, latency_threads, probe_rows = (options["int8"], options["baseline"],
+                                                           options["latency_threads"], options["probe"])
+        else:  # recorded before plan.yaml, which marks a resumable run
+            journal.start(int8=int8, baseline=baseline, latency_threads=latency_threads, probe=probe_rows)
             plan.save(out_dir / "plan.yaml")
         for reason in plan.reasons:
             echo(f"plan: {reason}")
         run = run_plan(plan, inputs.source, out_dir, teacher=inputs.teacher, resume=resume, device=device,
                        echo=echo, on_stage_end=stage_done)
         return _deliver(plan, inputs, run, probe_rows, out_dir, teacher, started, resume=resume, baseline=baseline,
-                        int8=int8, latency_threads=latency_threads, device=device, echo=echo)
+                        int8=int8, latency_threads=latency_threads, device=device, echo=echo, journal=journal)
 
 
 def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, out_dir: Path, teacher: str | None,
              started: float, *, resume: bool, baseline: bool, int8: bool, latency_threads: int, device: str,
-             echo: Echo) -> CompressResult:
-    """After the stages: the student file, the baseline, ONNX (+ int8), latency and the report."""
+             echo: Echo, journal: RunJournal) -> CompressResult:
+    """After the stages: the student file, the baseline, ONNX (+ int8), latency and the report.
+
+    Export and latency are recorded in ``journal`` once finished; a resumed run reuses them."""
+    enter("student")
     student_path = out_dir / "student.pt"
     copy_file(run.stages[-1].checkpoint, student_path)
     student = load_model(student_path)
@@ -136,17 +151,22 @@ def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, o
         baseline_row = _baseline(plan, inputs, out_dir, resume, device, echo, run.metrics.get("test_top1"))
 
     echo("exporting the student to ONNX (parity against PyTorch on test images)")
-    from recipes.deploy import export_with_data, latency_of
+    from recipes.deploy import Deployment, export_with_data, latency_of
 
     int8_path = out_dir / "student.int8.onnx" if int8 else None
-    deployment = export_with_data(student.model, student.meta, out_dir / "student.onnx", inputs.source,
-                                  int8_path=int8_path, seed=plan.seed, source_checkpoint=str(student_path), log=None)
+    key = {"student": file_digest(student_path), "int8": int8, "seed": plan.seed}
+    deployment = Deployment(**journal.once("export", key, lambda: vars(export_with_data(
+        student.model, student.meta, out_dir / "student.onnx", inputs.source, int8_path=int8_path, seed=plan.seed,
+        source_checkpoint=str(student_path), log=None)), files=[out_dir / "student.onnx", *filter(None, [int8_path])]))
     for line in deployment.lines:
         echo(line)
     shape = tuple(inputs.input_shape)
     echo(f"timing teacher and student at batch 1, {latency_threads} thread(s)")
-    student_latency = latency_of(student.model, shape, threads=latency_threads, onnx_path=out_dir / "student.onnx",
-                                 int8_path=int8_path)
+    latency = journal.once("latency", {**key, "threads": latency_threads}, lambda: {
+        "student": latency_of(student.model, shape, threads=latency_threads, onnx_path=out_dir / "student.onnx",
+                              int8_path=int8_path),
+        "teacher": None if inputs.teacher is None else latency_of(inputs.teacher.model, shape, threads=latency_threads)})
+    student_latency = latency["student"]
     student_cost = measure(student.model, shape)
     report: dict[str, Any] = {
         "kdcompress_version": __version__, "flop_convention": FLOP_CONVENTION, "data": inputs.data_spec,
@@ -168,7 +188,7 @@ def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, o
                   **({"student.int8.onnx": str(int8_path)} if int8_path else {})},
     }
     if inputs.teacher is not None:
-        teacher_latency = latency_of(inputs.teacher.model, shape, threads=latency_threads)
+        teacher_latency = latency["teacher"]
         report["teacher"] = {
             "path": teacher, "arch": inputs.teacher.meta.arch, "flops": inputs.teacher_cost.flops,
             "params": inputs.teacher_cost.params, "test_top1": teacher_accuracy(inputs), "latency": teacher_latency,
@@ -176,6 +196,7 @@ def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, o
     if student.meta.pruning:
         report["student"]["pruning"] = _pruning_summary(student, run, report)
     report["seconds"] = round(time.time() - started, 1)
+    enter("report")
     files = write_report(report, out_dir)
     report["files"].update(files)
     return CompressResult(out_dir, plan, report, report["files"])
