@@ -165,7 +165,8 @@ def _deliver(plan: Plan, inputs: RunInputs, run: Any, probe_rows: list | None, o
     latency = journal.once("latency", {**key, "threads": latency_threads}, lambda: {
         "student": latency_of(student.model, shape, threads=latency_threads, onnx_path=out_dir / "student.onnx",
                               int8_path=int8_path),
-        "teacher": None if inputs.teacher is None else latency_of(inputs.teacher.model, shape, threads=latency_threads)})
+        "teacher": None if inputs.teacher is None else
+        latency_of(inputs.teacher.model, shape, threads=latency_threads)})
     student_latency = latency["student"]
     student_cost = measure(student.model, shape)
     report: dict[str, Any] = {

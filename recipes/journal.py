@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from compressor.atomic import write_text
 from compressor.errors import UserError
@@ -106,7 +106,7 @@ class RunJournal:
             return None
         return record.get("result")
 
-    def finish(self, phase: str, key: dict[str, Any], result: Any, files: list[str | Path] = ()) -> Any:
+    def finish(self, phase: str, key: dict[str, Any], result: Any, files: Sequence[str | Path] = ()) -> Any:
         """Record ``phase`` as finished with ``result`` (JSON-plain) and its files' digests; returns the
         result as the record holds it, so a first run and a resumed one go on with the same values."""
         record = {"key": _plain(key), "result": _plain(result),
@@ -115,7 +115,8 @@ class RunJournal:
         self._save()
         return record["result"]
 
-    def once(self, phase: str, key: dict[str, Any], compute: Callable[[], Any], files: list[str | Path] = ()) -> Any:
+    def once(self, phase: str, key: dict[str, Any], compute: Callable[[], Any],
+             files: Sequence[str | Path] = ()) -> Any:
         """``phase``'s recorded result, or ``compute()`` recorded now (with the digests of ``files``)."""
         enter(phase)
         recorded = self.finished(phase, key)

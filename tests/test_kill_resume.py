@@ -28,12 +28,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import ROOT
 from tests.kill_points import differences, incomplete_files
 
-CHAIN_PHASES = ["plan", "stage:ta1", "stage:student", "student", "stage:baseline", "export", "int8", "latency", "report"]
+CHAIN_PHASES = ["plan", "stage:ta1", "stage:student", "student", "stage:baseline", "export", "int8", "latency",
+                "report"]
 COHORT_PHASES = ["plan", "stage:student", "student", "export", "latency", "report"]
 
 
