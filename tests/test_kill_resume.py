@@ -155,6 +155,7 @@ def test_a_chain_killed_in_every_phase_resumes_to_the_uninterrupted_result(tmp_p
     plan_compression(teacher=teacher, budgets=["0.1MFLOPs"])  # the costs cache, warm for both runs
     args = ["--teacher", teacher, "--budget", "0.1MFLOPs", "--epochs", "2", "--int8", "--baseline"]
     outcome = kill_in_every_phase(tmp_path, cache_dir, args, CHAIN_PHASES, seed=18)
+    print("\n".join(outcome["points"]))  # where the kills landed: pytest -rP shows it
     assert outcome["kills"] == len(CHAIN_PHASES)
     assert outcome["differences"] == [], "\n".join(outcome["points"] + outcome["differences"])
     report = json.loads((tmp_path / "cut" / "run" / "report.json").read_text())
@@ -168,6 +169,7 @@ def test_a_cohort_killed_in_every_phase_resumes_to_the_uninterrupted_result(tmp_
     plan_compression(teacher=None, budgets=["0.1MFLOPs"])
     args = ["--budget", "0.1MFLOPs", "--epochs", "2"]
     outcome = kill_in_every_phase(tmp_path, cache_dir, args, COHORT_PHASES, seed=6)
+    print("\n".join(outcome["points"]))
     assert outcome["differences"] == [], "\n".join(outcome["points"] + outcome["differences"])
     report = json.loads((tmp_path / "cut" / "run" / "report.json").read_text())
     assert report["stages"][0]["scheme"] == "cohort"
