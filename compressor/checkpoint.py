@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import sys
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,18 +111,37 @@ def save_model(
     plan: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write our format atomically (temporary file in the same folder, then rename)."""
+    """Write our format atomically (temporary file in the same folder, then rename).
+
+    The records beside the weights are written in a canonical form, so the same content always
+    gives the same bytes: pickle writes a string once per object, so a plan the planner built
+    (its strings shared) and the same plan read back from plan.yaml by a resumed run (one string
+    per occurrence) would give different files for identical checkpoints."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "meta": meta.to_dict(),
+        "meta": _canonical(meta.to_dict()),
         "state_dict": state,
-        "metrics": dict(metrics or {}),
-        "plan": plan,
-        "extra": dict(extra or {}),
+        "metrics": _canonical(dict(metrics or {})),
+        "plan": _canonical(plan),
+        "extra": _canonical(dict(extra or {})),
     }
     atomic_torch_save(payload, path)
+
+
+def _canonical(value: Any) -> Any:
+    """A copy of a record (dicts, lists, tuples, strings, numbers; tensors kept as they are) that
+    shares every equal string and nothing else: its pickle depends on its content only."""
+    if isinstance(value, dict):
+        return {_canonical(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_canonical(v) for v in value)
+    if type(value) is str:
+        return sys.intern(value)
+    return value
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

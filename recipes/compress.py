@@ -24,6 +24,7 @@ from compressor.metrics import kd_gain
 from recipes.api import main_request, plan_with
 from recipes.budget import Budget, cost_limits
 from recipes.context import RunInputs, inputs_for, resolve_inputs, same_corruption
+from recipes.journal import RunJournal, enter, file_digest
 from recipes.plan import Plan, Stage
 from recipes.request import PlanRequest, RunSettings, split_run
 from recipes.report import summary_rows, write_report
@@ -65,6 +66,10 @@ def compress(teacher: str | None = None, budget: Sequence[str | Budget] = (), da
     ``keep_int8_anyway`` (report["student"]["int8"]["missed_margin"]). ``targets``: the export targets
     the student is written to (export/targets), each verified in its own runtime."""
     values, run = split_run({"teacher": teacher, "budgets": budget, "data": data, "out": out, **settings})
+    out_dir = run.out if run.out is not None else default_out_dir(teacher, budget)
+    if run.resume and not RunFolder(out_dir).has_plan() and (budget or values.get("preset")):
+        run = replace(run, resume=False)  # killed while planning: nothing was recorded, so the command starts again
+        echo(f"{out_dir} holds no plan yet (the run stopped while planning): starting it")
     # a bad budget or method fails here, before anything is read or written; a resumed run has its plan
     request = PlanRequest.from_user(**values) if run.resume else main_request(**values)
     return compress_request(request, run, echo=echo)
@@ -76,6 +81,7 @@ def compress_request(request: PlanRequest, run: RunSettings, *, echo: Echo = pri
     from recipes.deploy import check_targets
 
     started = time.time()
+    enter("plan")
     # an unknown or missing target fails before any training
     run = replace(run, targets=tuple(check_targets(run.targets, int8=run.int8)))
     out_dir = run.out if run.out is not None else default_out_dir(request.teacher, request.budgets)
@@ -86,7 +92,12 @@ def compress_request(request: PlanRequest, run: RunSettings, *, echo: Echo = pri
         echo(note)
     # the folder appears (or its earlier run is set aside) only once the inputs made a plan
     with folder.claim(resume=run.resume, force=run.force) as stage_done:
-        if not run.resume:
+        journal = RunJournal(out_dir)
+        threads = request.latency_threads
+        if run.resume:  # what the first command asked for beside its plan (a bare --resume DIR gives no flags)
+            run, threads, probe_rows = _recorded_options(journal.load(), run, threads, probe_rows)
+        else:  # recorded before plan.yaml, which marks a resumable run
+            journal.start(**_journal_options(run, threads, probe_rows))
             plan.save(out_dir / "plan.yaml")
         for reason in plan.reasons:
             echo(f"plan: {reason}")
@@ -94,13 +105,32 @@ def compress_request(request: PlanRequest, run: RunSettings, *, echo: Echo = pri
                            echo=echo, on_stage_end=stage_done)
         student_path, student = _keep_student(trained, out_dir)
         baseline = _baseline(plan, inputs, out_dir, run, echo, trained.metrics.get("test_top1")) if run.baseline else None
-        deployed = _deploy(student, student_path, inputs, plan, out_dir, run, threads=request.latency_threads,
-                           echo=echo)
+        deployed = _deploy(student, student_path, inputs, plan, out_dir, run, threads=threads, echo=echo,
+                           journal=journal)
         report = _report(plan, inputs, trained, student, student_path, deployed, probe_rows, baseline,
                          request.teacher or plan.teacher)
         report.seconds = round(time.time() - started, 1)
+        enter("report")
         write_report(report, out_dir)
         return CompressResult(out_dir, plan, report, report.files)
+
+
+def _journal_options(run: RunSettings, threads: int, probe_rows: list | None) -> dict[str, Any]:
+    """What ``run.json`` records of the command beside its plan: what to deliver after the stages."""
+    return {"int8": run.int8, "baseline": run.baseline, "latency_threads": threads, "probe": probe_rows,
+            "int8_margin": run.int8_margin, "keep_int8_anyway": run.keep_int8_anyway, "targets": list(run.targets)}
+
+
+def _recorded_options(journal: RunJournal, run: RunSettings, threads: int,
+                      probe_rows: list | None) -> tuple[RunSettings, int, list | None]:
+    """A resumed run delivers what its first command asked for (flags given now may add --int8 or
+    --baseline): the run settings, the latency threads and the probe's rows."""
+    options = journal.options(**_journal_options(run, threads, probe_rows))
+    run = replace(run, int8=options["int8"], baseline=options["baseline"],
+                  int8_margin=options.get("int8_margin", run.int8_margin),
+                  keep_int8_anyway=options.get("keep_int8_anyway", run.keep_int8_anyway),
+                  targets=tuple(options.get("targets") or run.targets))
+    return run, options["latency_threads"], options["probe"]
 
 
 def _resumed(request: PlanRequest, out_dir: Path, echo: Echo) -> tuple[Plan, RunInputs, None]:
@@ -132,6 +162,7 @@ def _plan(request: PlanRequest, run: RunSettings, echo: Echo) -> tuple[Plan, Run
 
 def _keep_student(trained: RunResult, out_dir: Path) -> tuple[Path, LoadedModel]:
     """The last stage's model as the run's student.pt, read back as it was saved."""
+    enter("student")
     student_path = out_dir / "student.pt"
     copy_file(trained.stages[-1].checkpoint, student_path)
     return student_path, load_model(student_path)
@@ -162,29 +193,43 @@ class _Deployed:
 
 
 def _deploy(student: LoadedModel, student_path: Path, inputs: RunInputs, plan: Plan, out_dir: Path,
-            run: RunSettings, *, threads: int, echo: Echo) -> _Deployed:
-    """Export to every target with parity (+ int8), then batch-1 latency of the student and the teacher."""
+            run: RunSettings, *, threads: int, echo: Echo, journal: RunJournal) -> _Deployed:
+    """Export to every target with parity (+ int8), then batch-1 latency of the student and the teacher.
+    Both phases are recorded in ``journal`` once finished, keyed by the student's bytes and settings:
+    a resumed run reuses them (the same figures), and redoes them when anything they read changed."""
     echo(f"exporting the student to {', '.join('ONNX' if t == 'onnx' else t for t in run.targets)} "
          "(parity against PyTorch on test images)")
-    from recipes.deploy import export_with_data, latency_of
+    from recipes.deploy import Deployment, export_with_data, latency_of
 
     int8_path = out_dir / "student.int8.onnx" if run.int8 else None
-    deployment = export_with_data(student.model, student.meta, out_dir / "student.onnx", inputs.source,
-                                  targets=run.targets, int8_path=int8_path, seed=plan.seed,
-                                  source_checkpoint=str(student_path), log=None, int8_margin=run.int8_margin,
-                                  keep_int8_anyway=run.keep_int8_anyway)
+    key = {"student": file_digest(student_path), "int8": run.int8, "seed": plan.seed, "targets": list(run.targets),
+           "int8_margin": run.int8_margin, "keep_int8_anyway": run.keep_int8_anyway}
+
+    def export() -> dict[str, Any]:
+        return vars(export_with_data(student.model, student.meta, out_dir / "student.onnx", inputs.source,
+                                     targets=run.targets, int8_path=int8_path, seed=plan.seed,
+                                     source_checkpoint=str(student_path), log=None, int8_margin=run.int8_margin,
+                                     keep_int8_anyway=run.keep_int8_anyway))
+
+    recorded = journal.finished("export", key)
+    if recorded is None:  # the files it writes are known only once it ran: record their digests then
+        enter("export")
+        done = export()
+        recorded = journal.finish("export", key, done, files=list(done["files"].values()))
+    deployment = Deployment(**recorded)
     if deployment.int8 is not None and not deployment.int8.get("written"):
         int8_path = None  # it missed the margin: nothing to time or list
     for line in deployment.lines:
         echo(line)
     shape = tuple(inputs.input_shape)
     echo(f"timing teacher and student at batch 1, {threads} thread(s)")
-    student_latency = latency_of(student.model, shape, threads=threads,
-                                 onnx_path=out_dir / "student.onnx" if deployment.onnx else None, int8_path=int8_path,
-                                 targets={name: row["path"] for name, row in deployment.targets.items()})
-    teacher_latency = latency_of(inputs.teacher.model, shape, threads=threads) if inputs.teacher is not None else None
+    latency = journal.once("latency", {**key, "threads": threads}, lambda: {
+        "student": latency_of(student.model, shape, threads=threads,
+                              onnx_path=out_dir / "student.onnx" if deployment.onnx else None, int8_path=int8_path,
+                              targets={name: row["path"] for name, row in deployment.targets.items()}),
+        "teacher": latency_of(inputs.teacher.model, shape, threads=threads) if inputs.teacher is not None else None})
     files = {"student.pt": str(student_path), "plan.yaml": str(out_dir / "plan.yaml"), **deployment.files}
-    return _Deployed(deployment, files, student_latency, teacher_latency)
+    return _Deployed(deployment, files, latency["student"], latency["teacher"])
 
 
 def _report(plan: Plan, inputs: RunInputs, trained: RunResult, student: LoadedModel, student_path: Path,

@@ -25,7 +25,7 @@ from compressor.atomic import is_temporary, remove_stale_temporaries
 from compressor.errors import UserError
 from compressor.lock import LOCK_NAME, check_free, folder_lock, hold
 
-RUN_FILES = ("plan.yaml", "report.json", "report.md", "student.pt", "student.onnx", "student.int8.onnx")
+RUN_FILES = ("plan.yaml", "run.json", "report.json", "report.md", "student.pt", "student.onnx", "student.int8.onnx")
 # stages/<stage>/ (recipes.runner): model.pt, state.pt, log.jsonl, and a phase's own state.<phase>.pt and
 # log.<phase>.jsonl (the trainer's init phase)
 STAGE_FILE = re.compile(r"(?:model|state)(?:\.\w+)?\.pt|log(?:\.\w+)?\.jsonl")
@@ -71,6 +71,10 @@ class RunFolder:
         self.path = Path(path)
         self.lock = folder_lock(self.path)
 
+    def has_plan(self) -> bool:
+        """A run that got as far as writing its plan (a run killed while planning recorded nothing)."""
+        return (self.path / "plan.yaml").is_file()
+
     def holds_run(self) -> bool:
         return self.path.is_dir() and any((self.path / m).exists() for m in RUN_MARKERS)
 
@@ -84,8 +88,9 @@ class RunFolder:
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file, not a folder: choose a folder name")
         if resume:
-            if not (out / "plan.yaml").is_file():
-                raise UserError(f"{out} holds no run to resume (no plan.yaml)")
+            if not self.has_plan():
+                raise UserError(f"{out} holds no run to resume (no plan.yaml: a run stopped while planning records "
+                                "nothing); run its command again (with its --teacher and --budget, --resume starts it)")
             return False
         foreign = foreign_files(out)
         if foreign:

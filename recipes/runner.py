@@ -24,6 +24,7 @@ from compressor.checkpoint import LoadedModel, ModelMeta, load_model, save_model
 from compressor.errors import UserError
 from compressor.features import strip_taps
 from compressor.schemes import SchemeRequest, build_scheme
+from recipes.journal import enter
 from recipes.plan import TEACHER, Plan, Stage
 
 Echo = Callable[[str], None]
@@ -78,6 +79,7 @@ def run_plan(
     results: list[StageResult] = []
     total = len(plan.stages)
     for number, stage in enumerate(plan.stages, 1):
+        enter(f"stage:{stage.name}")
         folder = stage_dir(run_dir, stage)
         model_path = folder / "model.pt"
         label = f"stage {number} of {total}: {stage.name} ({stage.arch} via {stage.scheme}"
@@ -86,7 +88,7 @@ def run_plan(
             loaded = load_model(model_path)
             done[stage.name] = loaded
             results.append(StageResult(stage.name, stage.arch, stage.scheme, str(model_path), loaded.metrics,
-                                       [], resumed_from_file=True))
+                                       _logged_history(folder / "log.jsonl"), resumed_from_file=True))
             echo(f"{label}: already trained, loaded {model_path}")
             if on_stage_end is not None:
                 on_stage_end(results[-1])
@@ -151,6 +153,17 @@ class StageNotLearning(UserError):
             f"{kept}resuming the run in {run_dir} after the fix retrains this stage"
         )
         self.stage = stage.name
+
+
+def _logged_history(log: Path) -> list[dict[str, Any]]:
+    """A finished stage's per-epoch records, as its training wrote them: a resumed run reports the
+    same curves as an uninterrupted one (the log is rewritten from the training state, never half)."""
+    from compressor.trainer.progress import read_jsonl
+
+    try:
+        return read_jsonl(log)
+    except (OSError, ValueError):  # no log (deleted by hand): the stage is reported without its curves
+        return []
 
 
 def _check_label_smoothing(stage: Stage, scheme: nn.Module, value: float | None) -> None:

@@ -299,6 +299,27 @@ def test_ranks_get_disjoint_equal_shards(digits):
     assert order.tolist() == [1, 4, 7, 0]
 
 
+@pytest.mark.parametrize("source", ["digits", "imagefolder"])
+def test_two_ranks_together_see_the_single_process_batches_augmented_alike(source, digits, tmp_path):
+    # DDP trains what one process trains only if every global batch is the same, augmentation
+    # included; before, each rank drew its own crops and flips (issue 18, item 6)
+    if source == "imagefolder":
+        write_imagefolder(tmp_path, per_class={"train": 6, "val": 1}, encode_labels=False, size=(16, 16))
+        src = load_source(f"imagefolder:{tmp_path}", num_workers=0)
+    else:
+        src = digits
+    kwargs = dict(shuffle=True, augment=True, seed=5, epoch=2)
+    n, batch = src.split_size("train"), 8
+    one = list(src.loader("train", batch, **kwargs))
+    ranks = [list(src.loader("train", batch // 2, rank=r, world_size=2, **kwargs)) for r in range(2)]
+    assert n % 2 == 0 and len(one) == len(ranks[0]) == len(ranks[1])
+    for whole, *halves in zip(one, *ranks):
+        merged = {int(i): (x, y) for h in halves for i, x, y in zip(h.index, h.x, h.y)}
+        assert sorted(merged) == sorted(whole.index.tolist())
+        for i, x, y in zip(whole.index, whole.x, whole.y):
+            assert torch.equal(merged[int(i)][0], x) and merged[int(i)][1] == y
+
+
 def test_sample_is_seeded_and_unaugmented(digits):
     a, b = digits.sample("val", 16, seed=3), digits.sample("val", 16, seed=3)
     assert a.x.shape == (16, 1, 8, 8) and torch.equal(a.x, b.x) and torch.equal(a.index, b.index)

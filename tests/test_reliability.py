@@ -75,7 +75,7 @@ def test_a_run_knows_its_own_files():
 
     from recipes.run_folder import foreign_files
 
-    ours = ["plan.yaml", "report.json", "report.md", "student.pt", "student.onnx", "student.int8.onnx",
+    ours = ["plan.yaml", "run.json", "report.json", "report.md", "student.pt", "student.onnx", "student.int8.onnx",
             ".kdcompress.lock", ".student.pt.1.abcdefgh.tmp", ".previous-run/anything", "plots/candidates.png",
             "stages/ta1/model.pt", "stages/ta1/state.pt", "stages/ta1/log.jsonl", "stages/s/state.init.pt",
             "stages/s/log.init.jsonl", "stages/s/.state.pt.7.abcdefgh.tmp"]

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from compressor.batch import Batch
 from compressor.data.base import DataSource, SplitOptions, check_batch_size, check_nonempty, check_split, split_training_pool
-from compressor.data.order import AUGMENT_STREAM, SAMPLE_STREAM, epoch_order, generator, num_batches
+from compressor.data.order import AUGMENT_STREAM, SAMPLE_STREAM, augment_draws, epoch_order, generator, num_batches
 from compressor.data.spec import Protocol, register_source
 from compressor.data.splits import channel_stats
 from compressor.errors import UserError
@@ -265,7 +265,9 @@ class FolderLoader:
         self.source, self.split, self.batch_size, self.drop_last = source, split, batch_size, drop_last
         order = epoch_order(source.split_size(split), shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
         if augment:
-            seeds = torch.randint(0, 2**62, (order.numel(),), generator=generator(AUGMENT_STREAM, seed, epoch, rank, world_size))
+            gen = generator(AUGMENT_STREAM, seed, epoch, 0, 1)  # one process's draws, on every rank
+            seeds = augment_draws(source.split_size(split), rank, world_size,
+                                  lambda n: torch.randint(0, 2**62, (n,), generator=gen))
         else:
             seeds = torch.full((order.numel(),), -1, dtype=torch.int64)
         self.keys = list(zip(order.tolist(), seeds.tolist()))

@@ -14,7 +14,7 @@ import torch
 from compressor.batch import Batch
 from compressor.data.augment import CropFlip, crop_flip
 from compressor.data.base import DataSource, SplitOptions, check_batch_size, check_nonempty, check_split, split_training_pool
-from compressor.data.order import AUGMENT_STREAM, SAMPLE_STREAM, epoch_order, generator, num_batches
+from compressor.data.order import AUGMENT_STREAM, SAMPLE_STREAM, augment_draws, epoch_order, generator, num_batches
 
 
 class InMemorySource(DataSource):
@@ -114,8 +114,9 @@ class MemoryLoader:
     def __iter__(self) -> Iterator[Batch]:
         params = None
         if self.augment:
-            gen = generator(AUGMENT_STREAM, self.seed, self.epoch, self.rank, self.world_size)
-            params = self.source.augmentation.draw_params(self.order.numel(), gen)
+            gen = generator(AUGMENT_STREAM, self.seed, self.epoch, 0, 1)  # one process's draws, on every rank
+            params = augment_draws(self.source.split_size(self.split), self.rank, self.world_size,
+                                   lambda n: self.source.augmentation.draw_params(n, gen))
         for b in range(len(self)):
             lo, hi = b * self.batch_size, (b + 1) * self.batch_size
             yield self.source.batch_at(self.split, self.order[lo:hi], None if params is None else params[lo:hi])

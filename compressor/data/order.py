@@ -9,11 +9,15 @@ the SAME permutation (it depends on ``(seed, epoch)`` only), the permutation is 
 its head until its length divides by ``world_size``, and rank ``r`` takes positions
 ``r, r + world_size, r + 2*world_size, ...``. So shards are disjoint apart from the padding
 repeats, and all ranks get ``ceil(n / world_size)`` samples (equal lengths keep DDP in step).
+Augmentation is drawn per position of the permutation, as one process draws it, and each rank
+takes its positions' draws (:func:`augment_draws`): at every step the ranks' batches together
+are the single process's batch, crops and flips included.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -65,11 +69,25 @@ def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, 
         order = torch.arange(n, dtype=torch.int64)
     if world_size == 1 or n == 0:
         return order
-    total = shard_length(n, world_size) * world_size
-    if total > n:
-        repeats = math.ceil((total - n) / n)
-        order = torch.cat([order] + [order] * repeats)[:total]
-    return order[rank:total:world_size]
+    return order[shard_positions(n, rank, world_size)]
+
+
+def shard_positions(n: int, rank: int, world_size: int) -> torch.Tensor:
+    """Positions in an epoch's permutation of ``n`` that ``rank`` visits, in order: ``rank``,
+    ``rank + world_size``, ... of the permutation padded by repeating its head (int64, CPU)."""
+    check_rank(rank, world_size)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.arange(rank, shard_length(n, world_size) * world_size, world_size, dtype=torch.int64) % n
+
+
+def augment_draws(n: int, rank: int, world_size: int, draw: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """This rank's rows of the per-position augmentation draws of an epoch: ``draw(n)`` makes one row
+    per position of the permutation, the same for every world size (a single process's draws), and
+    each rank takes the rows of its positions. So a sample is augmented alike whether one process
+    or several train: two ranks together see exactly the global batches one process sees."""
+    rows = draw(n)
+    return rows if world_size == 1 else rows[shard_positions(n, rank, world_size)]
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
