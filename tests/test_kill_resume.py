@@ -86,13 +86,13 @@ def test_a_bare_resume_delivers_what_the_first_command_asked_for_and_redoes_no_f
         raise AssertionError("a finished phase was done again")
 
     monkeypatch.setattr(recipes.deploy, "export_with_data", never)
-    first = compress(out=out, resume=True, echo=lambda _: None).report
+    first = compress(out=out, resume=True, echo=lambda _: None).report.to_dict()
     assert first["baseline"]["kd_gain"] is not None and first["student"]["int8"]["int8_top1"] is not None
     for stage in first["stages"]:
         logged = [json.loads(line) for line in (out / "stages" / stage["name"] / "log.jsonl").read_text().splitlines()]
         assert stage["history"] == logged and len(logged) == 1
     monkeypatch.setattr(recipes.deploy, "latency_of", never)
-    again = compress(out=out, resume=True, echo=lambda _: None).report
+    again = compress(out=out, resume=True, echo=lambda _: None).report.to_dict()
     assert again["student"]["latency"] == first["student"]["latency"]  # recorded once, not measured again
     assert timeless(again) == timeless(first)
 
