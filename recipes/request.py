@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the CLI reads the names below when it is built: no torch at
 RECIPES = ("single", "takd", "dgkd", "modreduce", "cohort", "osakd", "tcn")  # what --recipe may force
 DISTILL_SCHEMES = ("offline", "dgkd", "modreduce", "cohort", "osakd", "tcn")  # what distill's --scheme lays out
 CANDIDATE_SETS = ("zoo", "pruned", "all")  # the students searched: the zoo, the pruned teacher, both
-DEFAULT_CANDIDATES = "zoo"  # becomes "all" once the issue-14 benchmark shows where pruning wins
+DEFAULT_CANDIDATES = "all"  # the pruned teacher matched or beat the zoo in benchmarks/pruned_vs_zoo.py
 DEFAULT_GAP_THRESHOLD = 8.0
 DEFAULT_METHOD = "hinton+crd"  # the main command's (kdcompress distill trains with the scheme's: hinton)
 
