@@ -560,4 +560,4 @@ def test_dgkd_preset_is_the_official_chain_loss_and_drop():
     assert "ce" not in terms and sum(scheme.last_dropped) == 1
     s = scheme.student(b.x)
     official = 25 * sum(official_kl(s, t(b.x), 5.0) for t, gone in zip(teachers, scheme.last_dropped) if not gone)
-    assert torch.allclose(sum(terms.values()), official, rtol=1e-5)
+    assert torch.allclose(sum(terms.values()), official, rtol=1e-4)  # float32 KL over 100 classes at T=5: the sums differ by ~5e-5 relative across oneDNN kernels
