@@ -212,6 +212,10 @@ def _with_pruned(request: PlanRequest, candidates: list[Candidate], pruned: Prun
     """``--candidates``: the zoo, the pruned teacher, or both; with no pruned candidate, the zoo."""
     if request.candidates == "zoo" or pruned is None:
         return candidates
+    if request.candidates == "all" and request.recipe not in (None, "single"):
+        reasons.append(f"no pruned candidate: --recipe {request.recipe} does not apply to a pruned teacher (its "
+                       "recovery is one offline distillation from the unpruned teacher); the zoo competes alone")
+        return candidates
     reasons.append(pruned.reason)
     candidate = pruned.candidate
     if candidate is not None and request.family is not None and candidate.family != request.family:

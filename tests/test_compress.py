@@ -40,7 +40,7 @@ def digits_teacher(tmp_path_factory) -> str:
     [("0.1GFLOPs", 0), ("0.01GFLOPs", 1)],
 )
 def test_planner_on_cifar_resnet110(cache_dir, cifar_teacher, budget, tas):
-    plan, _ = plan_compression(teacher=cifar_teacher, budgets=[budget], family="resnet_cifar")
+    plan, _ = plan_compression(teacher=cifar_teacher, budgets=[budget], family="resnet_cifar", candidates="zoo")
     student = plan.final
     assert student.arch.startswith("resnet_d")
     fits = {c["name"]: c for c in plan.candidates}
@@ -55,7 +55,7 @@ def test_planner_on_cifar_resnet110(cache_dir, cifar_teacher, budget, tas):
 
 
 def test_planner_prefers_teacher_family_and_largest_fit(cache_dir, cifar_teacher):
-    plan, _ = plan_compression(teacher=cifar_teacher, budgets=["50MFLOPs"])
+    plan, _ = plan_compression(teacher=cifar_teacher, budgets=["50MFLOPs"], candidates="zoo")
     chosen = next(c for c in plan.candidates if c["name"] == plan.final.arch)
     same_family = [c for c in plan.candidates if c["family"] == chosen["family"] and c["fits"]]
     assert chosen["family"] == "resnet_cifar"

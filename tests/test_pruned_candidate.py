@@ -40,19 +40,29 @@ def test_pruned_only_plans_one_offline_stage_from_the_teacher(cache_dir, digits_
     assert any("pruned candidate resnet20-pruned" in r for r in plan.reasons)
 
 
-def test_all_lists_the_pruned_teacher_beside_the_zoo_and_the_rule_picks_by_flops(cache_dir, digits_teacher):
+def test_all_lists_the_pruned_teacher_beside_the_zoo_and_the_rule_prefers_it_when_it_fits(cache_dir, digits_teacher):
     budget, _ = _half(digits_teacher)
     plan, _ = plan_compression(teacher=digits_teacher, budgets=[budget], candidates="all")
     names = [c["name"] for c in plan.candidates]
     assert "resnet20-pruned" in names and len(names) > 1
     pruned = next(c for c in plan.candidates if c["name"] == "resnet20-pruned")
-    assert pruned["family"] == "resnet_cifar"  # the teacher's family: the rule prefers it like its zoo members
+    assert pruned["family"] == "resnet_cifar" and pruned["fits"]
     fitting = [c for c in plan.candidates if c["fits"] and c["family"] == pruned["family"]]
     largest = max(fitting, key=lambda c: (c["flops"], -c["params"]))
-    chose_pruned = plan.final.options.get("prune") is not None
-    assert chose_pruned == (largest["name"] == "resnet20-pruned")
-    zoo_only, _ = plan_compression(teacher=digits_teacher, budgets=[budget])
+    assert plan.final.options.get("prune") is not None  # chosen although the zoo has a larger fitting member
+    if largest["name"] != "resnet20-pruned":  # the reason says the zoo's larger pick was passed over
+        assert any(f"preferred over the zoo's pick ({largest['name']}" in r for r in plan.reasons), plan.reasons
+    default, _ = plan_compression(teacher=digits_teacher, budgets=[budget])  # --candidates all is the default
+    assert default.final.options.get("prune") is not None
+    zoo_only, _ = plan_compression(teacher=digits_teacher, budgets=[budget], candidates="zoo")
     assert "resnet20-pruned" not in [c["name"] for c in zoo_only.candidates]
+
+
+def test_a_recipe_that_does_not_apply_to_a_pruned_teacher_leaves_it_out_under_all(cache_dir, digits_teacher):
+    budget, _ = _half(digits_teacher)
+    plan, _ = plan_compression(teacher=digits_teacher, budgets=[budget], recipe="modreduce")
+    assert plan.final.options.get("prune") is None and plan.final.scheme == "modreduce"
+    assert any("--recipe modreduce does not apply to a pruned teacher" in r for r in plan.reasons)
 
 
 def test_an_unreachable_budget_falls_back_to_the_zoo_and_says_why(cache_dir, digits_teacher):
