@@ -70,6 +70,19 @@ class DataDependent(SmallNet):
         return -logits
 
 
+def train_on_digits(model: nn.Module, source, epochs: int) -> nn.Module:
+    """Plain SGD on the digits training split, unaugmented (seconds on CPU): a model whose accuracy
+    int8 and parity checks can see move."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for epoch in range(epochs):
+        for batch in source.loader("train", 64, shuffle=True, augment=False, epoch=epoch):
+            loss = nn.functional.cross_entropy(model(batch.x), batch.y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model
+
+
 def seeded(model: nn.Module) -> nn.Module:
     """Deterministic weights and non-trivial BatchNorm statistics (so folding BN is really tested)."""
     torch.manual_seed(0)

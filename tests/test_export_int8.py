@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from _export_models import FAST, SmallNet, leftovers, make_checkpoint, registered, seeded
+from _export_models import FAST, SmallNet, leftovers, make_checkpoint, registered, seeded, train_on_digits
 from compressor.errors import UserError
 from export.metadata import ExportMetadata, read_metadata
 from export.pipeline import export_model, quantize_model
@@ -26,13 +26,7 @@ def digits_model():
     source = load_source("digits", seed=0)
     torch.manual_seed(0)
     model = SmallNet(num_classes=10, in_chans=1, width=16)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for epoch in range(5):
-        for batch in source.loader("train", 64, shuffle=True, augment=False, epoch=epoch):
-            loss = nn.functional.cross_entropy(model(batch.x), batch.y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    train_on_digits(model, source, 5)
     return model.eval(), source
 
 
@@ -125,13 +119,7 @@ def sensitive_digits_model():
     with torch.no_grad():
         model.features[1].weight[0], model.features[1].bias[0] = 0.0, -1.0
         model.features[3].weight[:, 0] = 1000.0
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for epoch in range(5):
-        for batch in source.loader("train", 64, shuffle=True, augment=False, epoch=epoch):
-            loss = nn.functional.cross_entropy(model(batch.x), batch.y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    train_on_digits(model, source, 5)
     assert float(model.features[3].weight[:, 0].detach().min()) == 1000.0  # still there after training
     return model.eval(), source
 

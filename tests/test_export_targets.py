@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from _export_models import FAST, SmallNet, leftovers, registered
+from _export_models import FAST, SmallNet, leftovers, registered, train_on_digits
 from compressor.errors import UserError
 from export.latency import Timing
 from export.metadata import ExportMetadata
@@ -44,13 +44,7 @@ def digits():
     source = load_source("digits", seed=0)
     torch.manual_seed(0)
     model = SmallNet(num_classes=10, in_chans=1, width=16)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for epoch in range(3):
-        for batch in source.loader("train", 64, shuffle=True, augment=False, epoch=epoch):
-            loss = nn.functional.cross_entropy(model(batch.x), batch.y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    train_on_digits(model, source, 3)
     meta = ExportMetadata(mean=list(source.mean), std=list(source.std), class_names=list(source.class_names),
                           num_classes=10, arch="smallnet", dataset="digits")
     return model.eval(), source, meta
