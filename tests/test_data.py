@@ -414,3 +414,16 @@ def test_digits_read_from_the_bundled_file_equal_scikit_learns_loader():
     expected = torch.from_numpy(bunch.images).mul(255.0 / 16.0).round().clamp(0, 255).to(torch.uint8).unsqueeze(1)
     assert torch.equal(images, expected)
     assert torch.equal(labels, torch.from_numpy(bunch.target).to(torch.int64))
+
+
+def test_loader_workers_start_from_a_fork_server_once_a_multithreaded_runtime_is_loaded(monkeypatch):
+    # the tflite target leaves JAX (multithreaded) loaded: a forked worker can then deadlock
+    import sys
+    import types
+
+    from compressor.data.imagefolder import _worker_start
+
+    monkeypatch.delitem(sys.modules, "jax", raising=False)
+    assert _worker_start(2) is None and _worker_start(0) is None
+    monkeypatch.setitem(sys.modules, "jax", types.ModuleType("jax"))
+    assert _worker_start(2) == "forkserver" and _worker_start(0) is None

@@ -283,6 +283,7 @@ class FolderLoader:
             sampler=self.keys,
             drop_last=self.drop_last,
             num_workers=self.source.num_workers,
+            multiprocessing_context=_worker_start(self.source.num_workers),
             pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(0),  # keeps DataLoader off the global RNG
         )
@@ -365,3 +366,16 @@ def build_imagefolder(directory: Path, *, spec: str, options: SplitOptions, devi
         options=options,
         device=device,
     )
+
+
+def _worker_start(num_workers: int) -> str | None:
+    """How loader workers start: forked (torch's default) unless a multithreaded runtime is loaded in
+    this process (JAX, which the tflite export target brings): forking it can deadlock the worker,
+    so they start from a fork server instead."""
+    import multiprocessing
+    import sys
+
+    if num_workers and "jax" in sys.modules and "forkserver" in multiprocessing.get_all_start_methods():
+        return "forkserver"
+    return None
+
