@@ -59,3 +59,14 @@ def cache_dir(tmp_path_factory):
         os.environ.pop("KDCOMPRESS_CACHE", None)
     else:
         os.environ["KDCOMPRESS_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory) -> str:
+    """A resnet8 trained for two epochs on digits: enough to be a teacher that beats chance (modules
+    that need another teacher define their own ``digits_teacher``)."""
+    from recipes.training import train_vanilla
+
+    path = tmp_path_factory.mktemp("teacher") / "resnet8.pt"
+    train_vanilla("resnet8", "digits", path, epochs=2, progress="off")
+    return str(path)

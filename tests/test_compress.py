@@ -25,16 +25,6 @@ def cifar_teacher(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def digits_teacher(tmp_path_factory) -> str:
-    """A resnet8 trained for two epochs on digits: enough to be a teacher that beats chance."""
-    from recipes.training import train_vanilla
-
-    path = tmp_path_factory.mktemp("teacher") / "resnet8.pt"
-    train_vanilla("resnet8", "digits", path, epochs=2, progress="off")
-    return str(path)
-
-
 @pytest.mark.parametrize(
     "budget, tas",
     [("0.1GFLOPs", 0), ("0.01GFLOPs", 1)],

@@ -49,15 +49,6 @@ def _run(cwd: Path, cache: Path, args: list[str], *, phase: str | None = None, a
                           env=_env(cache), capture_output=True, text=True, timeout=900)
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> str:
-    from recipes.training import train_vanilla
-
-    path = tmp_path_factory.mktemp("teacher") / "resnet8.pt"
-    train_vanilla("resnet8", "digits", path, epochs=2, progress="off")
-    return str(path)
-
-
 class _Stop(Exception):
     pass
 
@@ -70,7 +61,7 @@ def _stop_at(prefix: str):
 
 
 def test_a_bare_resume_delivers_what_the_first_command_asked_for_and_redoes_no_finished_phase(
-        tmp_path, cache_dir, teacher, monkeypatch):
+        tmp_path, cache_dir, digits_teacher, monkeypatch):
     # Before: `--resume DIR` forgot --int8 and --baseline (no student.int8.onnx, no KD gain), reported
     # the stages it loaded with no training curves, and exported and timed the student again.
     import recipes.deploy
@@ -79,7 +70,7 @@ def test_a_bare_resume_delivers_what_the_first_command_asked_for_and_redoes_no_f
 
     out = tmp_path / "run"
     with pytest.raises(_Stop):  # stopped once the export is done and recorded, as it starts timing
-        compress(teacher, ["0.1MFLOPs"], out=out, epochs=1, int8=True, baseline=True, echo=_stop_at("timing"))
+        compress(digits_teacher, ["0.1MFLOPs"], out=out, epochs=1, int8=True, baseline=True, echo=_stop_at("timing"))
     assert (out / "student.int8.onnx").is_file() and not (out / "report.json").exists()
 
     def never(*args, **kwargs):
@@ -97,7 +88,7 @@ def test_a_bare_resume_delivers_what_the_first_command_asked_for_and_redoes_no_f
     assert timeless(again) == timeless(first)
 
 
-def test_the_command_with_resume_starts_a_run_killed_while_planning(tmp_path, cache_dir, teacher):
+def test_the_command_with_resume_starts_a_run_killed_while_planning(tmp_path, cache_dir, digits_teacher):
     # a run killed while planning has written nothing: before, `--resume DIR` refused it ("holds no run")
     from compressor.errors import UserError
     from recipes.compress import compress
@@ -112,7 +103,7 @@ def test_the_command_with_resume_starts_a_run_killed_while_planning(tmp_path, ca
         _stop_at("stage 1 of")(line)
 
     with pytest.raises(_Stop):
-        compress(teacher, ["0.1MFLOPs"], out=out, epochs=1, resume=True, echo=echo)
+        compress(digits_teacher, ["0.1MFLOPs"], out=out, epochs=1, resume=True, echo=echo)
     assert "holds no plan yet" in lines[0] and (out / "plan.yaml").is_file() and (out / "run.json").is_file()
 
 
@@ -149,11 +140,11 @@ def kill_in_every_phase(tmp_path: Path, cache: Path, args: list[str], phases: li
 
 
 @pytest.mark.slow
-def test_a_chain_killed_in_every_phase_resumes_to_the_uninterrupted_result(tmp_path, cache_dir, teacher):
+def test_a_chain_killed_in_every_phase_resumes_to_the_uninterrupted_result(tmp_path, cache_dir, digits_teacher):
     from recipes.api import plan_compression
 
-    plan_compression(teacher=teacher, budgets=["0.1MFLOPs"])  # the costs cache, warm for both runs
-    args = ["--teacher", teacher, "--budget", "0.1MFLOPs", "--epochs", "2", "--int8", "--baseline"]
+    plan_compression(teacher=digits_teacher, budgets=["0.1MFLOPs"])  # the costs cache, warm for both runs
+    args = ["--teacher", digits_teacher, "--budget", "0.1MFLOPs", "--epochs", "2", "--int8", "--baseline"]
     outcome = kill_in_every_phase(tmp_path, cache_dir, args, CHAIN_PHASES, seed=18)
     print("\n".join(outcome["points"]))  # where the kills landed: pytest -rP shows it
     assert outcome["kills"] == len(CHAIN_PHASES)
