@@ -1,7 +1,7 @@
 """Training images/s while other CPU-bound processes share the machine: the thread policy
 (compressor/threads.py) against torch's default thread count, in one run.
 
-    PYTHONPATH=$PWD python benchmarks/contention.py [--steps 30] [--max-seconds 10] [--competitors 0,1,2]
+    PYTHONPATH=$PWD python benchmarks/contention.py [--steps 60] [--max-seconds 10] [--competitors 0,1,2,1late]
 
 Workloads (each a real training step through the schemes the trainer runs):
   * teacher: ResNet-110 on the bundled digits (1x8x8, batch 32, the digits protocol's SGD with
@@ -9,7 +9,8 @@ Workloads (each a real training step through the schemes the trainer runs):
   * kd32:    ResNet-56 -> ResNet-20 offline Hinton KD (plus CE) on synthetic 3x32x32 images,
     batch 64, 100 classes (the CIFAR benchmark's pair and batch).
 For 0, 1 and 2 competitors (``python -c "while True: pass"``, started before and killed after each
-setting), both arms run, order alternating:
+setting), and for one competitor that starts a third of the way into each arm's timed steps
+(``1late``: a run that began on an idle machine and must notice), both arms run, order alternating:
   * policy:  the :class:`ThreadGovernor` as ``fit`` applies it (work per op measured, other runnable
     tasks re-checked every 2 s while it polls each step);
   * default: torch's default thread count (the behaviour before the policy).
@@ -97,25 +98,33 @@ def kd32_workload(batch: int) -> tuple[torch.nn.Module, Step, Iterator[Batch], t
 WORKLOADS = {"teacher": (teacher_workload, 32), "kd32": (kd32_workload, 64)}
 
 
-def run_arm(step: Step, batches: Iterator[Batch], args, governor: ThreadGovernor | None) -> tuple[float, int]:
-    """(images/s, threads at the end) of ``--steps`` timed steps or ``--max-seconds``."""
+def run_arm(step: Step, batches: Iterator[Batch], args, governor: ThreadGovernor | None,
+            late: int = 0) -> tuple[float, int]:
+    """(images/s, threads at the end) of ``--steps`` timed steps or ``--max-seconds``; ``late``
+    competitors start a third of the way in and are stopped at the end."""
     for _ in range(args.warmup):
         step(next(batches))
-    images, t0 = 0, time.perf_counter()
-    for _ in range(args.steps):
-        if governor is not None:
-            governor.poll()
-        b = next(batches)
-        step(b)
-        images += b.y.shape[0]
-        if time.perf_counter() - t0 > args.max_seconds:
-            break
-    return images / (time.perf_counter() - t0), torch.get_num_threads()
+    images, t0, procs = 0, time.perf_counter(), []
+    try:
+        for i in range(args.steps):
+            if late and i == args.steps // 3:
+                procs = start_competitors(late, settle=False)
+            if governor is not None:
+                governor.poll()
+            b = next(batches)
+            step(b)
+            images += b.y.shape[0]
+            if time.perf_counter() - t0 > args.max_seconds:
+                break
+        return images / (time.perf_counter() - t0), torch.get_num_threads()
+    finally:
+        stop(procs)
 
 
-def start_competitors(n: int) -> list[subprocess.Popen]:
+def start_competitors(n: int, settle: bool = True) -> list[subprocess.Popen]:
     procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-    time.sleep(0.5)  # let them become runnable before an arm decides
+    if settle:
+        time.sleep(0.5)  # let them become runnable before an arm decides
     return procs
 
 
@@ -129,14 +138,14 @@ def stop(procs: list[subprocess.Popen]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="teacher,kd32")
-    parser.add_argument("--competitors", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per arm")
+    parser.add_argument("--competitors", default="0,1,2,1late")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per arm")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--max-seconds", type=float, default=10.0, help="cut an arm after this many seconds")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "contention.json"))
     args = parser.parse_args()
     default_threads = torch.get_num_threads()
-    counts = [int(c) for c in args.competitors.split(",")]
+    settings = [(int(c.removesuffix("late")), c.endswith("late")) for c in args.competitors.split(",")]
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, default {default_threads} threads; "
           f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     rows = []
@@ -144,30 +153,30 @@ def main() -> None:
         build, batch = WORKLOADS[name]
         model, step, batches, shape = build(batch)
         work = measure_work(model, shape, batch)
-        for k, n in enumerate(counts):
-            procs = start_competitors(n)
+        for k, (n, late) in enumerate(settings):
+            procs = start_competitors(0 if late else n)
             try:
                 got: dict[str, tuple[float, int]] = {}
+                lines: list[str] = []
                 arms = ["policy", "default"] if k % 2 == 0 else ["default", "policy"]
                 for arm in arms:
                     torch.set_num_threads(default_threads)
                     if arm == "policy":
-                        lines: list[str] = []
                         with ThreadGovernor(work, say=lines.append) as governor:
-                            got[arm] = run_arm(step, batches, args, governor)
-                        print(f"  {name}, {n} competitor(s): {lines[0]}" + (f" (+{len(lines) - 1} change(s))"
+                            got[arm] = run_arm(step, batches, args, governor, late=n if late else 0)
+                        print(f"  {name}, {n}{' late' if late else ''} competitor(s): {lines[0]}" + (f" (+{len(lines) - 1} change(s))"
                                                                             if len(lines) > 1 else ""), flush=True)
                     else:
-                        got[arm] = run_arm(step, batches, args, None)
+                        got[arm] = run_arm(step, batches, args, None, late=n if late else 0)
             finally:
                 stop(procs)
-            rows.append({"workload": name, "competitors": n, "batch": batch,
+            rows.append({"workload": name, "competitors": n, "late": late, "batch": batch,
                          "policy_img_s": got["policy"][0], "policy_threads": got["policy"][1],
-                         "default_img_s": got["default"][0], "default_threads": got["default"][1],
+                         "default_img_s": got["default"][0], "default_threads": got["default"][1], "policy_choices": lines,
                          "load_after": os.getloadavg()[0]})
-            print(f"{name:<8} {n} competitor(s): policy {got['policy'][0]:8.1f} img/s ({got['policy'][1]} thr)  "
+            print(f"{name:<8} {n}{' late' if late else ''} competitor(s): policy {got['policy'][0]:8.1f} img/s ({got['policy'][1]} thr)  "
                   f"default {got['default'][0]:8.1f} img/s ({got['default'][1]} thr)", flush=True)
-    quiet = {r["workload"]: r["default_img_s"] for r in rows if r["competitors"] == 0}
+    quiet = {r["workload"]: r["default_img_s"] for r in rows if r["competitors"] == 0 and not r["late"]}
     print(f"\n| workload | competitors | policy img/s | default img/s | policy / quiet | default / quiet |")
     print(f"|----------|-------------|--------------|---------------|----------------|-----------------|")
     for r in rows:
@@ -175,7 +184,8 @@ def main() -> None:
         r["policy_vs_quiet"] = r["policy_img_s"] / q if q else None
         r["default_vs_quiet"] = r["default_img_s"] / q if q else None
         shown = [f"{v:.2f}" if v is not None else "-" for v in (r["policy_vs_quiet"], r["default_vs_quiet"])]
-        print(f"| {r['workload']:<8} | {r['competitors']:>11} | {r['policy_img_s']:>12.1f} | {r['default_img_s']:>13.1f} "
+        who = f"{r['competitors']}{' late' if r['late'] else ''}"
+        print(f"| {r['workload']:<8} | {who:>11} | {r['policy_img_s']:>12.1f} | {r['default_img_s']:>13.1f} "
               f"| {shown[0]:>14} | {shown[1]:>15} |")
     print("(quiet = the default arm with 0 competitors; background load of the machine not controlled)")
     out = Path(args.out)

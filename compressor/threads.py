@@ -17,8 +17,16 @@ visible share. So:
   * minus the other runnable tasks that must share those cores (``/proc/stat`` procs_running less
     this process's own running threads; tasks beyond the cores we cannot use are assumed to sit on
     those), re-checked while training, so a competitor that starts mid-run drops us to the free cores;
-  * at most one thread per ``MIN_MACS_PER_THREAD`` multiply-adds of the largest op per batch
-    (a conv of 16 channels at 8x8, batch 32 = 4.7M -> 1 thread; ResNet-20 at 32x32, batch 64 = 151M);
+  * at most one thread per ``QUIET_MACS_PER_THREAD`` (0.5M) multiply-adds of the largest op per
+    batch while no other task wants the cores, and one per ``SHARED_MACS_PER_THREAD`` (16.8M) once
+    one does: a conv of 16 channels at 8x8, batch 32 (4.7M) gets both cores of an idle 2-core
+    machine and one thread of a shared one; ResNet-20 at 32x32, batch 64 (151M) gets all it may.
+    Measured on this 2-core machine, idle, one training step (benchmarks/contention.py and the
+    figures below): a second thread helped every model, 1.05x at a 1.3M op (a width-0.53
+    ResNet-26 on digits, batch 32), 1.11-1.17x at 4.7M (ResNet-8/110 on digits), 1.35x at 9.4M,
+    1.75-1.88x from 23M up; the same second thread under one CPU-bound competitor costs 10x;
+  * a run that shares its cores re-checks every ``recheck_s``, and at once when a step takes far
+    longer than the steps before it (the sign of a competitor stealing a core mid-run);
   * ``--threads N`` (``requested``) overrides all of it.
 
 :func:`choose_threads` is the pure rule; the readers below feed it; :class:`ThreadGovernor`
@@ -35,11 +43,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-# Work per thread below which a second thread costs more in barrier waits than it saves. 2**24
-# (16.8M multiply-adds, ~0.3-1 ms of one core) sits between the digits models' largest ops (4.7M
-# at batch 32: 1 thread, as issue 17 asks) and a 32x32 ResNet's (151M at batch 64). Chosen on a
-# loaded 2-core machine, where no quiet calibration was possible: see benchmarks/contention.py.
-MIN_MACS_PER_THREAD = 1 << 24
+# Work per thread below which a second thread costs more than it saves. Quiet (no other runnable
+# task): barrier waits are microseconds, and on an idle 2-core machine a second thread helped even a
+# 1.3M-multiply-add op (1.05x); 2**19 keeps it for that op and stops a 16-core machine from splitting
+# a 4.7M op 16 ways. Shared: the thread the scheduler puts off its core holds every barrier for a time
+# slice, so small ops stay on one thread below 2**24 (16.8M, ~0.3-1 ms of one core): between the
+# digits models' largest ops (4.7M at batch 32) and a 32x32 ResNet's (151M at batch 64).
+QUIET_MACS_PER_THREAD = 1 << 19
+SHARED_MACS_PER_THREAD = 1 << 24
+# A step this many times slower than the recent typical one triggers a re-check before recheck_s.
+SLOW_STEP_FACTOR = 4.0
 
 Say = Callable[[str], None]
 
@@ -113,13 +126,14 @@ def choose_threads(cores: int, affinity: int | None, quota: float | None, env: s
     # other runnable tasks: those beyond the cores we cannot use are assumed to run there
     others = max(0, busy - (max(1, cores) - usable))
     free = max(1, usable - others)
-    cap = usable if work is None else max(1, work.macs // MIN_MACS_PER_THREAD)
+    per_thread = SHARED_MACS_PER_THREAD if others else QUIET_MACS_PER_THREAD
+    cap = usable if work is None else max(1, work.macs // per_thread)
     threads = min(free, cap)
     reasons = []
     if work is not None and cap <= free and cap < usable:
         size = "small" if cap == 1 else "sized"
-        reasons.append(f"per-op work {size}: largest op {_fmt(work.macs)} multiply-adds ({work.what}), "
-                       f"one thread per {_fmt(MIN_MACS_PER_THREAD)}")
+        reasons.append(f"per-op work {size}{' on shared cores' if others else ''}: largest op {_fmt(work.macs)} "
+                       f"multiply-adds ({work.what}), one thread per {_fmt(per_thread)}")
     if others and free < usable and free <= cap:
         reasons.append(f"{others} other runnable task{'s' if others != 1 else ''} on them")
     if not reasons:
@@ -303,12 +317,15 @@ class ThreadGovernor:
 
     Only CPU runs are chosen for; on an accelerator only ``--threads`` is applied. Dropping threads
     happens at once (a competitor collapses a multi-threaded step); raising them again waits for
-    two checks in a row, so a short burst of another process does not make the count flap.
+    two checks in a row, so a short burst of another process does not make the count flap. While
+    it runs more than one thread, a poll that comes ``SLOW_STEP_FACTOR`` times later than the
+    typical gap between polls re-checks at once: a competitor that starts mid-run is seen after
+    one slow step instead of up to ``recheck_s`` of collapsed ones.
     """
 
     def __init__(self, work: OpWork | None, *, say: Say | None = None, device_type: str = "cpu",
-                 recheck_s: float = 2.0) -> None:
-        self.work, self.say, self.recheck_s = work, say or (lambda _line: None), recheck_s
+                 recheck_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.work, self.say, self.recheck_s, self.clock = work, say or (lambda _line: None), recheck_s, clock
         self.auto = device_type == "cpu" and requested() is None
         self.apply = device_type == "cpu" or requested() is not None
         self.saved = 0
@@ -316,6 +333,8 @@ class ThreadGovernor:
         self.choice: ThreadChoice | None = None
         self._next = 0.0
         self._pending: int | None = None
+        self._last_poll: float | None = None
+        self._typical_gap: float | None = None  # running mean of the gaps between polls
 
     def __enter__(self) -> "ThreadGovernor":
         import torch
@@ -340,18 +359,36 @@ class ThreadGovernor:
     def _set(self, choice: ThreadChoice) -> None:
         import torch
 
+        if self.choice is not None and choice.threads != self.choice.threads:
+            self._typical_gap = None  # steps at another thread count take another time
         self.choice = choice
         torch.set_num_threads(choice.threads)
         self.say(choice.line())
-        self._next = time.monotonic() + self.recheck_s
+        self._next = self.clock() + self.recheck_s
+
+    def _slow_step(self, now: float) -> bool:
+        """Whether the gap since the last poll is far above the typical one (and learn the gap)."""
+        last, self._last_poll = self._last_poll, now
+        if last is None:
+            return False
+        gap, typical = now - last, self._typical_gap
+        if typical is None:
+            self._typical_gap = gap
+            return False
+        slow = gap > SLOW_STEP_FACTOR * typical
+        if not slow:
+            self._typical_gap = 0.8 * typical + 0.2 * gap
+        return slow
 
     def poll(self) -> None:
         """Call between steps: cheap unless a re-check is due."""
-        if not self.auto or self.choice is None or time.monotonic() < self._next:
+        if not self.auto or self.choice is None or self.choice.usable <= 1:
             return
-        self._next = time.monotonic() + self.recheck_s
-        if self.choice.usable <= 1 or (self.work is not None and self.work.macs < 2 * MIN_MACS_PER_THREAD):
-            return  # nothing could change
+        now = self.clock()
+        slow = self._slow_step(now) and self.choice.threads > 1
+        if now < self._next and not slow:
+            return
+        self._next = now + self.recheck_s
         choice = machine_choice(self.work, ceiling=self.ceiling)
         current = self.choice.threads
         if choice.threads < current or (choice.threads > current and self._pending == choice.threads):

@@ -14,18 +14,31 @@ import torch
 import torch.nn as nn
 
 from compressor import threads as tp
-from compressor.threads import MIN_MACS_PER_THREAD, OpWork, choose_threads
+from compressor.threads import QUIET_MACS_PER_THREAD, SHARED_MACS_PER_THREAD, OpWork, choose_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_OP = OpWork(16 * 8 * 8 * 16 * 9 * 32, "conv 16x8x8 at batch 32")  # 4.7M: resnet on digits
 CIFAR_OP = OpWork(16 * 32 * 32 * 16 * 9 * 64, "conv 16x32x32 at batch 64")  # 151M: resnet20 at 32x32
 
 
-def test_small_ops_get_one_thread_and_the_line_says_why():
-    choice = choose_threads(2, 2, None, None, DIGITS_OP)
+TINY_OP = OpWork(300_000, "conv 8x4x4 at batch 8")
+
+
+def test_small_ops_use_both_cores_of_an_idle_machine_and_one_of_a_shared_one():
+    assert choose_threads(2, 2, None, None, DIGITS_OP).threads == 2  # 4.7M: idle, a second thread helps
+    shared = choose_threads(2, 4, None, None, DIGITS_OP, busy=1)
+    assert shared.threads == 1
+    assert shared.line().startswith("threads: 1 (2 usable cores; per-op work small on shared cores: largest op "
+                                    "4.72M multiply-adds (conv 16x8x8 at batch 32), one thread per 16.8M")
+    # 16 CPUs, 4 busy elsewhere: 12 free cores, but a 4.7M op stays on one thread once others run
+    assert choose_threads(16, 16, None, None, DIGITS_OP, busy=4).threads == 1
+
+
+def test_a_tiny_op_gets_one_thread_even_on_an_idle_machine_and_the_line_says_why():
+    choice = choose_threads(2, 2, None, None, TINY_OP)
     assert choice.threads == 1
-    assert choice.line().startswith("threads: 1 (2 usable cores; per-op work small: largest op 4.72M multiply-adds "
-                                    "(conv 16x8x8 at batch 32)")
+    assert choice.line() == ("threads: 1 (2 usable cores; per-op work small: largest op 300K multiply-adds "
+                             "(conv 8x4x4 at batch 8), one thread per 524K)")
 
 
 def test_large_ops_use_every_usable_core_when_quiet():
@@ -51,7 +64,7 @@ def test_other_tasks_fill_the_cores_we_cannot_use_first():
     (16, 16, 0.5, None, 1),          # a quota under one core still runs one thread
     (16, 16, None, "3", 3),          # OMP_NUM_THREADS
     (16, 16, None, "6,2", 6),        # nested OpenMP levels: the first
-    (16, 16, None, "lots", 9),       # invalid env is ignored (as OpenMP does); the op size caps at 9
+    (16, 16, None, "lots", 16),      # invalid env is ignored (as OpenMP does): the cores decide
     (16, 8, 6.0, "5", 5),            # the smallest limit wins
 ])
 def test_usable_cores_are_the_smallest_limit(cores, affinity, quota, env, expected):
@@ -59,8 +72,11 @@ def test_usable_cores_are_the_smallest_limit(cores, affinity, quota, env, expect
 
 
 def test_op_size_caps_threads_on_a_big_machine():
-    assert CIFAR_OP.macs // MIN_MACS_PER_THREAD == 9
-    assert choose_threads(64, 64, None, None, CIFAR_OP).threads == 9
+    # quiet: one thread per 0.5M multiply-adds; shared: one per 16.8M
+    assert DIGITS_OP.macs // QUIET_MACS_PER_THREAD == 9 and CIFAR_OP.macs // SHARED_MACS_PER_THREAD == 9
+    assert choose_threads(64, 64, None, None, DIGITS_OP).threads == 9
+    assert choose_threads(64, 64, None, None, CIFAR_OP).threads == 64
+    assert choose_threads(64, 64, None, None, CIFAR_OP, busy=8).threads == 9
 
 
 def test_the_process_setting_is_a_ceiling_and_a_request_beats_everything():
@@ -117,6 +133,53 @@ def test_governor_applies_a_request_and_restores_the_process_setting():
     assert lines == ["threads: 3 (" + lines[0].split("(", 1)[1]] and "--threads 3" in lines[0]
     with tp.ThreadGovernor(CIFAR_OP):  # no request: the suite's 1 thread is the ceiling
         assert torch.get_num_threads() == 1
+
+
+def test_governor_sees_a_competitor_after_one_slow_step_and_takes_two_quiet_checks_to_come_back(monkeypatch):
+    busy, clock, lines = [0], [100.0], []
+    monkeypatch.setattr(tp, "machine_choice", lambda work, *, ceiling: choose_threads(
+        2, 2, None, None, work, busy=busy[0], ceiling=ceiling))
+    torch.set_num_threads(2)
+    try:
+        with tp.ThreadGovernor(DIGITS_OP, say=lines.append, clock=lambda: clock[0]) as governor:
+            assert governor.threads == 2  # idle machine: a 4.7M op takes both cores
+
+            def step(seconds: float) -> None:
+                clock[0] += seconds
+                governor.poll()
+
+            for _ in range(5):
+                step(0.01)
+            busy[0] = 1  # a competitor starts
+            step(0.02)  # twice the typical step: not yet a sign
+            assert governor.threads == 2
+            step(0.10)  # ten times: re-checked at once, long before the 2 s re-check
+            assert governor.threads == 1 and "1 other runnable task" in lines[-1]
+            busy[0] = 0
+            step(2.1)  # one quiet check is not enough to raise (a short lull must not flap the count)
+            assert governor.threads == 1
+            step(2.1)
+            assert governor.threads == 2
+        assert [line.split(" ")[1] for line in lines] == ["2", "1", "2"]
+        assert torch.get_num_threads() == 2  # the process's own setting is put back
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_a_slow_step_on_one_thread_costs_no_check(monkeypatch):
+    calls, clock = [], [0.0]
+    monkeypatch.setattr(tp, "machine_choice", lambda work, *, ceiling: calls.append(1) or choose_threads(
+        2, 2, None, None, work, busy=1, ceiling=ceiling))
+    torch.set_num_threads(2)
+    try:
+        with tp.ThreadGovernor(DIGITS_OP, clock=lambda: clock[0]) as governor:
+            assert governor.threads == 1
+            for gap in (0.01, 0.01, 0.01, 0.5, 0.01):
+                clock[0] += gap
+                governor.poll()
+        assert len(calls) == 1  # only the choice on entry: a slow step at one thread has nothing to drop
+    finally:
+        torch.set_num_threads(1)
 
 
 def _threads_in_log(path: Path) -> list[int]:
