@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from compressor.atomic import write_text
 from compressor.errors import UserError
+from compressor.threads import one_thread
 
 FLOP_CONVENTION = "1 FLOP = 1 fused multiply-add (fvcore convention)"
 
@@ -64,7 +65,7 @@ def measure(model: nn.Module, input_shape: Sequence[int] = (3, 32, 32)) -> Cost:
         analysis = FlopCountAnalysis(model, (torch.zeros(1, *shape, device=device),))
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)
-        with warnings.catch_warnings(), _quiet_fvcore():
+        with warnings.catch_warnings(), _quiet_fvcore(), one_thread():
             warnings.simplefilter("ignore")
             flops = int(analysis.total())
             uncounted = dict(Counter(analysis.unsupported_ops()))

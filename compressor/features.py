@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from compressor.errors import UserError
+from compressor.threads import one_thread
 
 
 @dataclass
@@ -188,7 +189,7 @@ def _dry_forward(fn, input_shape: tuple[int, ...]):
     device = param.device if param is not None else torch.device("cpu")
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), one_thread():
             return fn(torch.zeros(1, *input_shape, device=device))
     finally:
         model.train(was_training)

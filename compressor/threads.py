@@ -231,6 +231,29 @@ def other_runnable(samples: int = 3, gap_s: float = 0.002) -> int:
 
 # ----------------------------------------------------------------- what the model does per op
 
+def _largest_ops(model, input_shape: tuple[int, ...], hook) -> None:
+    """One batch-1 forward of ``model`` with ``hook`` on its conv/linear layers; modes put back."""
+    import torch
+    import torch.nn as nn
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=device))
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        pass  # not an image model (or an odd one): its ops stay unknown
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes:
+            module.training = mode
+
+
 def measure_work(models, input_shape: tuple[int, ...], batch: int) -> OpWork | None:
     """The largest conv/linear op of ``models`` (one module or several taking the same images), from
     one batch-1 forward in eval mode without gradients (no state changes); None if it cannot run."""
@@ -253,31 +276,38 @@ def measure_work(models, input_shape: tuple[int, ...], batch: int) -> OpWork | N
         if macs > best[0]:
             best[:] = [macs, what]
 
-    for model in models:
-        handles = [m.register_forward_hook(hook) for m in model.modules()
-                   if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-        modes = [(m, m.training) for m in model.modules()]
-        try:
-            param = next(model.parameters(), None)
-            device = param.device if param is not None else torch.device("cpu")
-            model.eval()
-            with torch.no_grad():
-                model(torch.zeros(1, *input_shape, device=device))
-        except (RuntimeError, TypeError, ValueError, IndexError):
-            pass  # not an image model (or an odd one): its ops stay unknown
-        finally:
-            for handle in handles:
-                handle.remove()
-            for module, mode in modes:
-                module.training = mode
+    with one_thread():
+        for model in models:
+            _largest_ops(model, input_shape, hook)
     if not best[0]:
         return None
     return OpWork(int(best[0] * batch), f"{best[1]} at batch {batch}")
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a batch-1 probe (op sizes, FLOPs, tap layouts): its ops are too small
+    for a second thread to help, and on a shared machine a second one would collapse it (10-30x)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 # ----------------------------------------------------------------- --threads and applying it
 
 _requested: int | None = None
+_governing = 0  # ThreadGovernors entered and not yet left in this process
+
+
+def governed() -> bool:
+    """Whether a :class:`ThreadGovernor` already runs this process's threads (code under it, such
+    as a run's validation, needs no choice of its own)."""
+    return _governing > 0
 
 
 def requested() -> int | None:
@@ -339,6 +369,8 @@ class ThreadGovernor:
     def __enter__(self) -> "ThreadGovernor":
         import torch
 
+        global _governing
+        _governing += 1
         self.saved = self.ceiling = torch.get_num_threads()
         if self.apply:
             self._set(machine_choice(self.work, ceiling=self.ceiling))
@@ -347,6 +379,8 @@ class ThreadGovernor:
     def __exit__(self, *exc) -> None:
         import torch
 
+        global _governing
+        _governing -= 1
         if self.apply:
             torch.set_num_threads(self.saved)
 

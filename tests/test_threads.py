@@ -249,3 +249,38 @@ def test_importing_the_cli_loads_no_heavy_library():
 def test_usable_cores_for_a_benchmark_ignore_the_thread_setting():
     assert tp.usable_cores(8, 8, 2.0) == 2 and tp.usable_cores(8, 3, None) == 3 and tp.usable_cores(8, 8, None, "1") == 1
     assert tp.machine_cores() == tp.usable_cores(os.cpu_count() or 1, tp.read_affinity(), tp.read_quota())
+
+
+class _RecordsThreads(nn.Module):
+    """A conv net that notes the intra-op thread count of every forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(1, 16, 3, padding=1), nn.Linear(16 * 8 * 8, 10)
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(torch.get_num_threads())
+        return self.head(self.conv(x).flatten(1))
+
+
+def test_a_bare_evaluation_chooses_its_threads_and_one_under_a_run_does_not(monkeypatch):
+    from compressor.batch import Batch
+    from compressor.trainer.evaluate import evaluate
+
+    monkeypatch.setattr(tp, "machine_choice", lambda work, *, ceiling: choose_threads(
+        2, 2, None, None, work, busy=1, ceiling=ceiling))
+    model = _RecordsThreads()
+    batches = [Batch(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)), torch.arange(4)) for _ in range(2)]
+    torch.set_num_threads(2)
+    try:
+        evaluate(model, batches, 10)
+        # the batch-1 probe of the op sizes runs on one thread, then both batches at the shared machine's one
+        assert model.seen == [1, 1, 1] and torch.get_num_threads() == 2
+        model.seen.clear()
+        with tp.ThreadGovernor(None):  # a run's own governor: its validation keeps the run's count
+            torch.set_num_threads(2)
+            evaluate(model, batches, 10)
+        assert model.seen == [2, 2]
+    finally:
+        torch.set_num_threads(1)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from compressor.features import FeatureTaps, ModelOutputs
 from compressor.schemes.branching import Split, split_model
+from compressor.threads import one_thread
 
 
 @dataclass
@@ -83,7 +84,7 @@ class PeerGroup(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), one_thread():
                 out = self(torch.zeros(1, *shape, device=param.device))
         finally:
             self.train(was_training)

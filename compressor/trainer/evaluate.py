@@ -6,6 +6,8 @@ so a sharded evaluation reports exactly what one process would.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 from compressor.batch import Batch
 from compressor.errors import UserError
+from compressor.threads import governed, threads_for
 from compressor.trainer.distributed import DistContext
 from compressor.trainer.precision import Precision
 
@@ -120,7 +123,14 @@ def evaluate_many(
         model.eval()
     seen = 0
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            if not governed():  # a bare evaluation (a teacher's score, a probe) chooses its threads as fit does
+                batches = iter(batches)
+                first = next(batches, None)
+                if first is not None:
+                    batches = itertools.chain([first], batches)
+                    stack.enter_context(threads_for(list(models.values()), tuple(first.x.shape[1:]), first.x.shape[0],
+                                                    device_type=first.x.device.type))
             for batch in batches:
                 x = precision.prepare_input(batch.x) if precision else batch.x
                 keep = None
