@@ -154,7 +154,8 @@ def make_batches(w: Workload, count: int) -> list[Batch]:
                   torch.randint(0, 50000, (n,), generator=g)) for _ in range(count)]
 
 
-def run_arm(step: Step, batches: list[Batch], warmup: int, steps: int, clock: Callable[[], float]) -> tuple[float, float]:
+def run_arm(step: Step, batches: list[Batch], warmup: int, steps: int,
+            clock: Callable[[], float]) -> tuple[float, float]:
     """(images/s, seconds per step) of ``steps`` timed steps after ``warmup`` untimed ones."""
     for i in range(warmup):
         step(batches[i % len(batches)])

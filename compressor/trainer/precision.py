@@ -67,19 +67,21 @@ def resolve_precision(config: TrainConfig, device: torch.device, module: nn.Modu
     ``channels_last: on|off`` is obeyed for any net with a Conv2d (it means nothing without one).
     ``auto`` turns it on for conv nets on CUDA, and on CPU for conv nets in which no model that
     sees the images (``input_shape``, C x H x W) has a :func:`slow_conv_on_cpu`; on CPU without
-    ``input_shape`` it stays off. Why (``benchmarks/memory_format.py``, torch 2.14 on a Xeon with
-    AVX-512 and AMX, fp32, 1 thread, training images/s channels_last / contiguous, median of 5):
-    oneDNN computes convolutions in blocked layouts and reorders NCHW tensors to them and back at
-    every conv; from channels_last it reorders less. So ResNets gain 15-24% on digits (1x8x8: resnet8
-    1.16, resnet110 1.15, resnet_d26_w0.53 1.24, resnet110 -> resnet_d26_w0.53 KD 1.17), on
-    Fashion-MNIST (1x28x28: resnet20 1.23) and on CIFAR (3x32x32 KD: resnet56 -> resnet20 1.23,
-    SemCKD 1.24, wrn_40_2 -> wrn_16_2 1.21, resnet32x4 -> ShuffleV2 1.12), depthwise nets more
-    (tv:mobilenet_v2 at 64x64 1.41), evaluation less (1.03-1.29). It loses where 3x3 convs of
-    256-512 channels run on 4x4 maps or smaller (one such conv alone: 1.2-1.6x slower in time at
-    256 channels, 1.35-1.8x at 512): digits resnet32x4 0.94 and vgg8 0.95, CIFAR vgg13 -> vgg8
-    0.94, tv:resnet18 at 64x64 0.89. Those are the nets this rule keeps contiguous, with two that
-    gain a little but are kept contiguous too (CIFAR ResNet18 1.08, vgg13 -> MobileNetV2 1.13):
-    the rule never turns on a measured loss.
+    ``input_shape`` it stays off.
+
+    Why (``benchmarks/memory_format.py``: torch 2.14 on a Xeon with AVX-512 and AMX, fp32, 1 thread,
+    training images/s channels_last / contiguous, median of 5): oneDNN computes convolutions in
+    blocked layouts and reorders NCHW tensors to them and back at every conv; from channels_last it
+    reorders less. ResNets gain 15-24% on digits (1x8x8: resnet8 1.16, resnet110 1.15,
+    resnet_d26_w0.53 1.24, resnet110 -> resnet_d26_w0.53 KD 1.17), Fashion-MNIST (1x28x28: resnet20
+    1.23) and CIFAR (3x32x32 KD: resnet56 -> resnet20 1.23, SemCKD 1.24, wrn_40_2 -> wrn_16_2 1.21,
+    resnet32x4 -> ShuffleV2 1.12); depthwise nets more (tv:mobilenet_v2 at 64x64 1.41); evaluation
+    less (1.03-1.29); tv:resnet18 at 224x224, whose wide convs run on 7x7-14x14 maps, 1.19. It loses
+    where 3x3 convs of 256-512 channels run on maps of 4x4 or smaller (one such conv alone takes
+    1.2-1.6x the time at 256 channels, 1.35-1.8x at 512): digits resnet32x4 0.94 and vgg8 0.95,
+    CIFAR vgg13 -> vgg8 0.94, tv:resnet18 at 64x64 0.89. The rule keeps those contiguous, and two
+    nets that gain a little with them (CIFAR ResNet18 1.08, vgg13 -> MobileNetV2 1.13): it turns
+    channels_last on for no net measured slower.
     """
     cuda = device.type == "cuda"
     if config.amp == "off" or not cuda:
