@@ -4,6 +4,8 @@ On CUDA, autocast runs convolutions and matmuls in bf16 where the GPU supports i
 scaling needed) and fp16 with a gradient scaler otherwise; channels_last lets cuDNN use tensor
 cores for convolutions without transposes. On CPU the arithmetic stays fp32; channels_last is on
 for conv nets unless one of them has a convolution it makes slower (:func:`slow_conv_on_cpu`).
+A format changes results by float rounding only, not bit for bit (tests/test_memory_format.py);
+a run and its resumption make the same choice from the same settings and models.
 """
 
 from __future__ import annotations
