@@ -92,7 +92,7 @@ def bare_arm(model, source, args, seed) -> float:
     cfg = config_for(args, seed)
     device = resolve_device(args.device)
     net = copy.deepcopy(model).to(device)
-    precision = resolve_precision(cfg, device, net)  # the same AMP / channels_last choice as the trainer
+    precision = resolve_precision(cfg, device, net, source.input_shape)  # the trainer's AMP / channels_last choice
     precision.prepare_module(net)
     scaler = precision.grad_scaler()
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,

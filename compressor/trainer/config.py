@@ -64,7 +64,7 @@ class TrainConfig:
     # where and how fast
     device: str = "auto"  # auto: CUDA if present (cuda:LOCAL_RANK under torchrun), else CPU
     amp: str = "auto"  # auto: bf16 on CUDA where supported, else fp16 with a grad scaler; off on CPU
-    channels_last: str = "auto"  # auto: on for conv nets on CUDA
+    channels_last: str = "auto"  # auto: on for conv nets on CUDA, and on CPU unless a conv is slower so (precision.py)
     progress: str = "auto"  # auto: a tqdm bar when stderr is a terminal
     extra: dict[str, Any] = field(default_factory=dict)  # scheme-specific settings, recorded as they are
 

@@ -278,8 +278,10 @@ class _Run:
         scheme.to(device)
         for module in scheme.frozen_modules():
             module.requires_grad_(False)
-        self.precision = resolve_precision(config, device, scheme)
+        self.precision = resolve_precision(config, device, scheme, getattr(self.source, "input_shape", None))
         self.precision.prepare_module(scheme)
+        if config.extra.get("phase") != init_phase.INIT:  # the same choice: said once, by the main run
+            self.say(self.precision.line())
         self.optimizer = build_optimizer(param_groups_of(scheme), config)
         self.schedule = LrSchedule(config)
         self.scaler = self.precision.grad_scaler()
