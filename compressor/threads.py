@@ -231,29 +231,6 @@ def other_runnable(samples: int = 3, gap_s: float = 0.002) -> int:
 
 # ----------------------------------------------------------------- what the model does per op
 
-def _largest_ops(model, input_shape: tuple[int, ...], hook) -> None:
-    """One batch-1 forward of ``model`` with ``hook`` on its conv/linear layers; modes put back."""
-    import torch
-    import torch.nn as nn
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
-    except (RuntimeError, TypeError, ValueError, IndexError):
-        pass  # not an image model (or an odd one): its ops stay unknown
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in modes:
-            module.training = mode
-
-
 def measure_work(models, input_shape: tuple[int, ...], batch: int) -> OpWork | None:
     """The largest conv/linear op of ``models`` (one module or several taking the same images), from
     one batch-1 forward in eval mode without gradients (no state changes); None if it cannot run."""
@@ -276,9 +253,10 @@ def measure_work(models, input_shape: tuple[int, ...], batch: int) -> OpWork | N
         if macs > best[0]:
             best[:] = [macs, what]
 
-    with one_thread():
-        for model in models:
-            _largest_ops(model, input_shape, hook)
+    from compressor.probe import hooked_forward
+
+    for model in models:
+        hooked_forward(model, input_shape, hook, (nn.modules.conv._ConvNd, nn.Linear))  # an odd model: ops unknown
     if not best[0]:
         return None
     return OpWork(int(best[0] * batch), f"{best[1]} at batch {batch}")

@@ -18,6 +18,7 @@ from typing import ContextManager, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from compressor.probe import hooked_forward
 from compressor.trainer.config import TrainConfig
 
 # A convolution on which channels_last is slower on CPU: a spatial kernel (3x3 or larger) over at
@@ -132,21 +133,8 @@ def slow_conv_on_cpu(models: Iterable[nn.Module], input_shape: tuple[int, ...]) 
                          "is slower in channels_last")
 
     for model in models:
-        handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
-        modes = [(m, m.training) for m in model.modules()]
-        try:
-            param = next(model.parameters(), None)
-            device = param.device if param is not None else torch.device("cpu")
-            model.eval()
-            with torch.no_grad():
-                model(torch.zeros(1, *input_shape, device=device))
-        except (RuntimeError, TypeError, ValueError, IndexError):
+        if not hooked_forward(model, input_shape, hook, (nn.Conv2d,)):
             found.append(f"{type(model).__name__} does not run on {'x'.join(map(str, input_shape))} zeros to check")
-        finally:
-            for handle in handles:
-                handle.remove()
-            for m, mode in modes:
-                m.training = mode
         if found:
             return found[0]
     return None
