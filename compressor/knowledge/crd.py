@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -64,22 +64,83 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.linear(x.flatten(1)), p=2, dim=1)
 
 
-def nce_loss(scores: Tensor, log_z: Tensor, num_data: int, temperature: float) -> Tensor:
-    """NCE loss for one anchor side; column 0 of ``scores`` (b, 1 + K) is the positive.
+class Scratch:
+    """Named scratch tensors kept from one step to the next.
 
-    With P = exp(s / tau) / Z (the critic's un-normalised probability, Z estimated once) and the
-    uniform noise distribution P_n = 1 / N, the critic h = P / (P + K P_n) and the loss is
-    -E[log h(positive)] - K E[log(1 - h(negative))] (Tian et al., Eq. 18 of the arXiv version,
-    ContrastLoss in the authors' code), summed over the batch's negatives and divided by b.
-    Written with softplus so that nothing overflows: -log h = softplus(c - s / tau) and
-    -log(1 - h) = softplus(s / tau - c), c = log Z + log(K P_n); both in one pass over the
-    scores, ``s * (-+1 / tau) +- c`` by column, so no slice of them is copied forward or back.
+    CRD's step works through a few tensors of b x N or b x K values (tens of MiB on CIFAR); a
+    fresh allocation of that size comes from the OS as untouched pages, and faulting them in
+    cost about as much CPU time as the arithmetic on them. Kept here they are allocated once
+    (again only when a shape changes, e.g. on a smaller last batch): the memory the step
+    needed at its peak anyway, held between steps. Nothing in it outlives the call that
+    filled it.
+    """
+
+    def __init__(self) -> None:
+        self._tensors: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        tensor = self._tensors.get(name)
+        if tensor is None or tensor.shape != shape or tensor.dtype != dtype or tensor.device != device:
+            self._tensors.pop(name, None)  # free the old one before the new one is allocated
+            tensor = self._tensors[name] = torch.empty(shape, dtype=dtype, device=device)
+        return tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self._tensors.values())
+
+
+def _scratch(scratch: Scratch | None, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+             device: torch.device) -> Tensor:
+    if scratch is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return scratch.get(name, shape, dtype, device)
+
+
+def nce(scores: Tensor, log_z: Tensor, num_data: int, temperature: float,
+        with_grad: bool = False) -> tuple[Tensor, Tensor | None]:
+    """NCE loss for one anchor side, and its gradient w.r.t. ``scores`` if ``with_grad``.
+
+    Column 0 of ``scores`` (b, 1 + K) is the positive. With P = exp(s / tau) / Z (the critic's
+    un-normalised probability, Z estimated once) and the uniform noise distribution P_n = 1 / N,
+    the critic h = P / (P + K P_n) and the loss is -E[log h(positive)] - K E[log(1 -
+    h(negative))] (Tian et al., Eq. 18 of the arXiv version, ContrastLoss in the authors' code),
+    summed over the batch's negatives and divided by b. Written with softplus so that nothing
+    overflows: -log h = softplus(c - s / tau) and -log(1 - h) = softplus(s / tau - c), c = log Z
+    + log(K P_n); both in one pass over the scores, ``s * (-+1 / tau) +- c`` by column. The
+    gradient is sigmoid of the same arguments times ``-+1 / (tau b)``.
+
+    ``scores`` is overwritten (it is the largest tensor here, and the caller is done with it).
     """
     b, k = scores.shape[0], scores.shape[1] - 1
     shift = log_z + math.log(k / num_data)
     sign = torch.ones(k + 1, dtype=scores.dtype, device=scores.device)
     sign[0] = -1.0
-    return F.softplus(torch.addcmul(-shift * sign, scores, sign / temperature)).sum() / b
+    x = torch.addcmul(-shift * sign, scores, sign / temperature, out=scores)
+    value = F.softplus(x).sum() / b
+    if not with_grad:
+        return value, None
+    return value, torch.sigmoid(x, out=x).mul_(sign / (temperature * b))
+
+
+class _GradientWithValue(torch.autograd.Function):
+    """``compute(x) -> (value, d value / d x)``: a value whose gradient came with it.
+
+    CRD's loss is a sum over b x (1 + K) scores; its gradient w.r.t. the anchors is cheapest
+    while the scores and the bank are at hand, and then none of them (hundreds of MiB where
+    rows are gathered) is kept for the backward, which only scales the (b, D) gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, compute: Callable[[Tensor], tuple[Tensor, Tensor | None]]) -> Tensor:
+        value, grad = compute(x)
+        ctx.save_for_backward(grad)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value: Tensor) -> tuple[Tensor | None, None]:
+        (grad,) = ctx.saved_tensors
+        return (None if grad is None else grad * grad_value), None
 
 
 class ClassPools:
@@ -104,7 +165,8 @@ class ClassPools:
     def device(self) -> torch.device:
         return self.order.device
 
-    def draw_other_classes(self, classes: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+    def draw_other_classes(self, classes: Tensor, k: int, generator: torch.Generator | None = None, *,
+                           first: Tensor | None = None, scratch: Scratch | None = None) -> Tensor:
         """(b, k) sample indices, row r from the samples whose class is not ``classes[r]``.
 
         Without replacement where that pool holds at least k samples (a uniformly random
@@ -112,25 +174,40 @@ class ClassPools:
         len(cls_negative[target])``). Each way of drawing returns positions in ``order`` outside
         the row's own class ``[start, stop)``; how a k-subset is drawn depends on how much of the
         pool it takes (:func:`_distinct_draws`, :func:`_smallest_keys`).
+
+        With ``first`` (b,), the result is (b, 1 + k) with ``first`` as column 0 (CRD's rows: the
+        positive, then its negatives), so no copy joins them. With ``scratch``, the result and
+        the sampler's working tensors live in it: valid until the next draw with that scratch.
         """
         classes = classes.to(self.device).long()
+        b, n = classes.shape[0], self.num_samples
         start, stop = self.offsets[classes], self.offsets[classes + 1]
-        pool = self.num_samples - (stop - start)  # (b,) size of each row's other-class pool
+        pool = n - (stop - start)  # (b,) size of each row's other-class pool
         if bool((pool < 1).any()):
             raise UserError("crd: every training sample is of one class, so there is no negative to draw")
         small = pool < k
         sparse = ~small & (pool >= _SPARSE * k)
         groups = [(small, _with_replacement), (sparse, _distinct_draws), (~small & ~sparse, _smallest_keys)]
         whole = [draw for rows, draw in groups if bool(rows.all())]
+        # positions in `order`, one column ahead of the draws (for `first`): the draws fill 1..k
         if whole:  # the usual case (balanced classes): one way for the whole batch, no scatter
-            position = whole[0](start, stop, self.num_samples, k, generator)
+            position = _scratch(scratch, "position", (b, 1 + k), torch.long, self.device)
+            whole[0](start, stop, n, k, generator, position, scratch)
         else:
-            position = torch.empty(classes.shape[0], k, dtype=torch.long, device=self.device)
+            position = torch.empty(b, 1 + k, dtype=torch.long, device=self.device)
             for rows, draw in groups:
                 rows = rows.nonzero().flatten()
                 if rows.numel():
-                    position[rows] = draw(start[rows], stop[rows], self.num_samples, k, generator)
-        return self.order[position]
+                    part = torch.empty(rows.numel(), 1 + k, dtype=torch.long, device=self.device)
+                    draw(start[rows], stop[rows], n, k, generator, part, None)
+                    position[rows] = part
+        position[:, 0] = 0  # any valid position: the column is replaced by `first` or dropped
+        out = _scratch(scratch, "rows", (b, 1 + k), torch.long, self.device)
+        torch.index_select(self.order, 0, position.view(-1), out=out.view(-1))
+        if first is None:
+            return out[:, 1:]
+        out[:, 0] = first
+        return out
 
 
 # a pool at least this many times k is drawn by distinct draws, a smaller one by k smallest keys
@@ -138,9 +215,14 @@ _SPARSE = 2
 # draws enough that fewer than k distinct values is this many standard deviations below the mean
 _MARGIN_SDS = 8.0
 
+# The ways of drawing below take each row's own class [start, stop) in `order` (sorted by class),
+# the number of samples n and k, and write each row's k positions into columns 1..k of `out`
+# (r, 1 + k); what lands in column 0 is unspecified.
 
-def _with_replacement(start: Tensor, stop: Tensor, n: int, k: int, generator: torch.Generator | None) -> Tensor:
-    """(r, k) uniform draws, with replacement, from ``[0, n)`` less each row's ``[start, stop)``."""
+
+def _with_replacement(start: Tensor, stop: Tensor, n: int, k: int, generator: torch.Generator | None,
+                      out: Tensor, scratch: Scratch | None = None) -> None:
+    """Uniform draws, with replacement, from ``[0, n)`` less each row's ``[start, stop)``."""
     width = stop - start
     pool = n - width
     if bool((pool == pool[0]).all()):  # one pool size: exact integers
@@ -149,10 +231,11 @@ def _with_replacement(start: Tensor, stop: Tensor, n: int, k: int, generator: to
         draw = torch.rand(pool.numel(), k, dtype=torch.float64, generator=generator, device=pool.device)
         draw = torch.minimum((draw * pool[:, None]).long(), pool[:, None] - 1)
     # pool positions below the own class keep their place in `order`, the others move past it
-    return draw + (draw >= start[:, None]) * width[:, None]
+    out[:, 1:] = draw + (draw >= start[:, None]) * width[:, None]
 
 
-def _smallest_keys(start: Tensor, stop: Tensor, n: int, k: int, generator: torch.Generator | None) -> Tensor:
+def _smallest_keys(start: Tensor, stop: Tensor, n: int, k: int, generator: torch.Generator | None,
+                   out: Tensor, scratch: Scratch | None = None) -> None:
     """A uniform k-subset of each row's pool: the k largest of one uniform key per pool member.
 
     Touches every sample (a key each and a top-k); used where k is a large part of the pool.
@@ -161,10 +244,11 @@ def _smallest_keys(start: Tensor, stop: Tensor, n: int, k: int, generator: torch
     position = torch.arange(n, device=start.device)
     own = (position >= start[:, None]) & (position < stop[:, None])
     keys.masked_fill_(own, -1.0)  # keys are in [0, 1): the own class is never among the top k
-    return keys.topk(k, dim=1, sorted=False).indices
+    out[:, 1:] = keys.topk(k, dim=1, sorted=False).indices
 
 
-def _distinct_draws(start: Tensor, stop: Tensor, n: int, k: int, generator: torch.Generator | None) -> Tensor:
+def _distinct_draws(start: Tensor, stop: Tensor, n: int, k: int, generator: torch.Generator | None,
+                    out: Tensor, scratch: Scratch | None = None) -> None:
     """A uniform k-subset of each row's pool: the first k new values of uniform draws.
 
     Draws are uniform over all n positions; one is new if no earlier draw of the row took it
@@ -180,12 +264,12 @@ def _distinct_draws(start: Tensor, stop: Tensor, n: int, k: int, generator: torc
     r, device = start.numel(), start.device
     width = stop - start
     count = _draws_needed(n - int(width.max()), n, k)
-    draws = torch.randint(0, n, (r, count), generator=generator, device=device)
+    draws = _scratch(scratch, "draws", (r, count), torch.long, device).random_(0, n, generator=generator)
     # the first draw position of every value; -1 for the own class (never new); column n: unused.
     # int16 on the CPU where the positions fit: half the memory traffic of the (r, n) table
     small = device.type == "cpu" and count < torch.iinfo(torch.int16).max
     dtype = torch.int16 if small else torch.int32
-    first_at = torch.full((r, n + 1), count, dtype=dtype, device=device)
+    first_at = _scratch(scratch, "first_at", (r, n + 1), dtype, device).fill_(count)
     widest = int(width.max())
     if widest:
         own = start[:, None] + torch.arange(widest, device=device)
@@ -193,16 +277,18 @@ def _distinct_draws(start: Tensor, stop: Tensor, n: int, k: int, generator: torc
         first_at.scatter_(1, own, -1)
     place = torch.arange(count, dtype=dtype, device=device).expand(r, count)
     first_at.scatter_reduce_(1, draws, place, "amin")
-    new = first_at.gather(1, draws) == place
-    seen = new.cumsum(1, dtype=torch.int32)
-    enough = seen[:, -1] >= k
-    taken = new & (seen <= k)
-    if bool(enough.all()):
-        return draws.masked_select(taken).view(r, k)
-    out = torch.empty(r, k, dtype=torch.long, device=device)
-    out[enough] = draws[enough].masked_select(taken[enough]).view(-1, k)
-    out[~enough] = _distinct_draws(start[~enough], stop[~enough], n, k, generator)
-    return out
+    first = torch.gather(first_at, 1, draws, out=_scratch(scratch, "first", (r, count), dtype, device))
+    new = torch.eq(first, place, out=_scratch(scratch, "new", (r, count), torch.bool, device))
+    # the column each draw goes to: the j-th new one to column j (1..k), every other draw to 0
+    column = torch.cumsum(new, 1, out=_scratch(scratch, "column", (r, count), torch.long, device))
+    enough = column[:, -1] >= k
+    column.mul_(new & (column <= k))
+    out.scatter_(1, column, draws)
+    if not bool(enough.all()):
+        short = (~enough).nonzero().flatten()
+        again = torch.empty(short.numel(), 1 + k, dtype=torch.long, device=device)
+        _distinct_draws(start[short], stop[short], n, k, generator, again)
+        out[short] = again
 
 
 @functools.lru_cache(maxsize=64)
@@ -281,10 +367,14 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
         # log Z for [student-anchor scores, teacher-anchor scores]; NaN until the first batch
         self.register_buffer("log_z", torch.full((2,), float("nan")))
         self._log_z_known = False  # saves a device sync per step once Z is set (or loaded)
+        # float32 copies of float16/bfloat16 banks for scoring the whole bank: name -> (copy, bank version)
+        self._float32_banks: dict[str, tuple[Tensor, int]] = {}
+        self._scratch = Scratch()
 
     @property
     def memory_bytes_per_sample(self) -> int:
-        """Bytes the two banks hold per training sample."""
+        """Bytes the two banks hold per training sample (the float32 scoring copies aside, see
+        :meth:`_float32_bank`)."""
         return 2 * self.feat_dim * self.memory_student.element_size()
 
     def set_train_labels(self, labels: Tensor) -> None:
@@ -293,60 +383,100 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
             raise UserError(f"crd: the memory holds {self.num_data} training samples but {labels.numel()} labels came")
         self.pools = ClassPools(labels, self.ctx.num_classes).to(self.memory_student.device)
 
-    def draw_negatives(self, index: Tensor, labels: Tensor) -> Tensor:
-        """(b, K) sample indices: for row r, K draws among the samples of classes other than labels[r]."""
+    def _class_pools(self) -> ClassPools:
         if self.pools is None:
             raise RuntimeError("crd draws negatives from the other classes and needs the training labels: "
                                "call set_train_labels() first (the trainer does, from the data source)")
         device = self.memory_student.device
         if self.pools.device != device:
             self.pools.to(device)
-        return self.pools.draw_other_classes(labels.to(device), self.num_negatives, self.generator)
+        return self.pools
+
+    def draw_negatives(self, index: Tensor, labels: Tensor) -> Tensor:
+        """(b, K) sample indices: for row r, K draws among the samples of classes other than labels[r]."""
+        return self._class_pools().draw_other_classes(labels.to(self.memory_student.device), self.num_negatives,
+                                                      self.generator)
 
     def _dense(self, batch_size: int) -> bool:
         """Score against the whole bank when that takes fewer values than gathering b x K rows."""
         return self.num_data * (batch_size + self.feat_dim) < batch_size * self.num_negatives * self.feat_dim
 
-    def _scores(self, anchor: Tensor, memory: Tensor, rows: Tensor) -> Tensor:
-        """(b, 1 + K) dot products of each anchor with its memory rows ``rows`` (positive first)."""
-        if self._dense(anchor.shape[0]):
-            bank = memory.to(torch.float32, copy=True)  # a copy: the memory update is in place
-            return torch.gather(anchor @ bank.t(), 1, rows)
-        gathered = memory[rows].float()  # (b, 1 + K, D)
-        return torch.bmm(gathered, anchor.unsqueeze(2)).squeeze(2)
-
     def forward(self, student: ModelOutputs, teacher: ModelOutputs, batch: Batch) -> Tensor:
-        index = batch.index.to(self.memory_student.device).long()
-        rows = torch.cat([index[:, None], self.draw_negatives(index, batch.y)], dim=1)  # (b, 1 + K)
+        device = self.memory_student.device
+        index = batch.index.to(device).long()
+        # (b, 1 + K): the positive, then the negatives (as draw_negatives draws them)
+        rows = self._class_pools().draw_other_classes(batch.y.to(device), self.num_negatives, self.generator,
+                                                      first=index, scratch=self._scratch)
         with full_precision(student.embedding.device):
             v_s = self.embed_student(student.embedding.float())
             v_t = self.embed_teacher(teacher.embedding.detach().float())
-            scores_s = self._scores(v_s, self.memory_teacher, rows)
-            scores_t = self._scores(v_t, self.memory_student, rows)
-            if not self._log_z_known:
-                if torch.isnan(self.log_z).any():
-                    self._estimate_log_z(scores_s, scores_t)
-                self._log_z_known = True
-            loss = nce_loss(scores_s, self.log_z[0], self.num_data, self.temperature) + nce_loss(
-                scores_t, self.log_z[1], self.num_data, self.temperature
-            )
+            loss = self._side(v_s, "teacher", rows, 0) + self._side(v_t, "student", rows, 1)
+        self._log_z_known = True
         if self.training:
             self._update_memory(index, v_s, v_t)
         return loss
+
+    def _side(self, anchor: Tensor, bank: str, rows: Tensor, side: int) -> Tensor:
+        """NCE of ``anchor`` against ``memory_<bank>`` at ``rows``; log Z is ``log_z[side]``."""
+        with_grad = torch.is_grad_enabled() and anchor.requires_grad
+        compute = functools.partial(self._nce_side, bank=bank, rows=rows, side=side, with_grad=with_grad)
+        return _GradientWithValue.apply(anchor, compute)
+
+    def _nce_side(self, anchor: Tensor, *, bank: str, rows: Tensor, side: int,
+                  with_grad: bool) -> tuple[Tensor, Tensor | None]:
+        """(NCE value, its gradient w.r.t. ``anchor`` or None): the scores (b, 1 + K) are the
+        anchors' dot products with their rows, positive first; the gradient goes back through the
+        same product, so it is taken here while the bank (or the gathered rows) is at hand."""
+        b, device = anchor.shape[0], anchor.device
+        if self._dense(b):  # every score against the whole bank in one product, then the rows' ones
+            memory = self._float32_bank(bank)
+            full = torch.mm(anchor, memory.t(), out=self._scratch.get("full", (b, self.num_data), torch.float32, device))
+            scores = torch.gather(full, 1, rows, out=self._scratch.get("scores", tuple(rows.shape), torch.float32, device))
+        else:
+            gathered = getattr(self, f"memory_{bank}")[rows].float()  # (b, 1 + K, D)
+            scores = torch.bmm(gathered, anchor.unsqueeze(2)).squeeze(2)
+        if not self._log_z_known and torch.isnan(self.log_z[side]):
+            self._estimate_log_z(side, scores)
+        value, grad_scores = nce(scores, self.log_z[side], self.num_data, self.temperature, with_grad)
+        if grad_scores is None:
+            return value, None
+        if self._dense(b):  # the scores' gradient back into a (b, N) matrix (repeats add up), then the product
+            return value, torch.mm(full.zero_().scatter_add_(1, rows, grad_scores), memory)
+        return value, torch.bmm(grad_scores.unsqueeze(1), gathered).squeeze(1)
+
+    def _float32_bank(self, name: str) -> Tensor:
+        """``memory_<name>`` in float32, for scoring the whole bank: the bank itself, or a float32
+        copy of a float16/bfloat16 one, kept in step with it.
+
+        Converting the bank on every step cost about as much as the product with it; the copy
+        (exact: every float16 value is a float32) is made once and then updated with the bank's
+        rows, at 4 bytes per value (512 B per training sample for both banks at feat_dim 128, on top
+        of the banks' 512). Only held where the whole bank is scored (N x (b + D) < b x K x D,
+        e.g. CIFAR's N = 50000, not ImageNet's 1.28M). Any other write to the bank (a loaded
+        checkpoint, DDP's broadcast of buffers) moves the bank's version counter on, and the copy is
+        made again.
+        """
+        memory = getattr(self, f"memory_{name}")
+        if memory.dtype == torch.float32:
+            return memory
+        held = self._float32_banks.get(name)
+        if held is None or held[1] != memory._version or held[0].device != memory.device:
+            held = self._float32_banks[name] = (memory.float(), memory._version)
+        return held[0]
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._log_z_known = False  # a loaded Z may be NaN (saved before the first batch)
 
     @torch.no_grad()
-    def _estimate_log_z(self, scores_s: Tensor, scores_t: Tensor) -> None:
+    def _estimate_log_z(self, side: int, scores: Tensor) -> None:
         """Z = N * mean(exp(score / tau)) over the first batch's positives and negatives (all ranks')."""
-        lse = torch.stack([torch.logsumexp(s.detach().flatten() / self.temperature, 0) for s in (scores_s, scores_t)])
-        count = scores_s.numel()
+        lse = torch.logsumexp(scores.flatten() / self.temperature, 0)
+        count = scores.numel()
         if _world() > 1:
-            (per_rank,) = _all_ranks(lse[None])  # (world, 2): equal counts per rank
+            (per_rank,) = _all_ranks(lse[None])  # (world,): equal counts per rank
             lse, count = torch.logsumexp(per_rank, 0), count * per_rank.shape[0]
-        self.log_z.copy_(lse - math.log(count) + math.log(self.num_data))
+        self.log_z[side] = lse - math.log(count) + math.log(self.num_data)
 
     @torch.no_grad()
     def _update_memory(self, index: Tensor, v_s: Tensor, v_t: Tensor) -> None:
@@ -356,9 +486,15 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
             index, first = _first_occurrences(index)
             v_s, v_t = v_s[first], v_t[first]
         m = self.momentum
-        for memory, v in ((self.memory_student, v_s), (self.memory_teacher, v_t)):
+        for name, v in (("student", v_s), ("teacher", v_t)):
+            memory = getattr(self, f"memory_{name}")
+            held = self._float32_banks.get(name)
+            in_step = held is not None and held[1] == memory._version and held[0].device == memory.device
             mixed = memory[index].float() * m + v * (1 - m)
             memory.index_copy_(0, index, F.normalize(mixed, p=2, dim=1).to(memory.dtype))
+            if in_step:  # read back: of repeated indices, the row the bank kept
+                held[0].index_copy_(0, index, memory[index].float())
+                self._float32_banks[name] = (held[0], memory._version)
 
 
 def _world() -> int:
