@@ -156,29 +156,41 @@ class ClassPools:
         self.order = torch.argsort(labels, stable=True)
         self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         self.num_samples = labels.numel()
+        self._rank: Tensor | None = None  # positions_of
 
     def to(self, device: torch.device) -> "ClassPools":
         self.order, self.offsets = self.order.to(device), self.offsets.to(device)
+        if self._rank is not None:
+            self._rank = self._rank.to(device)
         return self
 
     @property
     def device(self) -> torch.device:
         return self.order.device
 
-    def draw_other_classes(self, classes: Tensor, k: int, generator: torch.Generator | None = None, *,
-                           first: Tensor | None = None, scratch: Scratch | None = None) -> Tensor:
+    def positions_of(self, index: Tensor) -> Tensor:
+        """The position in ``order`` of each sample index (the inverse permutation, made on first use)."""
+        if self._rank is None:
+            self._rank = torch.empty_like(self.order)
+            self._rank[self.order] = torch.arange(self.num_samples, device=self.device)
+        return self._rank[index]
+
+    def draw_other_classes(self, classes: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         """(b, k) sample indices, row r from the samples whose class is not ``classes[r]``.
 
         Without replacement where that pool holds at least k samples (a uniformly random
         k-subset), with replacement where it is smaller (RepDistiller's ``replace = k >
-        len(cls_negative[target])``). Each way of drawing returns positions in ``order`` outside
-        the row's own class ``[start, stop)``; how a k-subset is drawn depends on how much of the
-        pool it takes (:func:`_distinct_draws`, :func:`_smallest_keys`).
-
-        With ``first`` (b,), the result is (b, 1 + k) with ``first`` as column 0 (CRD's rows: the
-        positive, then its negatives), so no copy joins them. With ``scratch``, the result and
-        the sampler's working tensors live in it: valid until the next draw with that scratch.
+        len(cls_negative[target])``). How a k-subset is drawn depends on how much of the pool it
+        takes (:func:`_distinct_draws`, :func:`_smallest_keys`).
         """
+        return self.order[self.draw_positions(classes, k, generator)[:, 1:]]
+
+    def draw_positions(self, classes: Tensor, k: int, generator: torch.Generator | None = None,
+                       scratch: Scratch | None = None) -> Tensor:
+        """The draws of :meth:`draw_other_classes` as positions in ``order``, in columns 1..k of a
+        (b, 1 + k) tensor whose column 0 is free (CRD puts the positive there, so no copy joins
+        them); possibly a view with a row stride above 1 + k. With ``scratch`` it lives there,
+        valid until the next draw with that scratch."""
         classes = classes.to(self.device).long()
         b, n = classes.shape[0], self.num_samples
         start, stop = self.offsets[classes], self.offsets[classes + 1]
@@ -189,25 +201,14 @@ class ClassPools:
         sparse = ~small & (pool >= _SPARSE * k)
         groups = [(small, _with_replacement), (sparse, _distinct_draws), (~small & ~sparse, _smallest_keys)]
         whole = [draw for rows, draw in groups if bool(rows.all())]
-        # positions in `order`, one column ahead of the draws (for `first`): the draws fill 1..k
         if whole:  # the usual case (balanced classes): one way for the whole batch, no scatter
-            position = _scratch(scratch, "position", (b, 1 + k), torch.long, self.device)
-            whole[0](start, stop, n, k, generator, position, scratch)
-        else:
-            position = torch.empty(b, 1 + k, dtype=torch.long, device=self.device)
-            for rows, draw in groups:
-                rows = rows.nonzero().flatten()
-                if rows.numel():
-                    part = torch.empty(rows.numel(), 1 + k, dtype=torch.long, device=self.device)
-                    draw(start[rows], stop[rows], n, k, generator, part, None)
-                    position[rows] = part
-        position[:, 0] = 0  # any valid position: the column is replaced by `first` or dropped
-        out = _scratch(scratch, "rows", (b, 1 + k), torch.long, self.device)
-        torch.index_select(self.order, 0, position.view(-1), out=out.view(-1))
-        if first is None:
-            return out[:, 1:]
-        out[:, 0] = first
-        return out
+            return whole[0](start, stop, n, k, generator, scratch)
+        position = torch.empty(b, 1 + k, dtype=torch.long, device=self.device)
+        for rows, draw in groups:
+            rows = rows.nonzero().flatten()
+            if rows.numel():
+                position[rows] = draw(start[rows], stop[rows], n, k, generator, None)
+        return position
 
 
 # a pool at least this many times k is drawn by distinct draws, a smaller one by k smallest keys
@@ -216,12 +217,12 @@ _SPARSE = 2
 _MARGIN_SDS = 8.0
 
 # The ways of drawing below take each row's own class [start, stop) in `order` (sorted by class),
-# the number of samples n and k, and write each row's k positions into columns 1..k of `out`
-# (r, 1 + k); what lands in column 0 is unspecified.
+# the number of samples n and k, and return (r, 1 + k) positions: each row's k in columns 1..k,
+# column 0 unspecified (draw_positions).
 
 
 def _with_replacement(start: Tensor, stop: Tensor, n: int, k: int, generator: torch.Generator | None,
-                      out: Tensor, scratch: Scratch | None = None) -> None:
+                      scratch: Scratch | None = None) -> Tensor:
     """Uniform draws, with replacement, from ``[0, n)`` less each row's ``[start, stop)``."""
     width = stop - start
     pool = n - width
@@ -231,11 +232,11 @@ def _with_replacement(start: Tensor, stop: Tensor, n: int, k: int, generator: to
         draw = torch.rand(pool.numel(), k, dtype=torch.float64, generator=generator, device=pool.device)
         draw = torch.minimum((draw * pool[:, None]).long(), pool[:, None] - 1)
     # pool positions below the own class keep their place in `order`, the others move past it
-    out[:, 1:] = draw + (draw >= start[:, None]) * width[:, None]
+    return _after_free_column(draw + (draw >= start[:, None]) * width[:, None])
 
 
 def _smallest_keys(start: Tensor, stop: Tensor, n: int, k: int, generator: torch.Generator | None,
-                   out: Tensor, scratch: Scratch | None = None) -> None:
+                   scratch: Scratch | None = None) -> Tensor:
     """A uniform k-subset of each row's pool: the k largest of one uniform key per pool member.
 
     Touches every sample (a key each and a top-k); used where k is a large part of the pool.
@@ -244,11 +245,14 @@ def _smallest_keys(start: Tensor, stop: Tensor, n: int, k: int, generator: torch
     position = torch.arange(n, device=start.device)
     own = (position >= start[:, None]) & (position < stop[:, None])
     keys.masked_fill_(own, -1.0)  # keys are in [0, 1): the own class is never among the top k
-    out[:, 1:] = keys.topk(k, dim=1, sorted=False).indices
+    return _after_free_column(keys.topk(k, dim=1, sorted=False).indices)
 
 
+def _after_free_column(position: Tensor) -> Tensor:
+    """(r, k) -> (r, 1 + k) with a zero column 0."""
+    return torch.cat([position.new_zeros(position.shape[0], 1), position], dim=1)
 def _distinct_draws(start: Tensor, stop: Tensor, n: int, k: int, generator: torch.Generator | None,
-                    out: Tensor, scratch: Scratch | None = None) -> None:
+                    scratch: Scratch | None = None) -> Tensor:
     """A uniform k-subset of each row's pool: the first k new values of uniform draws.
 
     Draws are uniform over all n positions; one is new if no earlier draw of the row took it
@@ -278,17 +282,19 @@ def _distinct_draws(start: Tensor, stop: Tensor, n: int, k: int, generator: torc
     place = torch.arange(count, dtype=dtype, device=device).expand(r, count)
     first_at.scatter_reduce_(1, draws, place, "amin")
     first = torch.gather(first_at, 1, draws, out=_scratch(scratch, "first", (r, count), dtype, device))
-    new = torch.eq(first, place, out=_scratch(scratch, "new", (r, count), torch.bool, device))
-    # the column each draw goes to: the j-th new one to column j (1..k), every other draw to 0
-    column = torch.cumsum(new, 1, out=_scratch(scratch, "column", (r, count), torch.long, device))
+    # 1 where a draw is new; then the column each draw goes to: the j-th new one to column j,
+    # every other draw to column 0 (counted in the table's small integer type: 1/4 the traffic)
+    new = torch.eq(first, place, out=_scratch(scratch, "new", (r, count), dtype, device))
+    column = torch.cumsum(new, 1, dtype=dtype, out=_scratch(scratch, "column", (r, count), dtype, device))
     enough = column[:, -1] >= k
-    column.mul_(new & (column <= k))
-    out.scatter_(1, column, draws)
+    column = _scratch(scratch, "column64", (r, count), torch.long, device).copy_(column.mul_(new))
+    spread = _scratch(scratch, "spread", (r, count + 1), torch.long, device)
+    spread.scatter_(1, column, draws)
+    out = spread[:, : 1 + k]  # the first k new values; a view: no copy
     if not bool(enough.all()):
         short = (~enough).nonzero().flatten()
-        again = torch.empty(short.numel(), 1 + k, dtype=torch.long, device=device)
-        _distinct_draws(start[short], stop[short], n, k, generator, again)
-        out[short] = again
+        out[short] = _distinct_draws(start[short], stop[short], n, k, generator)
+    return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -367,8 +373,9 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
         # log Z for [student-anchor scores, teacher-anchor scores]; NaN until the first batch
         self.register_buffer("log_z", torch.full((2,), float("nan")))
         self._log_z_known = False  # saves a device sync per step once Z is set (or loaded)
-        # float32 copies of float16/bfloat16 banks for scoring the whole bank: name -> (copy, bank version)
-        self._float32_banks: dict[str, tuple[Tensor, int]] = {}
+        # float32 class-ordered copies of the banks for scoring the whole bank (_float32_bank):
+        # name -> (copy, the bank's version, the class pools it is ordered by)
+        self._float32_banks: dict[str, tuple[Tensor, int, ClassPools]] = {}
         self._scratch = Scratch()
 
     @property
@@ -393,7 +400,8 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
         return self.pools
 
     def draw_negatives(self, index: Tensor, labels: Tensor) -> Tensor:
-        """(b, K) sample indices: for row r, K draws among the samples of classes other than labels[r]."""
+        """(b, K) sample indices: for row r, K draws among the samples of classes other than labels[r]
+        (the forward's draws, for the same random state)."""
         return self._class_pools().draw_other_classes(labels.to(self.memory_student.device), self.num_negatives,
                                                       self.generator)
 
@@ -402,33 +410,40 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
         return self.num_data * (batch_size + self.feat_dim) < batch_size * self.num_negatives * self.feat_dim
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs, batch: Batch) -> Tensor:
-        device = self.memory_student.device
+        pools, device = self._class_pools(), self.memory_student.device
         index = batch.index.to(device).long()
-        # (b, 1 + K): the positive, then the negatives (as draw_negatives draws them)
-        rows = self._class_pools().draw_other_classes(batch.y.to(device), self.num_negatives, self.generator,
-                                                      first=index, scratch=self._scratch)
+        dense = self._dense(index.numel())
+        # (b, 1 + K) rows: the positive, then the negatives (as draw_negatives draws them); as
+        # positions in the class order where the whole bank is scored (its float32 copies are in
+        # that order), as sample indices where rows of the banks are gathered
+        rows = pools.draw_positions(batch.y.to(device), self.num_negatives, self.generator, self._scratch)
+        if dense:
+            rows[:, 0] = pools.positions_of(index)
+        else:
+            rows = pools.order[rows]
+            rows[:, 0] = index
         with full_precision(student.embedding.device):
             v_s = self.embed_student(student.embedding.float())
             v_t = self.embed_teacher(teacher.embedding.detach().float())
-            loss = self._side(v_s, "teacher", rows, 0) + self._side(v_t, "student", rows, 1)
+            loss = self._side(v_s, "teacher", rows, 0, dense) + self._side(v_t, "student", rows, 1, dense)
         self._log_z_known = True
         if self.training:
             self._update_memory(index, v_s, v_t)
         return loss
 
-    def _side(self, anchor: Tensor, bank: str, rows: Tensor, side: int) -> Tensor:
+    def _side(self, anchor: Tensor, bank: str, rows: Tensor, side: int, dense: bool) -> Tensor:
         """NCE of ``anchor`` against ``memory_<bank>`` at ``rows``; log Z is ``log_z[side]``."""
         with_grad = torch.is_grad_enabled() and anchor.requires_grad
-        compute = functools.partial(self._nce_side, bank=bank, rows=rows, side=side, with_grad=with_grad)
+        compute = functools.partial(self._nce_side, bank=bank, rows=rows, side=side, dense=dense, with_grad=with_grad)
         return _GradientWithValue.apply(anchor, compute)
 
-    def _nce_side(self, anchor: Tensor, *, bank: str, rows: Tensor, side: int,
+    def _nce_side(self, anchor: Tensor, *, bank: str, rows: Tensor, side: int, dense: bool,
                   with_grad: bool) -> tuple[Tensor, Tensor | None]:
         """(NCE value, its gradient w.r.t. ``anchor`` or None): the scores (b, 1 + K) are the
         anchors' dot products with their rows, positive first; the gradient goes back through the
         same product, so it is taken here while the bank (or the gathered rows) is at hand."""
         b, device = anchor.shape[0], anchor.device
-        if self._dense(b):  # every score against the whole bank in one product, then the rows' ones
+        if dense:  # every score against the whole bank in one product, then the rows' ones
             memory = self._float32_bank(bank)
             full = torch.mm(anchor, memory.t(), out=self._scratch.get("full", (b, self.num_data), torch.float32, device))
             scores = torch.gather(full, 1, rows, out=self._scratch.get("scores", tuple(rows.shape), torch.float32, device))
@@ -440,28 +455,27 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
         value, grad_scores = nce(scores, self.log_z[side], self.num_data, self.temperature, with_grad)
         if grad_scores is None:
             return value, None
-        if self._dense(b):  # the scores' gradient back into a (b, N) matrix (repeats add up), then the product
+        if dense:  # the scores' gradient back into a (b, N) matrix (repeats add up), then the product
             return value, torch.mm(full.zero_().scatter_add_(1, rows, grad_scores), memory)
         return value, torch.bmm(grad_scores.unsqueeze(1), gathered).squeeze(1)
 
     def _float32_bank(self, name: str) -> Tensor:
-        """``memory_<name>`` in float32, for scoring the whole bank: the bank itself, or a float32
-        copy of a float16/bfloat16 one, kept in step with it.
+        """``memory_<name>`` in float32 and in the class order of the pools (row p is sample
+        ``order[p]``), for scoring the whole bank; kept in step with the bank.
 
-        Converting the bank on every step cost about as much as the product with it; the copy
-        (exact: every float16 value is a float32) is made once and then updated with the bank's
-        rows, at 4 bytes per value (512 B per training sample for both banks at feat_dim 128, on top
-        of the banks' 512). Only held where the whole bank is scored (N x (b + D) < b x K x D,
+        In that order the sampler's positions index it directly, and a float16 bank is not
+        converted on every step (which cost about as much as the product with it): the copy is
+        made once (exact: every float16 value is a float32) and then updated with the bank's rows,
+        at 4 bytes per value (512 B per training sample for both banks at feat_dim 128, on top of
+        the float16 banks' 512). Only held where the whole bank is scored (N x (b + D) < b x K x D,
         e.g. CIFAR's N = 50000, not ImageNet's 1.28M). Any other write to the bank (a loaded
-        checkpoint, DDP's broadcast of buffers) moves the bank's version counter on, and the copy is
-        made again.
+        checkpoint, DDP's broadcast of buffers) moves the bank's version counter on, and the copy
+        is made again; so do new class pools.
         """
-        memory = getattr(self, f"memory_{name}")
-        if memory.dtype == torch.float32:
-            return memory
+        memory, pools = getattr(self, f"memory_{name}"), self._class_pools()
         held = self._float32_banks.get(name)
-        if held is None or held[1] != memory._version or held[0].device != memory.device:
-            held = self._float32_banks[name] = (memory.float(), memory._version)
+        if held is None or held[1:] != (memory._version, pools) or held[0].device != memory.device:
+            held = self._float32_banks[name] = (memory.index_select(0, pools.order).float(), memory._version, pools)
         return held[0]
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
@@ -489,12 +503,12 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
         for name, v in (("student", v_s), ("teacher", v_t)):
             memory = getattr(self, f"memory_{name}")
             held = self._float32_banks.get(name)
-            in_step = held is not None and held[1] == memory._version and held[0].device == memory.device
+            in_step = held is not None and held[1:] == (memory._version, self.pools) and held[0].device == memory.device
             mixed = memory[index].float() * m + v * (1 - m)
             memory.index_copy_(0, index, F.normalize(mixed, p=2, dim=1).to(memory.dtype))
             if in_step:  # read back: of repeated indices, the row the bank kept
-                held[0].index_copy_(0, index, memory[index].float())
-                self._float32_banks[name] = (held[0], memory._version)
+                held[0].index_copy_(0, self.pools.positions_of(index), memory[index].float())
+                self._float32_banks[name] = (held[0], memory._version, self.pools)
 
 
 def _world() -> int:
