@@ -97,8 +97,8 @@ def _scratch(scratch: Scratch | None, name: str, shape: tuple[int, ...], dtype: 
     return scratch.get(name, shape, dtype, device)
 
 
-def nce(scores: Tensor, log_z: Tensor, num_data: int, temperature: float,
-        with_grad: bool = False) -> tuple[Tensor, Tensor | None]:
+def nce(scores: Tensor, log_z: Tensor, num_data: int, temperature: float, with_grad: bool = False,
+        batch_size: int | None = None) -> tuple[Tensor, Tensor | None]:
     """NCE loss for one anchor side, and its gradient w.r.t. ``scores`` if ``with_grad``.
 
     Column 0 of ``scores`` (b, 1 + K) is the positive. With P = exp(s / tau) / Z (the critic's
@@ -111,8 +111,9 @@ def nce(scores: Tensor, log_z: Tensor, num_data: int, temperature: float,
     gradient is sigmoid of the same arguments times ``-+1 / (tau b)``.
 
     ``scores`` is overwritten (it is the largest tensor here, and the caller is done with it).
+    ``batch_size`` (default: its rows) is b, where ``scores`` holds a slice of the batch's rows.
     """
-    b, k = scores.shape[0], scores.shape[1] - 1
+    b, k = batch_size or scores.shape[0], scores.shape[1] - 1
     shift = log_z + math.log(k / num_data)
     sign = torch.ones(k + 1, dtype=scores.dtype, device=scores.device)
     sign[0] = -1.0
@@ -288,6 +289,8 @@ def _distinct_draws(start: Tensor, stop: Tensor, n: int, k: int, generator: torc
 
 # rows of the batch the CPU sampler works on at a time (8 rows: about 2 MiB of working tensors)
 _SAMPLER_ROWS = 8
+# anchors the CPU NCE works on at a time between the two products with the bank
+_SCORE_ROWS = 16
 
 
 def _first_new(start: Tensor, stop: Tensor, n: int, k: int, count: int, dtype: torch.dtype,
@@ -459,22 +462,39 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
         """(NCE value, its gradient w.r.t. ``anchor`` or None): the scores (b, 1 + K) are the
         anchors' dot products with their rows, positive first; the gradient goes back through the
         same product, so it is taken here while the bank (or the gathered rows) is at hand."""
-        b, device = anchor.shape[0], anchor.device
-        if dense:  # every score against the whole bank in one product, then the rows' ones
-            bank_t = self._float32_bank(bank)  # (D, N)
-            full = torch.mm(anchor, bank_t, out=self._scratch.get("full", (b, self.num_data), torch.float32, device))
-            scores = torch.gather(full, 1, rows, out=self._scratch.get("scores", tuple(rows.shape), torch.float32, device))
-        else:
-            gathered = getattr(self, f"memory_{bank}")[rows].float()  # (b, 1 + K, D)
-            scores = torch.bmm(gathered, anchor.unsqueeze(2)).squeeze(2)
+        if dense:
+            return self._nce_dense(anchor, bank, rows, side, with_grad)
+        gathered = getattr(self, f"memory_{bank}")[rows].float()  # (b, 1 + K, D)
+        scores = torch.bmm(gathered, anchor.unsqueeze(2)).squeeze(2)
         if not self._log_z_known and torch.isnan(self.log_z[side]):
             self._estimate_log_z(side, scores)
         value, grad_scores = nce(scores, self.log_z[side], self.num_data, self.temperature, with_grad)
         if grad_scores is None:
             return value, None
-        if dense:  # the scores' gradient back into a (b, N) matrix (repeats add up), then the product
-            return value, torch.mm(full.zero_().scatter_add_(1, rows, grad_scores), bank_t.t())
         return value, torch.bmm(grad_scores.unsqueeze(1), gathered).squeeze(1)
+
+    def _nce_dense(self, anchor: Tensor, bank: str, rows: Tensor, side: int,
+                   with_grad: bool) -> tuple[Tensor, Tensor | None]:
+        """:meth:`_nce_side` scoring the whole bank in one product, then picking the rows' scores;
+        the gradient goes back into that (b, N) matrix (repeats add up) and through the product.
+        Between the products it works on a few anchors at a time, so that each pass over their
+        scores finds them in cache."""
+        b, device = anchor.shape[0], anchor.device
+        bank_t = self._float32_bank(bank)  # (D, N)
+        full = torch.mm(anchor, bank_t, out=self._scratch.get("full", (b, self.num_data), torch.float32, device))
+        if not self._log_z_known and torch.isnan(self.log_z[side]):
+            self._estimate_log_z(side, torch.gather(full, 1, rows))
+        step = _SCORE_ROWS if device.type == "cpu" else b
+        value = full.new_zeros(())
+        for lo in range(0, b, step):
+            part = full[lo: lo + step]
+            scores = torch.gather(part, 1, rows[lo: lo + step],
+                                  out=self._scratch.get("scores", (part.shape[0], rows.shape[1]), torch.float32, device))
+            part_value, grad_scores = nce(scores, self.log_z[side], self.num_data, self.temperature, with_grad, b)
+            value += part_value
+            if grad_scores is not None:
+                part.zero_().scatter_add_(1, rows[lo: lo + step], grad_scores)
+        return value, (torch.mm(full, bank_t.t()) if with_grad else None)
 
     def _float32_bank(self, name: str) -> Tensor:
         """``memory_<name>`` transposed (D, N), in float32 and in the class order of the pools
