@@ -23,7 +23,18 @@ authors' float32 banks take 1024); the class pools add 8 bytes per sample. Score
 in float32. Gathering each sample's K negative rows, as the authors do, takes b x K x feat_dim
 values per side (for b = 64, K = 16384: 512 MiB in float32); where it is cheaper (N x (b +
 feat_dim) < b x K x feat_dim, e.g. CIFAR's N = 50000) the anchors are scored against the whole
-bank in one matrix product and the K scores picked from it, which gives the same numbers.
+bank in one matrix product and the K scores picked from it, which gives the same numbers. That
+product runs against a float32 copy of each bank, kept in step with it and laid out for the
+product (:meth:`ContrastiveRepresentationDistillation._float32_bank`): 1024 more bytes per
+training sample, held between steps rather than made afresh in each (a step's peak memory is
+about the same either way), and only where the whole bank is scored.
+
+Speed (measured on one CPU thread by benchmarks/distill_overhead.py): the loss's gradient w.r.t.
+the anchors is computed with its value (:class:`_GradientWithValue`), so neither the scores nor
+the bank are kept for the backward; the working tensors of b x N or b x K values are kept between
+steps (:class:`Scratch`) instead of being faulted in afresh; the sampler and the NCE work on a
+few rows at a time so that their passes find the rows in cache. Values and gradients are those
+of scoring and NCE in one piece, to float32 rounding.
 
 Under DDP each rank sees its own share of the batch, but the banks hold every training sample:
 the update gathers (index, v_s, v_t) from all ranks first, so every rank writes the same rows and
@@ -71,8 +82,8 @@ class Scratch:
     fresh allocation of that size comes from the OS as untouched pages, and faulting them in
     cost about as much CPU time as the arithmetic on them. Kept here they are allocated once
     (again only when a shape changes, e.g. on a smaller last batch): the memory the step
-    needed at its peak anyway, held between steps. Nothing in it outlives the call that
-    filled it.
+    needed at its peak anyway, held between steps. A tensor from it is valid until the next
+    ``get`` of its name.
     """
 
     def __init__(self) -> None:
@@ -84,10 +95,6 @@ class Scratch:
             self._tensors.pop(name, None)  # free the old one before the new one is allocated
             tensor = self._tensors[name] = torch.empty(shape, dtype=dtype, device=device)
         return tensor
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self._tensors.values())
 
 
 def _scratch(scratch: Scratch | None, name: str, shape: tuple[int, ...], dtype: torch.dtype,
@@ -146,7 +153,8 @@ class _GradientWithValue(torch.autograd.Function):
 
 class ClassPools:
     """Training-sample indices grouped by class: ``order`` (indices sorted by class, stable) and
-    ``offsets`` (class c holds ``order[offsets[c]:offsets[c + 1]]``); 8 bytes per sample."""
+    ``offsets`` (class c holds ``order[offsets[c]:offsets[c + 1]]``); 8 bytes per sample, 8 more
+    for the inverse of ``order`` where it is used (:meth:`positions_of`)."""
 
     def __init__(self, labels: Tensor, num_classes: int | None = None) -> None:
         labels = labels.detach().long().flatten()
@@ -189,9 +197,9 @@ class ClassPools:
     def draw_positions(self, classes: Tensor, k: int, generator: torch.Generator | None = None,
                        scratch: Scratch | None = None) -> Tensor:
         """The draws of :meth:`draw_other_classes` as positions in ``order``, in columns 1..k of a
-        (b, 1 + k) tensor whose column 0 is free (CRD puts the positive there, so no copy joins
-        them); possibly a view with a row stride above 1 + k. With ``scratch`` it lives there,
-        valid until the next draw with that scratch."""
+        (b, 1 + k) tensor whose column 0 is unspecified (CRD writes the positive there, so no copy
+        joins them); possibly a view with a row stride above 1 + k. With ``scratch`` it lives
+        there, valid until the next draw with that scratch."""
         classes = classes.to(self.device).long()
         b, n = classes.shape[0], self.num_samples
         start, stop = self.offsets[classes], self.offsets[classes + 1]
@@ -279,7 +287,8 @@ def _distinct_draws(start: Tensor, stop: Tensor, n: int, k: int, generator: torc
     rows = _SAMPLER_ROWS if device.type == "cpu" else r
     for lo in range(0, r, rows):
         hi = min(lo + rows, r)
-        enough[lo:hi] = _first_new(start[lo:hi], stop[lo:hi], n, k, count, dtype, generator, spread[lo:hi], scratch)
+        enough[lo:hi] = _first_new(start[lo:hi], stop[lo:hi], n, k, count, dtype, generator, spread[lo:hi],
+                                   rows, scratch)
     out = spread[:, : 1 + k]  # the first k new values; a view: no copy
     if not bool(enough.all()):
         short = (~enough).nonzero().flatten()
@@ -294,13 +303,18 @@ _SCORE_ROWS = 16
 
 
 def _first_new(start: Tensor, stop: Tensor, n: int, k: int, count: int, dtype: torch.dtype,
-               generator: torch.Generator | None, spread: Tensor, scratch: Scratch | None) -> Tensor:
+               generator: torch.Generator | None, spread: Tensor, capacity: int, scratch: Scratch | None) -> Tensor:
     """``count`` uniform draws per row; the j-th new one into ``spread[:, j]`` (j = 1..), every
-    other draw into column 0. Returns whether each row had at least k new values."""
+    other draw into column 0. Returns whether each row had at least k new values. Working
+    tensors come from ``scratch`` sized for ``capacity`` rows (the same each call)."""
     r, device = start.numel(), start.device
-    draws = _scratch(scratch, "draws", (r, count), torch.long, device).random_(0, n, generator=generator)
+
+    def work(name: str, columns: int, kind: torch.dtype) -> Tensor:
+        return _scratch(scratch, name, (capacity, columns), kind, device)[:r]
+
+    draws = work("draws", count, torch.long).random_(0, n, generator=generator)
     # the first draw position of every value; -1 for the own class (never new); column n: unused
-    first_at = _scratch(scratch, "first_at", (r, n + 1), dtype, device).fill_(count)
+    first_at = work("first_at", n + 1, dtype).fill_(count)
     width = stop - start
     widest = int(width.max())
     if widest:
@@ -309,11 +323,11 @@ def _first_new(start: Tensor, stop: Tensor, n: int, k: int, count: int, dtype: t
         first_at.scatter_(1, own, -1)
     place = torch.arange(count, dtype=dtype, device=device).expand(r, count)
     first_at.scatter_reduce_(1, draws, place, "amin")
-    first = torch.gather(first_at, 1, draws, out=_scratch(scratch, "first", (r, count), dtype, device))
+    first = torch.gather(first_at, 1, draws, out=work("first", count, dtype))
     new = torch.eq(first, place, out=first)  # 1 where a draw is new
-    column = torch.cumsum(new, 1, dtype=dtype, out=_scratch(scratch, "column", (r, count), dtype, device))
+    column = torch.cumsum(new, 1, dtype=dtype, out=work("column", count, dtype))
     enough = column[:, -1] >= k
-    spread.scatter_(1, torch.mul(column, new, out=_scratch(scratch, "column64", (r, count), torch.long, device)), draws)
+    spread.scatter_(1, torch.mul(column, new, out=work("column64", count, torch.long)), draws)
     return enough
 
 
@@ -488,8 +502,8 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
         value = full.new_zeros(())
         for lo in range(0, b, step):
             part = full[lo: lo + step]
-            scores = torch.gather(part, 1, rows[lo: lo + step],
-                                  out=self._scratch.get("scores", (part.shape[0], rows.shape[1]), torch.float32, device))
+            scores = self._scratch.get("scores", (step, rows.shape[1]), torch.float32, device)[: part.shape[0]]
+            scores = torch.gather(part, 1, rows[lo: lo + step], out=scores)
             part_value, grad_scores = nce(scores, self.log_z[side], self.num_data, self.temperature, with_grad, b)
             value += part_value
             if grad_scores is not None:
@@ -505,7 +519,7 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
         the (N, D) bank, while the backward's product with it is about 10% slower); and a float16
         bank is not converted on every step (which cost about as much as the product): the copy is
         made once (exact: every float16 value is a float32) and then updated with the bank's rows,
-        at 4 bytes per value (512 B per training sample for both banks at feat_dim 128, on top of
+        at 4 bytes per value (1024 B per training sample for both banks at feat_dim 128, on top of
         the float16 banks' 512). Only held where the whole bank is scored (N x (b + D) < b x K x D,
         e.g. CIFAR's N = 50000, not ImageNet's 1.28M). Any other write to the bank (a loaded
         checkpoint, DDP's broadcast of buffers) moves the bank's version counter on, and the copy
