@@ -657,6 +657,31 @@ def test_crd_sampler_with_draw_positions_past_int16():
         assert (labels[row] != c).all() and row.unique().numel() == 30_000
 
 
+@pytest.mark.parametrize("dense", [True, False], ids=["whole-bank", "gathered-rows"])
+def test_crd_scratch_tensors_carry_nothing_between_steps(dense):
+    """The working tensors kept between steps are written before they are read: garbage left in
+    them changes neither the loss nor the banks."""
+    built = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        crd = build("crd", context(n=60), num_negatives=20)
+        crd._dense = lambda b: dense
+        built.append(crd)
+    results = []
+    for i, crd in enumerate(built):
+        torch.manual_seed(3)
+        crd(outputs(STUDENT, 10, seed=1), outputs(TEACHER, 10, seed=2), batch_of(torch.arange(10) * 5))
+        if i:
+            for tensor in crd._scratch._tensors.values():
+                tensor.fill_(True if tensor.dtype == torch.bool else 2 ** 14)
+        s = outputs(STUDENT, 10, requires_grad=True, seed=4)
+        value = crd(s, outputs(TEACHER, 10, seed=5), batch_of(torch.arange(10) * 6))
+        value.backward()
+        results.append((value.item(), s.embedding.grad, crd.memory_student.clone()))
+    assert results[0][0] == results[1][0]
+    assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][2], results[1][2])
+
+
 def test_crd_float32_copy_of_the_bank_follows_it():
     """The whole-bank product runs against a float32 copy in class order, updated with the bank;
     a bank written any other way (a loaded checkpoint) is copied again."""

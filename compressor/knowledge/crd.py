@@ -19,7 +19,7 @@ sampler's time, the same distribution (a uniformly random K-subset of the other 
 
 Memory: the banks are stored in float16 (unit vectors, so 11 significant bits are plenty), at
 ``2 banks x feat_dim x 2 bytes`` = 512 bytes per training sample with feat_dim = 128 (the
-authors' float32 banks take 1024); the class pools add 8 bytes per sample. Scores are computed
+authors' float32 banks take 1024); the class pools add 16 bytes per sample. Scores are computed
 in float32. Gathering each sample's K negative rows, as the authors do, takes b x K x feat_dim
 values per side (for b = 64, K = 16384: 512 MiB in float32); where it is cheaper (N x (b +
 feat_dim) < b x K x feat_dim, e.g. CIFAR's N = 50000) the anchors are scored against the whole
@@ -154,7 +154,7 @@ class _GradientWithValue(torch.autograd.Function):
 class ClassPools:
     """Training-sample indices grouped by class: ``order`` (indices sorted by class, stable) and
     ``offsets`` (class c holds ``order[offsets[c]:offsets[c + 1]]``); 8 bytes per sample, 8 more
-    for the inverse of ``order`` where it is used (:meth:`positions_of`)."""
+    for the inverse of ``order`` once it is used (:meth:`positions_of`)."""
 
     def __init__(self, labels: Tensor, num_classes: int | None = None) -> None:
         labels = labels.detach().long().flatten()
@@ -451,11 +451,9 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
         # positions in the class order where the whole bank is scored (its float32 copies are in
         # that order), as sample indices where rows of the banks are gathered
         rows = pools.draw_positions(batch.y.to(device), self.num_negatives, self.generator, self._scratch)
-        if dense:
-            rows[:, 0] = pools.positions_of(index)
-        else:
+        rows[:, 0] = pools.positions_of(index)
+        if not dense:
             rows = pools.order[rows]
-            rows[:, 0] = index
         with full_precision(student.embedding.device):
             v_s = self.embed_student(student.embedding.float())
             v_t = self.embed_teacher(teacher.embedding.detach().float())
