@@ -585,6 +585,125 @@ def test_crd_user_errors():
         crd.draw_negatives(torch.tensor([0, 1]), torch.tensor([0, 0]))
 
 
+def crd_reference(crd, s: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, log_z: list[float],
+                  mem_s: torch.Tensor, mem_t: torch.Tensor) -> torch.Tensor:
+    """The authors' CRD loss in float64 with autograd (ContrastLoss on gathered memory rows),
+    through ``crd``'s heads; ``rows`` (b, 1 + K) is positive first."""
+    n, k = crd.num_data, rows.shape[1] - 1
+    total = 0.0
+    for side, (head, emb, memory) in enumerate(((crd.embed_student, s, mem_t), (crd.embed_teacher, t, mem_s))):
+        anchor = F.normalize(F.linear(emb.double(), head.linear.weight.double(), head.linear.bias.double()), dim=1)
+        p = torch.exp(torch.einsum("bkd,bd->bk", memory.double()[rows], anchor) / crd.temperature) / math.exp(log_z[side])
+        log_d1 = torch.log(p[:, 0] / (p[:, 0] + k / n))
+        log_d0 = torch.log((k / n) / (p[:, 1:] + k / n))
+        total = total - (log_d1.sum() + log_d0.sum()) / rows.shape[0]
+    return total
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["whole-bank", "gathered-rows"])
+def test_crd_gradients_match_reference_across_row_blocks(dense, monkeypatch):
+    """The gradient comes with the value (scores and bank are not kept for the backward), and the
+    CPU works on blocks of rows: 20 anchors cross blocks of 6 (NCE) and 3 (sampler) unevenly."""
+    from compressor.knowledge import crd as crd_module
+
+    monkeypatch.setattr(crd_module, "_SCORE_ROWS", 6)
+    monkeypatch.setattr(crd_module, "_SAMPLER_ROWS", 3)
+    torch.manual_seed(0)
+    crd = build("crd", context(n=60), num_negatives=20)  # pools of 48 >= 2 K: distinct draws
+    crd._dense = lambda b: dense
+    index = torch.arange(0, 60, 3)
+    batch = batch_of(index)
+    for step in range(2):  # the second step: Z fixed, banks (and their float32 copies) updated
+        s, t = outputs(STUDENT, 20, requires_grad=True, seed=30 + step), outputs(TEACHER, 20, seed=40 + step)
+        state = torch.get_rng_state()
+        mem_s, mem_t = crd.memory_student.clone(), crd.memory_teacher.clone()
+        crd.zero_grad()
+        value = crd(s, t, batch)
+        value.backward()
+        torch.set_rng_state(state)
+        rows = torch.cat([index[:, None], crd.draw_negatives(index, index % 5)], dim=1)
+        heads = {name: p.grad.clone() for name, p in crd.named_parameters()}
+        ref_s = s.embedding.detach().double().requires_grad_(True)
+        crd.zero_grad()
+        ref = crd_reference(crd, ref_s, t.embedding, rows, crd.log_z.tolist(), mem_s, mem_t)
+        ref.backward()
+        assert value.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert torch.allclose(s.embedding.grad.double(), ref_s.grad, rtol=1e-4, atol=1e-7)
+        for name, p in crd.named_parameters():
+            assert torch.allclose(heads[name].double(), p.grad.double(), rtol=1e-4, atol=1e-7), name
+
+
+def test_crd_sampler_draws_the_same_in_row_blocks(monkeypatch):
+    from compressor.knowledge import crd as crd_module
+
+    pools = crd_module.ClassPools(labels_of(60), num_classes=5)
+    classes = torch.arange(20) % 5
+    torch.manual_seed(8)
+    whole = pools.draw_other_classes(classes, 20)
+    monkeypatch.setattr(crd_module, "_SAMPLER_ROWS", 3)
+    torch.manual_seed(8)
+    assert torch.equal(pools.draw_other_classes(classes, 20), whole)  # one stream, row by row
+
+
+def test_crd_sampler_with_draw_positions_past_int16():
+    """More than 32767 draws per row: the first-draw table counts in int32."""
+    from compressor.knowledge.crd import ClassPools, _draws_needed
+
+    labels = torch.arange(100_000) % 5
+    assert _draws_needed(80_000, 100_000, 30_000) > torch.iinfo(torch.int16).max
+    torch.manual_seed(9)
+    negatives = ClassPools(labels, num_classes=5).draw_other_classes(torch.tensor([0, 3]), 30_000)
+    for row, c in zip(negatives, (0, 3)):
+        assert (labels[row] != c).all() and row.unique().numel() == 30_000
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["whole-bank", "gathered-rows"])
+def test_crd_scratch_tensors_carry_nothing_between_steps(dense):
+    """The working tensors kept between steps are written before they are read: garbage left in
+    them changes neither the loss nor the banks."""
+    built = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        crd = build("crd", context(n=60), num_negatives=20)
+        crd._dense = lambda b: dense
+        built.append(crd)
+    results = []
+    for i, crd in enumerate(built):
+        torch.manual_seed(3)
+        crd(outputs(STUDENT, 10, seed=1), outputs(TEACHER, 10, seed=2), batch_of(torch.arange(10) * 5))
+        if i:
+            for tensor in crd._scratch._tensors.values():
+                tensor.fill_(True if tensor.dtype == torch.bool else 2 ** 14)
+        s = outputs(STUDENT, 10, requires_grad=True, seed=4)
+        value = crd(s, outputs(TEACHER, 10, seed=5), batch_of(torch.arange(10) * 6))
+        value.backward()
+        results.append((value.item(), s.embedding.grad, crd.memory_student.clone()))
+    assert results[0][0] == results[1][0]
+    assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][2], results[1][2])
+
+
+def test_crd_float32_copy_of_the_bank_follows_it():
+    """The whole-bank product runs against a float32 copy in class order, updated with the bank;
+    a bank written any other way (a loaded checkpoint) is copied again."""
+    torch.manual_seed(0)
+    crd = build("crd", context(n=40), num_negatives=12)
+    for step in range(3):
+        crd(outputs(STUDENT, 4, seed=step), outputs(TEACHER, 4, seed=9 + step), batch_of([step, 7, 7, 30 - step]))
+    order = crd.pools.order
+    for name in ("student", "teacher"):
+        bank = getattr(crd, f"memory_{name}")
+        assert torch.equal(crd._float32_bank(name), bank[order].float().t())
+    torch.manual_seed(1)
+    other = build("crd", context(n=40), num_negatives=12)
+    crd.load_state_dict(other.state_dict())
+    assert torch.equal(crd._float32_bank("student"), other.memory_student[order].float().t())
+    s, t, batch = outputs(STUDENT, 4, seed=20), outputs(TEACHER, 4, seed=21), batch_of([1, 2, 3, 4])
+    torch.manual_seed(2)
+    expected = other(s, t, batch)
+    torch.manual_seed(2)
+    assert crd(s, t, batch).item() == expected.item()
+
+
 # ---------------------------------------------------------------- method spec
 
 

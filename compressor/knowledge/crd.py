@@ -19,11 +19,22 @@ sampler's time, the same distribution (a uniformly random K-subset of the other 
 
 Memory: the banks are stored in float16 (unit vectors, so 11 significant bits are plenty), at
 ``2 banks x feat_dim x 2 bytes`` = 512 bytes per training sample with feat_dim = 128 (the
-authors' float32 banks take 1024); the class pools add 8 bytes per sample. Scores are computed
+authors' float32 banks take 1024); the class pools add 16 bytes per sample. Scores are computed
 in float32. Gathering each sample's K negative rows, as the authors do, takes b x K x feat_dim
 values per side (for b = 64, K = 16384: 512 MiB in float32); where it is cheaper (N x (b +
 feat_dim) < b x K x feat_dim, e.g. CIFAR's N = 50000) the anchors are scored against the whole
-bank in one matrix product and the K scores picked from it, which gives the same numbers.
+bank in one matrix product and the K scores picked from it, which gives the same numbers. That
+product runs against a float32 copy of each bank, kept in step with it and laid out for the
+product (:meth:`ContrastiveRepresentationDistillation._float32_bank`): 1024 more bytes per
+training sample, held between steps rather than made afresh in each (a step's peak memory is
+about the same either way), and only where the whole bank is scored.
+
+Speed (measured on one CPU thread by benchmarks/distill_overhead.py): the loss's gradient w.r.t.
+the anchors is computed with its value (:class:`_GradientWithValue`), so neither the scores nor
+the bank are kept for the backward; the working tensors of b x N or b x K values are kept between
+steps (:class:`Scratch`) instead of being faulted in afresh; the sampler and the NCE work on a
+few rows at a time so that their passes find the rows in cache. Values and gradients are those
+of scoring and NCE in one piece, to float32 rounding.
 
 Under DDP each rank sees its own share of the batch, but the banks hold every training sample:
 the update gathers (index, v_s, v_t) from all ranks first, so every rank writes the same rows and
@@ -36,7 +47,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -64,27 +75,86 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.linear(x.flatten(1)), p=2, dim=1)
 
 
-def nce_loss(scores: Tensor, log_z: Tensor, num_data: int, temperature: float) -> Tensor:
-    """NCE loss for one anchor side; column 0 of ``scores`` (b, 1 + K) is the positive.
+class Scratch:
+    """Named scratch tensors kept from one step to the next.
 
-    With P = exp(s / tau) / Z (the critic's un-normalised probability, Z estimated once) and the
-    uniform noise distribution P_n = 1 / N, the critic h = P / (P + K P_n) and the loss is
-    -E[log h(positive)] - K E[log(1 - h(negative))] (Tian et al., Eq. 18 of the arXiv version,
-    ContrastLoss in the authors' code), summed over the batch's negatives and divided by b.
-    Written with softplus so that nothing overflows: -log h = softplus(c - s / tau) and
-    -log(1 - h) = softplus(s / tau - c), c = log Z + log(K P_n); both in one pass over the
-    scores, ``s * (-+1 / tau) +- c`` by column, so no slice of them is copied forward or back.
+    CRD's step works through a few tensors of b x N or b x K values (tens of MiB on CIFAR); a
+    fresh allocation of that size comes from the OS as untouched pages, and faulting them in
+    cost about as much CPU time as the arithmetic on them. Kept here they are allocated once
+    (again only when a shape changes, e.g. on a smaller last batch): the memory the step
+    needed at its peak anyway, held between steps. A tensor from it is valid until the next
+    ``get`` of its name.
     """
-    b, k = scores.shape[0], scores.shape[1] - 1
+
+    def __init__(self) -> None:
+        self._tensors: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        tensor = self._tensors.get(name)
+        if tensor is None or tensor.shape != shape or tensor.dtype != dtype or tensor.device != device:
+            self._tensors.pop(name, None)  # free the old one before the new one is allocated
+            tensor = self._tensors[name] = torch.empty(shape, dtype=dtype, device=device)
+        return tensor
+
+
+def _scratch(scratch: Scratch | None, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+             device: torch.device) -> Tensor:
+    if scratch is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return scratch.get(name, shape, dtype, device)
+
+
+def nce(scores: Tensor, log_z: Tensor, num_data: int, temperature: float, with_grad: bool = False,
+        batch_size: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """NCE loss for one anchor side, and its gradient w.r.t. ``scores`` if ``with_grad``.
+
+    Column 0 of ``scores`` (b, 1 + K) is the positive. With P = exp(s / tau) / Z (the critic's
+    un-normalised probability, Z estimated once) and the uniform noise distribution P_n = 1 / N,
+    the critic h = P / (P + K P_n) and the loss is -E[log h(positive)] - K E[log(1 -
+    h(negative))] (Tian et al., Eq. 18 of the arXiv version, ContrastLoss in the authors' code),
+    summed over the batch's negatives and divided by b. Written with softplus so that nothing
+    overflows: -log h = softplus(c - s / tau) and -log(1 - h) = softplus(s / tau - c), c = log Z
+    + log(K P_n); both in one pass over the scores, ``s * (-+1 / tau) +- c`` by column. The
+    gradient is sigmoid of the same arguments times ``-+1 / (tau b)``.
+
+    ``scores`` is overwritten (it is the largest tensor here, and the caller is done with it).
+    ``batch_size`` (default: its rows) is b, where ``scores`` holds a slice of the batch's rows.
+    """
+    b, k = batch_size or scores.shape[0], scores.shape[1] - 1
     shift = log_z + math.log(k / num_data)
     sign = torch.ones(k + 1, dtype=scores.dtype, device=scores.device)
     sign[0] = -1.0
-    return F.softplus(torch.addcmul(-shift * sign, scores, sign / temperature)).sum() / b
+    x = torch.addcmul(-shift * sign, scores, sign / temperature, out=scores)
+    value = F.softplus(x).sum() / b
+    if not with_grad:
+        return value, None
+    return value, torch.sigmoid(x, out=x).mul_(sign / (temperature * b))
+
+
+class _GradientWithValue(torch.autograd.Function):
+    """``compute(x) -> (value, d value / d x)``: a value whose gradient came with it.
+
+    CRD's loss is a sum over b x (1 + K) scores; its gradient w.r.t. the anchors is cheapest
+    while the scores and the bank are at hand, and then none of them (hundreds of MiB where
+    rows are gathered) is kept for the backward, which only scales the (b, D) gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, compute: Callable[[Tensor], tuple[Tensor, Tensor | None]]) -> Tensor:
+        value, grad = compute(x)
+        ctx.save_for_backward(grad)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value: Tensor) -> tuple[Tensor | None, None]:
+        (grad,) = ctx.saved_tensors
+        return (None if grad is None else grad * grad_value), None
 
 
 class ClassPools:
     """Training-sample indices grouped by class: ``order`` (indices sorted by class, stable) and
-    ``offsets`` (class c holds ``order[offsets[c]:offsets[c + 1]]``); 8 bytes per sample."""
+    ``offsets`` (class c holds ``order[offsets[c]:offsets[c + 1]]``); 8 bytes per sample, 8 more
+    for the inverse of ``order`` once it is used (:meth:`positions_of`)."""
 
     def __init__(self, labels: Tensor, num_classes: int | None = None) -> None:
         labels = labels.detach().long().flatten()
@@ -95,27 +165,45 @@ class ClassPools:
         self.order = torch.argsort(labels, stable=True)
         self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         self.num_samples = labels.numel()
+        self._rank: Tensor | None = None  # positions_of
 
     def to(self, device: torch.device) -> "ClassPools":
         self.order, self.offsets = self.order.to(device), self.offsets.to(device)
+        if self._rank is not None:
+            self._rank = self._rank.to(device)
         return self
 
     @property
     def device(self) -> torch.device:
         return self.order.device
 
+    def positions_of(self, index: Tensor) -> Tensor:
+        """The position in ``order`` of each sample index (the inverse permutation, made on first use)."""
+        if self._rank is None:
+            self._rank = torch.empty_like(self.order)
+            self._rank[self.order] = torch.arange(self.num_samples, device=self.device)
+        return self._rank[index]
+
     def draw_other_classes(self, classes: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         """(b, k) sample indices, row r from the samples whose class is not ``classes[r]``.
 
         Without replacement where that pool holds at least k samples (a uniformly random
         k-subset), with replacement where it is smaller (RepDistiller's ``replace = k >
-        len(cls_negative[target])``). Each way of drawing returns positions in ``order`` outside
-        the row's own class ``[start, stop)``; how a k-subset is drawn depends on how much of the
-        pool it takes (:func:`_distinct_draws`, :func:`_smallest_keys`).
+        len(cls_negative[target])``). How a k-subset is drawn depends on how much of the pool it
+        takes (:func:`_distinct_draws`, :func:`_smallest_keys`).
         """
+        return self.order[self.draw_positions(classes, k, generator)[:, 1:]]
+
+    def draw_positions(self, classes: Tensor, k: int, generator: torch.Generator | None = None,
+                       scratch: Scratch | None = None) -> Tensor:
+        """The draws of :meth:`draw_other_classes` as positions in ``order``, in columns 1..k of a
+        (b, 1 + k) tensor whose column 0 is unspecified (CRD writes the positive there, so no copy
+        joins them); possibly a view with a row stride above 1 + k. With ``scratch`` it lives
+        there, valid until the next draw with that scratch."""
         classes = classes.to(self.device).long()
+        b, n = classes.shape[0], self.num_samples
         start, stop = self.offsets[classes], self.offsets[classes + 1]
-        pool = self.num_samples - (stop - start)  # (b,) size of each row's other-class pool
+        pool = n - (stop - start)  # (b,) size of each row's other-class pool
         if bool((pool < 1).any()):
             raise UserError("crd: every training sample is of one class, so there is no negative to draw")
         small = pool < k
@@ -123,14 +211,13 @@ class ClassPools:
         groups = [(small, _with_replacement), (sparse, _distinct_draws), (~small & ~sparse, _smallest_keys)]
         whole = [draw for rows, draw in groups if bool(rows.all())]
         if whole:  # the usual case (balanced classes): one way for the whole batch, no scatter
-            position = whole[0](start, stop, self.num_samples, k, generator)
-        else:
-            position = torch.empty(classes.shape[0], k, dtype=torch.long, device=self.device)
-            for rows, draw in groups:
-                rows = rows.nonzero().flatten()
-                if rows.numel():
-                    position[rows] = draw(start[rows], stop[rows], self.num_samples, k, generator)
-        return self.order[position]
+            return whole[0](start, stop, n, k, generator, scratch)
+        position = torch.empty(b, 1 + k, dtype=torch.long, device=self.device)
+        for rows, draw in groups:
+            rows = rows.nonzero().flatten()
+            if rows.numel():
+                position[rows] = draw(start[rows], stop[rows], n, k, generator, None)
+        return position
 
 
 # a pool at least this many times k is drawn by distinct draws, a smaller one by k smallest keys
@@ -138,9 +225,14 @@ _SPARSE = 2
 # draws enough that fewer than k distinct values is this many standard deviations below the mean
 _MARGIN_SDS = 8.0
 
+# The ways of drawing below take each row's own class [start, stop) in `order` (sorted by class),
+# the number of samples n and k, and return (r, 1 + k) positions: each row's k in columns 1..k,
+# column 0 unspecified (draw_positions).
 
-def _with_replacement(start: Tensor, stop: Tensor, n: int, k: int, generator: torch.Generator | None) -> Tensor:
-    """(r, k) uniform draws, with replacement, from ``[0, n)`` less each row's ``[start, stop)``."""
+
+def _with_replacement(start: Tensor, stop: Tensor, n: int, k: int, generator: torch.Generator | None,
+                      scratch: Scratch | None = None) -> Tensor:
+    """Uniform draws, with replacement, from ``[0, n)`` less each row's ``[start, stop)``."""
     width = stop - start
     pool = n - width
     if bool((pool == pool[0]).all()):  # one pool size: exact integers
@@ -149,10 +241,11 @@ def _with_replacement(start: Tensor, stop: Tensor, n: int, k: int, generator: to
         draw = torch.rand(pool.numel(), k, dtype=torch.float64, generator=generator, device=pool.device)
         draw = torch.minimum((draw * pool[:, None]).long(), pool[:, None] - 1)
     # pool positions below the own class keep their place in `order`, the others move past it
-    return draw + (draw >= start[:, None]) * width[:, None]
+    return _after_free_column(draw + (draw >= start[:, None]) * width[:, None])
 
 
-def _smallest_keys(start: Tensor, stop: Tensor, n: int, k: int, generator: torch.Generator | None) -> Tensor:
+def _smallest_keys(start: Tensor, stop: Tensor, n: int, k: int, generator: torch.Generator | None,
+                   scratch: Scratch | None = None) -> Tensor:
     """A uniform k-subset of each row's pool: the k largest of one uniform key per pool member.
 
     Touches every sample (a key each and a top-k); used where k is a large part of the pool.
@@ -161,10 +254,14 @@ def _smallest_keys(start: Tensor, stop: Tensor, n: int, k: int, generator: torch
     position = torch.arange(n, device=start.device)
     own = (position >= start[:, None]) & (position < stop[:, None])
     keys.masked_fill_(own, -1.0)  # keys are in [0, 1): the own class is never among the top k
-    return keys.topk(k, dim=1, sorted=False).indices
+    return _after_free_column(keys.topk(k, dim=1, sorted=False).indices)
 
 
-def _distinct_draws(start: Tensor, stop: Tensor, n: int, k: int, generator: torch.Generator | None) -> Tensor:
+def _after_free_column(position: Tensor) -> Tensor:
+    """(r, k) -> (r, 1 + k) with a zero column 0."""
+    return torch.cat([position.new_zeros(position.shape[0], 1), position], dim=1)
+def _distinct_draws(start: Tensor, stop: Tensor, n: int, k: int, generator: torch.Generator | None,
+                    scratch: Scratch | None = None) -> Tensor:
     """A uniform k-subset of each row's pool: the first k new values of uniform draws.
 
     Draws are uniform over all n positions; one is new if no earlier draw of the row took it
@@ -180,12 +277,45 @@ def _distinct_draws(start: Tensor, stop: Tensor, n: int, k: int, generator: torc
     r, device = start.numel(), start.device
     width = stop - start
     count = _draws_needed(n - int(width.max()), n, k)
-    draws = torch.randint(0, n, (r, count), generator=generator, device=device)
-    # the first draw position of every value; -1 for the own class (never new); column n: unused.
-    # int16 on the CPU where the positions fit: half the memory traffic of the (r, n) table
+    # int16 on the CPU where the draw positions fit: a quarter of int64's memory traffic
     small = device.type == "cpu" and count < torch.iinfo(torch.int16).max
     dtype = torch.int16 if small else torch.int32
-    first_at = torch.full((r, n + 1), count, dtype=dtype, device=device)
+    spread = _scratch(scratch, "spread", (r, count + 1), torch.long, device)
+    enough = torch.empty(r, dtype=torch.bool, device=device)
+    # a few rows at a time on the CPU, so that each pass over them finds them in cache; the
+    # draws come in the same order as in one piece (row by row from one stream)
+    rows = _SAMPLER_ROWS if device.type == "cpu" else r
+    for lo in range(0, r, rows):
+        hi = min(lo + rows, r)
+        enough[lo:hi] = _first_new(start[lo:hi], stop[lo:hi], n, k, count, dtype, generator, spread[lo:hi],
+                                   rows, scratch)
+    out = spread[:, : 1 + k]  # the first k new values; a view: no copy
+    if not bool(enough.all()):
+        short = (~enough).nonzero().flatten()
+        out[short] = _distinct_draws(start[short], stop[short], n, k, generator)
+    return out
+
+
+# rows of the batch the CPU sampler works on at a time (8 rows: about 2 MiB of working tensors)
+_SAMPLER_ROWS = 8
+# anchors the CPU NCE works on at a time between the two products with the bank
+_SCORE_ROWS = 16
+
+
+def _first_new(start: Tensor, stop: Tensor, n: int, k: int, count: int, dtype: torch.dtype,
+               generator: torch.Generator | None, spread: Tensor, capacity: int, scratch: Scratch | None) -> Tensor:
+    """``count`` uniform draws per row; the j-th new one into ``spread[:, j]`` (j = 1..), every
+    other draw into column 0. Returns whether each row had at least k new values. Working
+    tensors come from ``scratch`` sized for ``capacity`` rows (the same each call)."""
+    r, device = start.numel(), start.device
+
+    def work(name: str, columns: int, kind: torch.dtype) -> Tensor:
+        return _scratch(scratch, name, (capacity, columns), kind, device)[:r]
+
+    draws = work("draws", count, torch.long).random_(0, n, generator=generator)
+    # the first draw position of every value; -1 for the own class (never new); column n: unused
+    first_at = work("first_at", n + 1, dtype).fill_(count)
+    width = stop - start
     widest = int(width.max())
     if widest:
         own = start[:, None] + torch.arange(widest, device=device)
@@ -193,16 +323,12 @@ def _distinct_draws(start: Tensor, stop: Tensor, n: int, k: int, generator: torc
         first_at.scatter_(1, own, -1)
     place = torch.arange(count, dtype=dtype, device=device).expand(r, count)
     first_at.scatter_reduce_(1, draws, place, "amin")
-    new = first_at.gather(1, draws) == place
-    seen = new.cumsum(1, dtype=torch.int32)
-    enough = seen[:, -1] >= k
-    taken = new & (seen <= k)
-    if bool(enough.all()):
-        return draws.masked_select(taken).view(r, k)
-    out = torch.empty(r, k, dtype=torch.long, device=device)
-    out[enough] = draws[enough].masked_select(taken[enough]).view(-1, k)
-    out[~enough] = _distinct_draws(start[~enough], stop[~enough], n, k, generator)
-    return out
+    first = torch.gather(first_at, 1, draws, out=work("first", count, dtype))
+    new = torch.eq(first, place, out=first)  # 1 where a draw is new
+    column = torch.cumsum(new, 1, dtype=dtype, out=work("column", count, dtype))
+    enough = column[:, -1] >= k
+    spread.scatter_(1, torch.mul(column, new, out=work("column64", count, torch.long)), draws)
+    return enough
 
 
 @functools.lru_cache(maxsize=64)
@@ -281,10 +407,15 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
         # log Z for [student-anchor scores, teacher-anchor scores]; NaN until the first batch
         self.register_buffer("log_z", torch.full((2,), float("nan")))
         self._log_z_known = False  # saves a device sync per step once Z is set (or loaded)
+        # float32 class-ordered copies of the banks for scoring the whole bank (_float32_bank):
+        # name -> (copy, the bank's version, the class pools it is ordered by)
+        self._float32_banks: dict[str, tuple[Tensor, int, ClassPools]] = {}
+        self._scratch = Scratch()
 
     @property
     def memory_bytes_per_sample(self) -> int:
-        """Bytes the two banks hold per training sample."""
+        """Bytes the two banks hold per training sample (the float32 scoring copies aside, see
+        :meth:`_float32_bank`)."""
         return 2 * self.feat_dim * self.memory_student.element_size()
 
     def set_train_labels(self, labels: Tensor) -> None:
@@ -293,60 +424,125 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
             raise UserError(f"crd: the memory holds {self.num_data} training samples but {labels.numel()} labels came")
         self.pools = ClassPools(labels, self.ctx.num_classes).to(self.memory_student.device)
 
-    def draw_negatives(self, index: Tensor, labels: Tensor) -> Tensor:
-        """(b, K) sample indices: for row r, K draws among the samples of classes other than labels[r]."""
+    def _class_pools(self) -> ClassPools:
         if self.pools is None:
             raise RuntimeError("crd draws negatives from the other classes and needs the training labels: "
                                "call set_train_labels() first (the trainer does, from the data source)")
         device = self.memory_student.device
         if self.pools.device != device:
             self.pools.to(device)
-        return self.pools.draw_other_classes(labels.to(device), self.num_negatives, self.generator)
+        return self.pools
+
+    def draw_negatives(self, index: Tensor, labels: Tensor) -> Tensor:
+        """(b, K) sample indices: for row r, K draws among the samples of classes other than labels[r]
+        (the forward's draws, for the same random state)."""
+        return self._class_pools().draw_other_classes(labels.to(self.memory_student.device), self.num_negatives,
+                                                      self.generator)
 
     def _dense(self, batch_size: int) -> bool:
         """Score against the whole bank when that takes fewer values than gathering b x K rows."""
         return self.num_data * (batch_size + self.feat_dim) < batch_size * self.num_negatives * self.feat_dim
 
-    def _scores(self, anchor: Tensor, memory: Tensor, rows: Tensor) -> Tensor:
-        """(b, 1 + K) dot products of each anchor with its memory rows ``rows`` (positive first)."""
-        if self._dense(anchor.shape[0]):
-            bank = memory.to(torch.float32, copy=True)  # a copy: the memory update is in place
-            return torch.gather(anchor @ bank.t(), 1, rows)
-        gathered = memory[rows].float()  # (b, 1 + K, D)
-        return torch.bmm(gathered, anchor.unsqueeze(2)).squeeze(2)
-
     def forward(self, student: ModelOutputs, teacher: ModelOutputs, batch: Batch) -> Tensor:
-        index = batch.index.to(self.memory_student.device).long()
-        rows = torch.cat([index[:, None], self.draw_negatives(index, batch.y)], dim=1)  # (b, 1 + K)
+        pools, device = self._class_pools(), self.memory_student.device
+        index = batch.index.to(device).long()
+        dense = self._dense(index.numel())
+        # (b, 1 + K) rows: the positive, then the negatives (as draw_negatives draws them); as
+        # positions in the class order where the whole bank is scored (its float32 copies are in
+        # that order), as sample indices where rows of the banks are gathered
+        rows = pools.draw_positions(batch.y.to(device), self.num_negatives, self.generator, self._scratch)
+        rows[:, 0] = pools.positions_of(index)
+        if not dense:
+            rows = pools.order[rows]
         with full_precision(student.embedding.device):
             v_s = self.embed_student(student.embedding.float())
             v_t = self.embed_teacher(teacher.embedding.detach().float())
-            scores_s = self._scores(v_s, self.memory_teacher, rows)
-            scores_t = self._scores(v_t, self.memory_student, rows)
-            if not self._log_z_known:
-                if torch.isnan(self.log_z).any():
-                    self._estimate_log_z(scores_s, scores_t)
-                self._log_z_known = True
-            loss = nce_loss(scores_s, self.log_z[0], self.num_data, self.temperature) + nce_loss(
-                scores_t, self.log_z[1], self.num_data, self.temperature
-            )
+            loss = self._side(v_s, "teacher", rows, 0, dense) + self._side(v_t, "student", rows, 1, dense)
+        self._log_z_known = True
         if self.training:
             self._update_memory(index, v_s, v_t)
         return loss
+
+    def _side(self, anchor: Tensor, bank: str, rows: Tensor, side: int, dense: bool) -> Tensor:
+        """NCE of ``anchor`` against ``memory_<bank>`` at ``rows``; log Z is ``log_z[side]``."""
+        with_grad = torch.is_grad_enabled() and anchor.requires_grad
+        compute = functools.partial(self._nce_side, bank=bank, rows=rows, side=side, dense=dense, with_grad=with_grad)
+        return _GradientWithValue.apply(anchor, compute)
+
+    def _nce_side(self, anchor: Tensor, *, bank: str, rows: Tensor, side: int, dense: bool,
+                  with_grad: bool) -> tuple[Tensor, Tensor | None]:
+        """(NCE value, its gradient w.r.t. ``anchor`` or None): the scores (b, 1 + K) are the
+        anchors' dot products with their rows, positive first; the gradient goes back through the
+        same product, so it is taken here while the bank (or the gathered rows) is at hand."""
+        if dense:
+            return self._nce_dense(anchor, bank, rows, side, with_grad)
+        gathered = getattr(self, f"memory_{bank}")[rows].float()  # (b, 1 + K, D)
+        scores = torch.bmm(gathered, anchor.unsqueeze(2)).squeeze(2)
+        if not self._log_z_known and torch.isnan(self.log_z[side]):
+            self._estimate_log_z(side, scores)
+        value, grad_scores = nce(scores, self.log_z[side], self.num_data, self.temperature, with_grad)
+        if grad_scores is None:
+            return value, None
+        return value, torch.bmm(grad_scores.unsqueeze(1), gathered).squeeze(1)
+
+    def _nce_dense(self, anchor: Tensor, bank: str, rows: Tensor, side: int,
+                   with_grad: bool) -> tuple[Tensor, Tensor | None]:
+        """:meth:`_nce_side` scoring the whole bank in one product, then picking the rows' scores;
+        the gradient goes back into that (b, N) matrix (repeats add up) and through the product.
+        Between the products it works on a few anchors at a time, so that each pass over their
+        scores finds them in cache."""
+        b, device = anchor.shape[0], anchor.device
+        bank_t = self._float32_bank(bank)  # (D, N)
+        full = torch.mm(anchor, bank_t, out=self._scratch.get("full", (b, self.num_data), torch.float32, device))
+        if not self._log_z_known and torch.isnan(self.log_z[side]):
+            self._estimate_log_z(side, torch.gather(full, 1, rows))
+        step = _SCORE_ROWS if device.type == "cpu" else b
+        value = full.new_zeros(())
+        for lo in range(0, b, step):
+            part = full[lo: lo + step]
+            scores = self._scratch.get("scores", (step, rows.shape[1]), torch.float32, device)[: part.shape[0]]
+            scores = torch.gather(part, 1, rows[lo: lo + step], out=scores)
+            part_value, grad_scores = nce(scores, self.log_z[side], self.num_data, self.temperature, with_grad, b)
+            value += part_value
+            if grad_scores is not None:
+                part.zero_().scatter_add_(1, rows[lo: lo + step], grad_scores)
+        return value, (torch.mm(full, bank_t.t()) if with_grad else None)
+
+    def _float32_bank(self, name: str) -> Tensor:
+        """``memory_<name>`` transposed (D, N), in float32 and in the class order of the pools
+        (column p is sample ``order[p]``), for scoring the whole bank; kept in step with the bank.
+
+        In that order the sampler's positions index it directly; transposed, the product with the
+        anchors runs without a transposed operand (about 40% faster on one CPU thread than against
+        the (N, D) bank, while the backward's product with it is about 10% slower); and a float16
+        bank is not converted on every step (which cost about as much as the product): the copy is
+        made once (exact: every float16 value is a float32) and then updated with the bank's rows,
+        at 4 bytes per value (1024 B per training sample for both banks at feat_dim 128, on top of
+        the float16 banks' 512). Only held where the whole bank is scored (N x (b + D) < b x K x D,
+        e.g. CIFAR's N = 50000, not ImageNet's 1.28M). Any other write to the bank (a loaded
+        checkpoint, DDP's broadcast of buffers) moves the bank's version counter on, and the copy
+        is made again; so do new class pools.
+        """
+        memory, pools = getattr(self, f"memory_{name}"), self._class_pools()
+        held = self._float32_banks.get(name)
+        if held is None or held[1:] != (memory._version, pools) or held[0].device != memory.device:
+            copy = memory.index_select(0, pools.order).float().t().contiguous()
+            held = self._float32_banks[name] = (copy, memory._version, pools)
+        return held[0]
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._log_z_known = False  # a loaded Z may be NaN (saved before the first batch)
 
     @torch.no_grad()
-    def _estimate_log_z(self, scores_s: Tensor, scores_t: Tensor) -> None:
+    def _estimate_log_z(self, side: int, scores: Tensor) -> None:
         """Z = N * mean(exp(score / tau)) over the first batch's positives and negatives (all ranks')."""
-        lse = torch.stack([torch.logsumexp(s.detach().flatten() / self.temperature, 0) for s in (scores_s, scores_t)])
-        count = scores_s.numel()
+        lse = torch.logsumexp(scores.flatten() / self.temperature, 0)
+        count = scores.numel()
         if _world() > 1:
-            (per_rank,) = _all_ranks(lse[None])  # (world, 2): equal counts per rank
+            (per_rank,) = _all_ranks(lse[None])  # (world,): equal counts per rank
             lse, count = torch.logsumexp(per_rank, 0), count * per_rank.shape[0]
-        self.log_z.copy_(lse - math.log(count) + math.log(self.num_data))
+        self.log_z[side] = lse - math.log(count) + math.log(self.num_data)
 
     @torch.no_grad()
     def _update_memory(self, index: Tensor, v_s: Tensor, v_t: Tensor) -> None:
@@ -356,9 +552,15 @@ class ContrastiveRepresentationDistillation(KnowledgeLoss):
             index, first = _first_occurrences(index)
             v_s, v_t = v_s[first], v_t[first]
         m = self.momentum
-        for memory, v in ((self.memory_student, v_s), (self.memory_teacher, v_t)):
+        for name, v in (("student", v_s), ("teacher", v_t)):
+            memory = getattr(self, f"memory_{name}")
+            held = self._float32_banks.get(name)
+            in_step = held is not None and held[1:] == (memory._version, self.pools) and held[0].device == memory.device
             mixed = memory[index].float() * m + v * (1 - m)
             memory.index_copy_(0, index, F.normalize(mixed, p=2, dim=1).to(memory.dtype))
+            if in_step:  # read back: of repeated indices, the row the bank kept
+                held[0].index_copy_(1, self.pools.positions_of(index), memory[index].float().t())
+                self._float32_banks[name] = (held[0], memory._version, self.pools)
 
 
 def _world() -> int:
