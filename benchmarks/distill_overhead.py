@@ -18,6 +18,10 @@ work alone on top of the floor, interleaved with the rest, as the method's own f
   at the batch sizes the loss really ran in the method step just before, then the student's
   forward and backward on the boundary samples.
 
+Models and images are laid out as the trainer lays them out (``--memory-format auto``: channels_last
+for conv nets on CPU unless the rule in compressor/trainer/precision.py finds a conv it slows);
+``contiguous`` gives the figures of the layout used before that rule.
+
 With one thread the clock is the process's CPU time (``--clock auto``): on a machine shared with
 other processes it does not count the time the process waited for a core.
 
@@ -42,6 +46,7 @@ from compressor.knowledge import list_losses
 from compressor.knowledge._stages import pool_to, smaller_size
 from compressor.models import create
 from compressor.schemes.offline import Offline, freeze
+from compressor.trainer.precision import slow_conv_on_cpu
 
 # what a method does beyond the floor, for the methods the issue exempts from the 25% bound
 EXTRA_WORK = {
@@ -64,7 +69,7 @@ def make_batch(batch: int, shape: tuple[int, ...], classes: int, num_train: int,
 
 def floor_step(args, teacher: torch.nn.Module) -> Callable[[Batch], None]:
     teacher = freeze(copy.deepcopy(teacher))
-    student = create(args.student, num_classes=args.classes).train()
+    student = create(args.student, num_classes=args.classes).train().to(memory_format=args.layout)
     opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
 
     def step(batch: Batch) -> None:
@@ -84,6 +89,7 @@ def offline_scheme(args, method: str, teacher: torch.nn.Module) -> Offline:
                      num_classes=args.classes, num_train=args.num_train,
                      loss_options={"semckd": {"batch_size": args.batch}})
     scheme.bind_train_labels(torch.arange(args.num_train) % args.classes)  # balanced, as CIFAR's
+    scheme.to(memory_format=args.layout)
     scheme.train()
     scheme.teacher.eval()
     return scheme
@@ -141,7 +147,7 @@ def bss_work_step(args, teacher: torch.nn.Module, passes: list) -> Callable[[Bat
     forward (and its share of the backward) on them. ``passes`` holds them per step, as the method
     step recorded them; step i here replays the i-th recorded step."""
     teacher = freeze(copy.deepcopy(teacher))
-    student = create(args.student, num_classes=args.classes).train()
+    student = create(args.student, num_classes=args.classes).train().to(memory_format=args.layout)
     opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
     replayed = 0
 
@@ -195,6 +201,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=None, help="default: every registered loss")
     parser.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
                         help="cpu: the process's CPU time; auto: cpu with one thread, else wall")
+    parser.add_argument("--memory-format", choices=["auto", "contiguous", "channels_last"], default="auto",
+                        help="auto: as the trainer chooses on this device")
     parser.add_argument("--out", default="benchmarks/results/distill_overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -203,8 +211,14 @@ def main() -> None:
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
     methods = args.methods or list_losses()
     teacher = freeze(create(args.teacher, num_classes=args.classes))
+    if args.memory_format == "auto":
+        slow = slow_conv_on_cpu([teacher, create(args.student, num_classes=args.classes)], tuple(args.shape))
+        args.memory_format = "contiguous" if slow else "channels_last"
+    args.layout = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
+    teacher.to(memory_format=args.layout)
     batches = [make_batch(args.batch, tuple(args.shape), args.classes, args.num_train, i)
                for i in range(args.warmup + args.steps)]
+    batches = [b._replace(x=b.x.contiguous(memory_format=args.layout)) for b in batches]
     # labels are the teacher's own predictions, as for a trained teacher on its training data: BSS
     # attacks only the samples the teacher gets right, so random labels would hide its cost
     with torch.no_grad():
@@ -229,7 +243,7 @@ def main() -> None:
         print(f"repeat {r + 1}/{args.repeats}: floor {rates['floor'][-1]:.1f} img/s", flush=True)
     floor = statistics.median(rates["floor"])
     print(f"\n{args.teacher} -> {args.student}, {args.batch} x {'x'.join(map(str, args.shape))}, {args.classes} "
-          f"classes, {args.threads} thread(s), {clock_name} clock, median of {args.repeats} repeats x {args.steps} steps")
+          f"classes, {args.threads} thread(s), {args.memory_format}, {clock_name} clock, median of {args.repeats} repeats x {args.steps} steps")
     print(f"| {'method':<8} | {'floor img/s':>11} | {'method img/s':>12} | {'overhead':>8} | {'own floor':>9} "
           f"| {'vs own floor':>12} |")
     print(f"|{'-' * 10}|{'-' * 13}|{'-' * 14}|{'-' * 10}|{'-' * 11}|{'-' * 14}|")
@@ -258,7 +272,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"args": vars(args), "clock": clock_name, "floor_samples": rates["floor"],
+    settings = {k: v for k, v in vars(args).items() if k != "layout"}  # memory_format says it
+    tmp.write_text(json.dumps({"args": settings, "clock": clock_name, "floor_samples": rates["floor"],
                                "rows": table, "bss_passes": bss_passes}, indent=1))
     tmp.replace(out)
     print(f"wrote {out}")
