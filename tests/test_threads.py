@@ -236,14 +236,25 @@ def test_main_command_threads_option_holds_for_what_runs_under_it(cli, tmp_path)
 
 
 def test_importing_the_cli_loads_no_heavy_library():
-    """`kdcompress --help` builds the whole CLI: none of these may load for it."""
+    """`kdcompress --help` builds the whole CLI and shows the main command's options: none of these may
+    load for it (a command's own --help may: `train --help` lists the data sources from their registry)."""
     heavy = ["torch", "onnx", "onnxruntime", "matplotlib", "fvcore", "sklearn", "torchvision", "scipy"]
-    code = ("import sys, recipes.cli; "
+    code = ("import sys, contextlib, io\n"
+            "from recipes.cli import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    cli.main(['--help'], prog_name='kdcompress', standalone_mode=False)\n"
             f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+def test_the_help_lists_every_registered_export_target_without_importing_them():
+    from export.targets import target_names
+    from recipes.cli._options import target_file_names
+
+    assert target_file_names() == target_names()
 
 
 def test_usable_cores_for_a_benchmark_ignore_the_thread_setting():
