@@ -74,7 +74,7 @@ def data_option(default: str | None = None, what: str = "", *, listed: bool = Tr
 threads_option = click.option(
     "--threads", type=click.IntRange(min=1), default=None,
     help="CPU intra-op threads (default: the cores this process can use that no other process is busy on, "
-         "one for small ops; see compressor/threads.py)",
+         "one for small ops on a shared machine; see compressor/threads.py); set it for bit-identical reruns",
 )
 
 
