@@ -130,7 +130,7 @@ def evaluate_many(
                 if first is not None:
                     batches = itertools.chain([first], batches)
                     stack.enter_context(threads_for(list(models.values()), tuple(first.x.shape[1:]), first.x.shape[0],
-                                                    device_type=first.x.device.type))
+                                                    device_type=device.type))  # the models' device
             for batch in batches:
                 x = precision.prepare_input(batch.x) if precision else batch.x
                 keep = None
