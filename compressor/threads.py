@@ -21,12 +21,13 @@ visible share. So:
     batch while no other task wants the cores, and one per ``SHARED_MACS_PER_THREAD`` (16.8M) once
     one does: a conv of 16 channels at 8x8, batch 32 (4.7M) gets both cores of an idle 2-core
     machine and one thread of a shared one; ResNet-20 at 32x32, batch 64 (151M) gets all it may.
-    Measured on this 2-core machine, idle, one training step (benchmarks/contention.py and the
-    figures below): a second thread helped every model, 1.05x at a 1.3M op (a width-0.53
-    ResNet-26 on digits, batch 32), 1.11-1.17x at 4.7M (ResNet-8/110 on digits), 1.35x at 9.4M,
-    1.75-1.88x from 23M up; the same second thread under one CPU-bound competitor costs 10x;
-  * a run that shares its cores re-checks every ``recheck_s``, and at once when a step takes far
-    longer than the steps before it (the sign of a competitor stealing a core mid-run);
+    Measured on this 2-core machine, idle, one training step at 1 and 2 threads
+    (benchmarks/thread_scaling.py): a second thread helped every model, 1.11x at a 1.3M op (a
+    width-0.53 ResNet-26 on digits, batch 32), 1.05-1.22x at 4.7M (ResNet-8/110 on digits), 1.31x
+    at 9.4M, 1.56-1.80x from 19M up; the same second thread under one CPU-bound competitor costs
+    10x (benchmarks/contention.py);
+  * a run re-checks every ``recheck_s``, and at once when a step takes far longer than the steps
+    before it (the sign of a competitor stealing a core mid-run);
   * ``--threads N`` (``requested``) overrides all of it.
 
 :func:`choose_threads` is the pure rule; the readers below feed it; :class:`ThreadGovernor`
@@ -45,10 +46,11 @@ from typing import Callable, Iterator
 
 # Work per thread below which a second thread costs more than it saves. Quiet (no other runnable
 # task): barrier waits are microseconds, and on an idle 2-core machine a second thread helped even a
-# 1.3M-multiply-add op (1.05x); 2**19 keeps it for that op and stops a 16-core machine from splitting
-# a 4.7M op 16 ways. Shared: the thread the scheduler puts off its core holds every barrier for a time
-# slice, so small ops stay on one thread below 2**24 (16.8M, ~0.3-1 ms of one core): between the
-# digits models' largest ops (4.7M at batch 32) and a 32x32 ResNet's (151M at batch 64).
+# 1.3M-multiply-add op (1.11x, benchmarks/thread_scaling.py); 2**19 keeps it for that op and stops
+# a 16-core machine from splitting a 4.7M op 16 ways. Shared: the thread the scheduler puts off its
+# core holds every barrier for a time slice, so small ops stay on one thread below 2**24 (16.8M,
+# ~0.3-1 ms of one core): between the digits models' largest ops (4.7M at batch 32) and a 32x32
+# ResNet's (151M at batch 64).
 QUIET_MACS_PER_THREAD = 1 << 19
 SHARED_MACS_PER_THREAD = 1 << 24
 # A step this many times slower than the recent typical one triggers a re-check before recheck_s.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import onnx
 import pytest
@@ -81,6 +82,20 @@ def train_on_digits(model: nn.Module, source, epochs: int) -> nn.Module:
             loss.backward()
             opt.step()
     return model
+
+
+def digits_net(epochs: int, prepare: Callable[[nn.Module], None] | None = None):
+    """A 16-wide SmallNet trained on digits with :func:`train_on_digits` from seed 0, and the digits
+    source; ``prepare`` edits the fresh model before training."""
+    from compressor.data import load_source
+
+    source = load_source("digits", seed=0)
+    torch.manual_seed(0)
+    model = SmallNet(num_classes=10, in_chans=1, width=16)
+    if prepare is not None:
+        prepare(model)
+    train_on_digits(model, source, epochs)
+    return model.eval(), source
 
 
 def seeded(model: nn.Module) -> nn.Module:

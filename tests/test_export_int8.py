@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from _export_models import FAST, SmallNet, leftovers, make_checkpoint, registered, seeded, train_on_digits
+from _export_models import FAST, SmallNet, digits_net, leftovers, make_checkpoint, registered, seeded
 from compressor.errors import UserError
 from export.metadata import ExportMetadata, read_metadata
 from export.pipeline import export_model, quantize_model
@@ -21,13 +21,7 @@ __all__ = ["registered"]
 @pytest.fixture(scope="module")
 def digits_model():
     """A CNN trained on digits for a few epochs (plain SGD, seconds on CPU), and its data source."""
-    from compressor.data import load_source
-
-    source = load_source("digits", seed=0)
-    torch.manual_seed(0)
-    model = SmallNet(num_classes=10, in_chans=1, width=16)
-    train_on_digits(model, source, 5)
-    return model.eval(), source
+    return digits_net(5)
 
 
 def test_int8_on_digits_keeps_accuracy_within_the_margin(tmp_path, digits_model):
@@ -111,17 +105,15 @@ def sensitive_digits_model():
     weighs it by 1000. The float model ignores those weights (they multiply zeros; no gradient moves
     them), but per-channel int8 scales are set by them (1000 / 63), so the conv's real weights round
     to 0 and the int8 model predicts one class. Leaving that one conv float repairs it."""
-    from compressor.data import load_source
 
-    source = load_source("digits", seed=0)
-    torch.manual_seed(0)
-    model = SmallNet(num_classes=10, in_chans=1, width=16)
-    with torch.no_grad():
-        model.features[1].weight[0], model.features[1].bias[0] = 0.0, -1.0
-        model.features[3].weight[:, 0] = 1000.0
-    train_on_digits(model, source, 5)
+    def break_channel(model: nn.Module) -> None:
+        with torch.no_grad():
+            model.features[1].weight[0], model.features[1].bias[0] = 0.0, -1.0
+            model.features[3].weight[:, 0] = 1000.0
+
+    model, source = digits_net(5, break_channel)
     assert float(model.features[3].weight[:, 0].detach().min()) == 1000.0  # still there after training
-    return model.eval(), source
+    return model, source
 
 
 def _export_sensitive(tmp_path, sensitive_digits_model):

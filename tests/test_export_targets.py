@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from _export_models import FAST, SmallNet, leftovers, registered, train_on_digits
+from _export_models import FAST, SmallNet, digits_net, leftovers, registered
 from compressor.errors import UserError
 from export.latency import Timing
 from export.metadata import ExportMetadata
@@ -39,15 +39,10 @@ def needs(name: str) -> Target:
 @pytest.fixture(scope="module")
 def digits():
     """A CNN trained on digits for a few epochs (seconds on CPU), its data, and the metadata an app needs."""
-    from compressor.data import load_source
-
-    source = load_source("digits", seed=0)
-    torch.manual_seed(0)
-    model = SmallNet(num_classes=10, in_chans=1, width=16)
-    train_on_digits(model, source, 3)
+    model, source = digits_net(3)
     meta = ExportMetadata(mean=list(source.mean), std=list(source.std), class_names=list(source.class_names),
                           num_classes=10, arch="smallnet", dataset="digits")
-    return model.eval(), source, meta
+    return model, source, meta
 
 
 def test_every_registered_target_has_conversion_parity_metadata_and_latency():

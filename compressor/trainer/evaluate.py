@@ -124,13 +124,7 @@ def evaluate_many(
     seen = 0
     try:
         with torch.inference_mode(), contextlib.ExitStack() as stack:
-            if not governed():  # a bare evaluation (a teacher's score, a probe) chooses its threads as fit does
-                batches = iter(batches)
-                first = next(batches, None)
-                if first is not None:
-                    batches = itertools.chain([first], batches)
-                    stack.enter_context(threads_for(list(models.values()), tuple(first.x.shape[1:]), first.x.shape[0],
-                                                    device_type=device.type))  # the models' device
+            batches = _with_own_threads(stack, models, batches)
             for batch in batches:
                 x = precision.prepare_input(batch.x) if precision else batch.x
                 keep = None
@@ -149,6 +143,22 @@ def evaluate_many(
         for name, model in models.items():
             model.train(states[name])
     return {name: c.result(ctx) for name, c in counters.items()}
+
+
+def _with_own_threads(stack: contextlib.ExitStack, models: dict[str, nn.Module],
+                      batches: Iterable[Batch]) -> Iterable[Batch]:
+    """A bare evaluation (a teacher's score, a probe) chooses its threads as ``fit`` does, sized by
+    its first batch, for as long as ``stack`` is open; under a run's governor it keeps the run's."""
+    if governed():
+        return batches
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        return batches
+    nets = list(models.values())
+    device = next(iter(nets[0].parameters()), torch.empty(0)).device  # the models', not the batches'
+    stack.enter_context(threads_for(nets, tuple(first.x.shape[1:]), first.x.shape[0], device_type=device.type))
+    return itertools.chain([first], batches)
 
 
 class Renormalize(nn.Module):
