@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from _export_models import FAST, SmallNet, digits_net, leftovers, registered
 from compressor.errors import UserError
